@@ -1,0 +1,182 @@
+"""A slow, obviously-correct TokenCarve written from ../shared/ALGORITHM.md, for the tests.
+
+One sample at a time, no padding, eager attention, a full SVD, Python loops over tokens, and a
+hand-written Llama decoder that keeps every layer's keys and values in explicit tensors. Nothing
+here is shared with the library: agreement between the two is the point of the tests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+# -- selection (the spec's formulas, literally) ---------------------------------------------------
+
+def borda(score: list[float]) -> list[int]:
+    n = len(score)
+    order = sorted(range(n), key=lambda i: (-score[i], i))
+    points = [0] * n
+    for rank, i in enumerate(order):
+        points[i] = n - rank
+    return points
+
+
+def select(H: torch.Tensor, attention: torch.Tensor, keep: int, weight: float = 0.5, mode: str = "tokencarve"):
+    """Returns (kept positions ascending, {position: value}) for one image's N x D matrix H."""
+    n = H.shape[0]
+    if keep >= n:
+        return list(range(n)), {i: H[i] for i in range(n)}
+    U, S, _ = torch.linalg.svd(H.double(), full_matrices=True)  # float64: see information_scores
+    sv = (U[:, : S.shape[0]].abs() * S).sum(1).tolist()
+    av = attention.tolist()
+    points_av, points_sv = borda(av), borda(sv)
+    fused = {
+        "tokencarve": [weight * points_av[i] + (1 - weight) * points_sv[i] for i in range(n)],
+        "information": [float(p) for p in points_sv],
+        "attention": [float(p) for p in points_av],
+    }[mode]
+    ranking = sorted(range(n), key=lambda i: (-fused[i], i))
+    survivors = math.floor(1.5 * keep)
+    merges = math.floor(0.5 * keep)
+    if survivors > n:
+        survivors, merges = n, n - keep
+    kept = ranking[:survivors]
+    group_a, group_b = kept[: survivors // 2], kept[survivors // 2 :]
+
+    unit = H.double() / H.double().norm(dim=1, keepdim=True)
+    best = []  # (similarity, b, its most similar a)
+    for b in group_b:
+        sims = [float(unit[b] @ unit[a]) for a in group_a]
+        if sims:
+            k = max(range(len(sims)), key=lambda j: (sims[j], -j))  # first maximum
+            best.append((sims[k], b, group_a[k]))
+    best.sort(key=lambda t: -t[0])  # stable: equal similarities keep fused order
+    merged = best[: min(len(group_a), merges)]
+
+    members = {a: [a] for a in group_a}
+    for _, b, a in merged:
+        members[a].append(b)
+    merged_away = {b for _, b, _ in merged}
+    values = {a: H[members[a]].double().mean(0).to(H.dtype) for a in group_a}
+    values.update({b: H[b] for b in group_b if b not in merged_away})
+    return sorted(values), values
+
+
+# -- a hand-written Llama with explicit per-layer caches -------------------------------------------
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding of x [heads, T, hd] at integer positions [T] (Llama's half-split form)."""
+    hd = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    rotated = torch.cat([-x[..., hd // 2 :], x[..., : hd // 2]], -1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class LayerCache:
+    keys: torch.Tensor  # [kv_heads, T, hd] (rotated)
+    values: torch.Tensor
+
+
+def layer_forward(layer, h: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None, theta: float):
+    """One decoder layer on h [T, D]; new tokens attend causally to the cache and to each other.
+    Returns (output [T, D], the cache extended by these tokens)."""
+    attn = layer.self_attn
+    hd, t = attn.head_dim, h.shape[0]
+    x = layer.input_layernorm(h)
+    q = rope(attn.q_proj(x).view(t, -1, hd).transpose(0, 1), positions, theta)
+    k = rope(attn.k_proj(x).view(t, -1, hd).transpose(0, 1), positions, theta)
+    v = attn.v_proj(x).view(t, -1, hd).transpose(0, 1)
+    if cache is not None:
+        k, v = torch.cat([cache.keys, k], 1), torch.cat([cache.values, v], 1)
+    groups = q.shape[0] // k.shape[0]
+    k_all, v_all = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
+    past = k.shape[1] - t
+    scores = (q @ k_all.transpose(1, 2)) * hd**-0.5
+    future = torch.arange(k.shape[1])[None, :] > (past + torch.arange(t))[:, None]
+    probs = scores.masked_fill(future, float("-inf")).softmax(-1)
+    out = attn.o_proj((probs @ v_all).transpose(0, 1).reshape(t, -1))
+    h = h + out
+    h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return h, LayerCache(k, v)
+
+
+@dataclass
+class ReferenceRun:
+    kept: list[list[int]]  # per image, kept positions within the image (0..N-1)
+    carved_hidden: torch.Tensor  # [L', D] entering layer K
+    caches: list[LayerCache]
+    prefill_logits: torch.Tensor  # [V] next-token logits after the prompt
+    next_position: int
+
+
+@torch.no_grad()
+def reference_prefill(eager_model, input_ids: list[int], pixel_values, keep: int, cut: int = 2,
+                      weight: float = 0.5, mode: str = "tokencarve") -> ReferenceRun:
+    """Carve one unpadded prompt and run the language model by hand on the kept tokens."""
+    lm = eager_model.model.language_model
+    theta = lm.config.rope_parameters["rope_theta"]
+    ids = torch.tensor([input_ids])
+    out = eager_model(input_ids=ids, pixel_values=pixel_values, output_hidden_states=True, output_attentions=True)
+    entering_cut = out.hidden_states[cut][0]  # the residual stream entering layer K
+    last_row = out.attentions[cut - 1][0, :, -1, :].float().mean(0)  # last token, heads averaged
+
+    n = eager_model.config.vision_config.image_size // eager_model.config.vision_config.patch_size
+    n = n * n
+    image_positions = [i for i, t in enumerate(input_ids) if t == eager_model.config.image_token_id]
+    images = [image_positions[i : i + n] for i in range(0, len(image_positions), n)]
+    kept_sequence = [i for i, t in enumerate(input_ids) if t != eager_model.config.image_token_id]
+    values = {i: entering_cut[i] for i in kept_sequence}
+    kept_per_image = []
+    for positions in images:
+        kept, image_values = select(entering_cut[positions], last_row[positions], keep, weight, mode)
+        kept_per_image.append(kept)
+        kept_sequence += [positions[k] for k in kept]
+        values.update({positions[k]: v for k, v in image_values.items()})
+    kept_sequence.sort()
+
+    # Layers < K: full-context keys/values, restricted to the kept positions (no merging).
+    h = lm.embed_tokens(ids)[0]
+    h[torch.tensor(image_positions)] = out.image_hidden_states.reshape(-1, h.shape[-1])
+    all_positions = torch.arange(len(input_ids))
+    caches = []
+    for layer in lm.layers[:cut]:
+        h, cache = layer_forward(layer, h, all_positions, None, theta)
+        index = torch.tensor(kept_sequence)
+        caches.append(LayerCache(cache.keys[:, index], cache.values[:, index]))
+    torch.testing.assert_close(h, entering_cut, rtol=1e-4, atol=1e-4)  # the hand-written layers are right
+
+    # Layers >= K: the carved sequence at its original positions.
+    carved = torch.stack([values[i] for i in kept_sequence])
+    h, positions = carved, torch.tensor(kept_sequence)
+    for layer in lm.layers[cut:]:
+        h, cache = layer_forward(layer, h, positions, None, theta)
+        caches.append(cache)
+    logits = eager_model.lm_head(lm.norm(h[-1:]))[0]
+    return ReferenceRun(kept_per_image, carved, caches, logits, len(input_ids))
+
+
+@torch.no_grad()
+def reference_decode(eager_model, run: ReferenceRun, steps: int, forced: list[int] | None = None):
+    """Greedy decode (or teacher-forced on `forced`) from a reference prefill.
+    Returns (tokens, logits per step [steps, V]); step 0's logits are the prefill's."""
+    lm = eager_model.model.language_model
+    theta = lm.config.rope_parameters["rope_theta"]
+    caches, logits, tokens, all_logits = list(run.caches), run.prefill_logits, [], []
+    for step in range(steps):
+        all_logits.append(logits)
+        token = forced[step] if forced is not None else int(logits.argmax())
+        tokens.append(token)
+        if step == steps - 1:
+            break
+        h = lm.embed_tokens(torch.tensor([token]))
+        position = torch.tensor([run.next_position + step])
+        for i, layer in enumerate(lm.layers):
+            h, caches[i] = layer_forward(layer, h, position, caches[i], theta)
+        logits = eager_model.lm_head(lm.norm(h))[0]
+    return tokens, torch.stack(all_logits)

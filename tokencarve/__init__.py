@@ -1,0 +1,52 @@
+"""TokenCarve: training-free visual-token compression for LLaVA-style models (arXiv 2503.10501).
+
+    import tokencarve
+    model = tokencarve.apply(model, tokencarve.CarveConfig(keep=128))   # in place
+    model.generate(**inputs)                                            # prefill carves 576 -> 128
+    model.tokencarve.last_stats                                         # tokens and KV bytes kept
+    tokencarve.remove(model)                                            # stock model again
+"""
+
+from .adapter import CarveConfig, CarveStats, ImageCarve, TokenCarver, tokens_per_image
+from .core import MODES, CarveResult, carve_tokens, information_scores, stage_sizes
+
+__all__ = [
+    "MODES",
+    "CarveConfig",
+    "CarveResult",
+    "CarveStats",
+    "ImageCarve",
+    "TokenCarver",
+    "apply",
+    "carve_tokens",
+    "information_scores",
+    "is_applied",
+    "remove",
+    "stage_sizes",
+    "tokens_per_image",
+]
+
+
+def apply(model, config: CarveConfig | None = None):
+    """Make `model` (a LlavaForConditionalGeneration) carve its visual tokens; returns the model.
+
+    The model is changed in place (hooks only, no weights touched); `model.tokencarve` is the
+    `TokenCarver` holding the config and the figures of the last forward (`last_stats`).
+    """
+    if is_applied(model):
+        raise ValueError("TokenCarve is already applied to this model; call tokencarve.remove(model) first")
+    model.tokencarve = TokenCarver(model, config or CarveConfig())
+    return model
+
+
+def remove(model):
+    """Undo `apply`: the model behaves exactly like the stock one again; returns the model."""
+    if not is_applied(model):
+        raise ValueError("TokenCarve is not applied to this model")
+    model.tokencarve.remove()
+    del model.tokencarve
+    return model
+
+
+def is_applied(model) -> bool:
+    return isinstance(getattr(model, "tokencarve", None), TokenCarver)

@@ -1,0 +1,375 @@
+"""TokenCarve on a stock Hugging Face `LlavaForConditionalGeneration`, through forward hooks.
+
+No modeling code is copied or edited: `apply` registers PyTorch hooks on modules the model
+already has and `remove` takes them off again (the PEFT pattern: wrap, then unload).
+
+    LlavaModel          pre-hook: learn which positions hold image tokens (from input_ids)
+    language_model      pre-hook: decide whether this forward carves; at decode time, translate
+                                  generate()'s uncompressed 2-D mask to the compressed cache
+    layer K-1           pre-hook: keep its input and rotary tables (for the attention row)
+    layer K             pre-hook: THE CUT: score, prune, merge; shorten hidden states, positions,
+                                  mask, rotary tables and the caches of layers < K
+    layers > K          pre-hook: hand them the shortened mask / positions / rotary tables
+    language_model      hook:     per-sample figures of the forward (tokens, KV-cache bytes)
+
+Carving happens in prefill only (a multi-token forward on an empty cache). The carved cache
+carries a small note (`cache._tokencarve`) so that later forwards on it, from `generate()` or a
+hand-written loop, get their attention mask mapped onto the kept tokens. Kept tokens keep their
+original rotary positions; generate() continues positions from the original length by itself.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import LlavaForConditionalGeneration
+from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.masking_utils import create_causal_mask
+
+from .attention import last_token_attention
+from .core import MODES, carve_tokens
+
+
+@dataclass(frozen=True)
+class CarveConfig:
+    """keep: visual tokens left per image (576 -> keep); layer: K, the cut sits before decoder
+    layer K (after K layers); attention_weight: w in the rank fusion; mode: see core.MODES."""
+
+    keep: int = 64
+    layer: int = 2
+    attention_weight: float = 0.5
+    mode: str = "tokencarve"
+
+    def __post_init__(self):
+        if not isinstance(self.keep, int) or self.keep < 1:
+            raise ValueError(f"CarveConfig.keep must be an integer >= 1, got {self.keep!r}")
+        if not isinstance(self.layer, int) or self.layer < 1:
+            raise ValueError(f"CarveConfig.layer must be an integer >= 1 (the cut needs layer K-1), got {self.layer!r}")
+        if not 0.0 <= self.attention_weight <= 1.0:
+            raise ValueError(f"CarveConfig.attention_weight must lie in [0, 1], got {self.attention_weight!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"CarveConfig.mode must be one of {MODES}, got {self.mode!r}")
+
+
+@dataclass
+class ImageCarve:
+    """What happened to one image's visual tokens (CPU tensors, for inspection and plots)."""
+
+    sample: int  # row of the batch
+    first_position: int  # sequence position of the image's first visual token
+    index: torch.Tensor = field(repr=False)  # [T] kept tokens, 0..N-1 within the image
+    assignment: torch.Tensor = field(repr=False)  # [N] output slot carrying each token, -1 if pruned
+    merged: torch.Tensor = field(repr=False)  # [N] True where the token was merged into another
+
+
+@dataclass
+class CarveStats:
+    """Per-sample figures of the last forward on a patched model (lists are indexed by batch row).
+
+    KV bytes are measured from the cache tensors: bytes_per_token is their total size divided by
+    the slots they hold; per sample, held = its real (non-padding) tokens in the cache and
+    uncompressed = what the same cache would hold without carving. kv_cache_bytes is the size of
+    the cache tensors as allocated (padding slots included), next to its uncompressed counterpart.
+    """
+
+    visual_tokens_in: list[int]
+    visual_tokens_kept: list[int]
+    prompt_tokens_in: list[int]
+    prompt_tokens_kept: list[int]
+    images: list[ImageCarve] = field(default_factory=list)
+    carve_seconds: float = 0.0
+    kv_bytes_held: list[int] | None = None
+    kv_bytes_uncompressed: list[int] | None = None
+    kv_cache_bytes: int | None = None
+    kv_cache_bytes_uncompressed: int | None = None
+
+
+@dataclass
+class _CacheNote:
+    """Attached to a cache at prefill (`cache._tokencarve`): how its prefill rows map to the
+    uncompressed sequence, and the figures later forwards on it keep up to date."""
+
+    prefill_mask: torch.Tensor  # [B, L'] 2-D mask of the (compressed) prefill
+    original_length: int  # L, the uncompressed prefill length
+    stats: CarveStats
+
+    @property
+    def removed(self) -> int:
+        return self.original_length - self.prefill_mask.shape[1]
+
+
+@dataclass
+class _Prefill:
+    """Book-keeping for one prefill forward, alive from the language-model pre-hook to its hook."""
+
+    image_mask: torch.Tensor  # [B, L] bool
+    mask_2d: torch.Tensor  # [B, L] long, 1 = real token
+    position_ids: torch.Tensor  # [B, L]
+    stats: CarveStats
+    carve: bool  # False: figures only, the forward runs exactly as stock
+    cut_input: torch.Tensor | None = None
+    cut_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    overrides: dict | None = None
+
+
+def tokens_per_image(config) -> int:
+    """Visual tokens one image contributes (576 for LLaVA-1.5: (336 / 14)^2, CLS dropped)."""
+    vision = config.vision_config
+    if getattr(vision, "image_size", None) and getattr(vision, "patch_size", None):
+        extra = 1 if config.vision_feature_select_strategy == "full" else 0
+        return (vision.image_size // vision.patch_size) ** 2 + extra
+    return config.image_seq_length
+
+
+class TokenCarver:
+    """The hooks and state that make one loaded LLaVA model carve its visual tokens."""
+
+    def __init__(self, model: LlavaForConditionalGeneration, config: CarveConfig):
+        if not isinstance(model, LlavaForConditionalGeneration):
+            raise TypeError(
+                "TokenCarve supports transformers' LlavaForConditionalGeneration (llava-hf LLaVA-1.5 "
+                f"family); got {type(model).__name__}"
+            )
+        layers = model.model.language_model.layers
+        if not 1 <= config.layer < len(layers):
+            raise ValueError(
+                f"CarveConfig.layer={config.layer} is out of range: the language model has {len(layers)} "
+                f"decoder layers, so the cut must sit before a layer in 1..{len(layers) - 1}"
+            )
+        for name in ("input_layernorm", "self_attn"):
+            if not hasattr(layers[config.layer - 1], name):
+                raise TypeError(f"decoder layer {type(layers[0]).__name__} has no {name}: not a Llama-style layer")
+        self.model = model
+        self.config = config
+        self.language_model = model.model.language_model
+        self.tokens_per_image = tokens_per_image(model.config)
+        self.last_stats: CarveStats | None = None
+        self._image_mask: torch.Tensor | None = None
+        self._prefill: _Prefill | None = None
+        cut = config.layer
+        self._handles = [
+            model.model.register_forward_pre_hook(self._find_image_tokens, with_kwargs=True),
+            self.language_model.register_forward_pre_hook(self._start_forward, with_kwargs=True),
+            layers[cut - 1].register_forward_pre_hook(self._keep_cut_input, with_kwargs=True),
+            layers[cut].register_forward_pre_hook(self._carve_at_cut, with_kwargs=True),
+            *(layer.register_forward_pre_hook(self._reroute_layer, with_kwargs=True) for layer in layers[cut + 1 :]),
+            self.language_model.register_forward_hook(self._finish_forward, with_kwargs=True),
+        ]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._image_mask = self._prefill = None
+
+    # -- hooks -----------------------------------------------------------------------------------
+
+    def _find_image_tokens(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        image_token_id = self.model.config.image_token_id
+        if input_ids is not None:
+            self._image_mask = input_ids == image_token_id
+        elif kwargs.get("inputs_embeds") is not None:  # same rule as LlavaModel.get_placeholder_mask
+            embeds = kwargs["inputs_embeds"]
+            image_embedding = module.get_input_embeddings()(torch.tensor(image_token_id, device=embeds.device))
+            self._image_mask = (embeds == image_embedding).all(-1)
+        else:
+            self._image_mask = None
+
+    def _start_forward(self, module, args, kwargs):
+        image_mask, self._image_mask = self._image_mask, None
+        self._prefill = None
+        cache = kwargs.get("past_key_values")
+        cached = cache.get_seq_length() if cache is not None else 0
+        note = getattr(cache, "_tokencarve", None)
+        if cached > 0:  # a decode step (or a continuation): never carves
+            if note is not None and note.removed > 0:
+                return args, self._decode_kwargs(kwargs, cache, note)
+            return None
+
+        hidden = kwargs.get("inputs_embeds")
+        batch, length = hidden.shape[:2] if hidden is not None else kwargs["input_ids"].shape[:2]
+        device = hidden.device if hidden is not None else kwargs["input_ids"].device
+        mask_2d = kwargs.get("attention_mask")
+        if mask_2d is not None and mask_2d.ndim != 2:
+            if image_mask is not None and image_mask.any():
+                raise ValueError("TokenCarve needs a 2-D attention mask (or none) to carve; got a prepared 4-D mask")
+            return None
+        if mask_2d is None:
+            mask_2d = torch.ones(batch, length, dtype=torch.long, device=device)
+        if image_mask is None or image_mask.shape != (batch, length):
+            image_mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
+        positions = kwargs.get("position_ids")
+        if positions is None:  # what LlamaModel would use: 0..L-1
+            positions = torch.arange(length, device=device).unsqueeze(0)
+        carve = length > 1 and bool(image_mask.any()) and self.config.keep < self.tokens_per_image
+        stats = _uncarved_stats(image_mask, mask_2d)
+        self._prefill = _Prefill(image_mask, mask_2d.long(), positions.expand(batch, -1), stats, carve)
+        self.last_stats = stats
+        return None
+
+    def _keep_cut_input(self, module, args, kwargs):
+        if self._prefill is not None and self._prefill.carve:
+            self._prefill.cut_input = args[0] if args else kwargs["hidden_states"]
+            self._prefill.cut_position_embeddings = kwargs["position_embeddings"]
+
+    def _carve_at_cut(self, module, args, kwargs):
+        if self._prefill is None or not self._prefill.carve:
+            return None
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        hidden = self._carve(hidden, kwargs.get("past_key_values"))
+        kwargs.update(self._prefill.overrides)
+        return (hidden, *args[1:]), kwargs
+
+    def _reroute_layer(self, module, args, kwargs):
+        if self._prefill is not None and self._prefill.overrides is not None:
+            kwargs.update(self._prefill.overrides)
+            return args, kwargs
+        return None
+
+    def _finish_forward(self, module, args, kwargs, output):
+        prefill, self._prefill = self._prefill, None
+        cache = getattr(output, "past_key_values", None)
+        if cache is None:
+            return
+        note = getattr(cache, "_tokencarve", None)
+        if prefill is not None and note is None:  # an uncarved prefill: note its plain layout
+            note = cache._tokencarve = _CacheNote(prefill.mask_2d, prefill.mask_2d.shape[1], prefill.stats)
+        if note is not None and cache.get_seq_length() > 0:
+            _measure_kv_bytes(note, cache)
+            self.last_stats = note.stats
+
+    # -- the cut ---------------------------------------------------------------------------------
+
+    def _carve(self, hidden: torch.Tensor, cache) -> torch.Tensor:
+        """Carve every image of the batch and return the shortened hidden states entering layer K."""
+        started = time.perf_counter()
+        prefill, cfg = self._prefill, self.config
+        image_rows, image_positions = self._image_positions(prefill.image_mask)
+        attention = last_token_attention(
+            self.language_model.layers[cfg.layer - 1],
+            prefill.cut_input,
+            prefill.cut_position_embeddings,
+            prefill.mask_2d,
+        )
+        rows = image_rows.unsqueeze(1)
+        result = carve_tokens(
+            hidden[rows, image_positions],
+            attention[rows, image_positions],
+            cfg.keep,
+            attention_weight=cfg.attention_weight,
+            mode=cfg.mode,
+        )
+        kept_positions = image_positions.gather(1, result.index)
+        rows = rows.expand_as(kept_positions)
+        hidden = hidden.index_put((rows, kept_positions), result.hidden)
+        # Kept: real text tokens and the kept visual tokens. Padding goes too: the rows are re-padded.
+        keep_mask = prefill.mask_2d.bool() & ~prefill.image_mask
+        keep_mask = keep_mask.index_put((rows, kept_positions), torch.tensor(True, device=hidden.device))
+
+        # Repack each row's kept tokens right-aligned, left-padded to the longest row.
+        length = keep_mask.shape[1]
+        counts = keep_mask.sum(1)
+        new_length = int(counts.max())
+        order = torch.sort(keep_mask.to(torch.int8), dim=1, stable=True).indices[:, length - new_length :]
+        real_slot = torch.arange(new_length, device=hidden.device) >= (new_length - counts).unsqueeze(1)
+        hidden = hidden.gather(1, order.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        mask_2d = prefill.mask_2d.gather(1, order) * real_slot
+        positions = prefill.position_ids.gather(1, order)
+        if cache is not None:
+            _shrink_cache(cache, order, num_layers=cfg.layer)
+
+        causal_mask = create_causal_mask(
+            config=self.language_model.config,
+            inputs_embeds=hidden,
+            attention_mask=mask_2d,
+            past_key_values=None,  # layers >= K start empty: mask the kept tokens among themselves
+            position_ids=positions,
+        )
+        prefill.overrides = {
+            "attention_mask": causal_mask,
+            "position_ids": positions,
+            "position_embeddings": self.language_model.rotary_emb(hidden, position_ids=positions),
+        }
+        stats = prefill.stats
+        stats.prompt_tokens_kept = mask_2d.sum(1).tolist()
+        removed_per_image = self.tokens_per_image - result.index.shape[1]
+        images_per_row = torch.bincount(image_rows, minlength=len(counts))
+        stats.visual_tokens_kept = (torch.tensor(stats.visual_tokens_in) - removed_per_image * images_per_row.cpu()).tolist()
+        stats.images = [
+            ImageCarve(int(r), int(p[0]), i.cpu(), a.cpu(), m.cpu())
+            for r, p, i, a, m in zip(image_rows, image_positions, result.index, result.assignment, result.merged)
+        ]
+        if cache is not None:
+            cache._tokencarve = _CacheNote(mask_2d, length, stats)
+        stats.carve_seconds = time.perf_counter() - started
+        return hidden
+
+    def _image_positions(self, image_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([I] batch row, [I, N] sequence positions) of each image's N visual tokens."""
+        n = self.tokens_per_image
+        per_row = image_mask.sum(1)
+        if bool((per_row % n).any()):
+            raise ValueError(
+                f"image token counts per sample {per_row.tolist()} are not multiples of {n} tokens per image; "
+                "was the prompt built by this model's processor?"
+            )
+        rows, positions = image_mask.nonzero(as_tuple=True)  # row-major: each image's run is contiguous
+        return rows.view(-1, n)[:, 0], positions.view(-1, n)
+
+    def _decode_kwargs(self, kwargs: dict, cache, carved: _CacheNote) -> dict:
+        """Map a forward on a carved cache onto it: 2-D mask over kept tokens, original positions."""
+        hidden = kwargs.get("inputs_embeds")
+        new_tokens = hidden.shape[1] if hidden is not None else kwargs["input_ids"].shape[1]
+        cached = cache.get_seq_length()
+        after_prefill = cached + new_tokens - carved.prefill_mask.shape[1]
+        mask = kwargs.get("attention_mask")
+        prefill_mask = carved.prefill_mask
+        if mask is None:
+            tail = torch.ones(prefill_mask.shape[0], after_prefill, dtype=prefill_mask.dtype, device=prefill_mask.device)
+        elif mask.ndim == 2 and mask.shape[1] == carved.original_length + after_prefill:
+            tail = mask[:, carved.original_length :].to(prefill_mask.dtype)
+        else:
+            raise ValueError(
+                f"attention_mask of shape {tuple(mask.shape)} does not describe this carved cache: expected a 2-D "
+                f"mask over the uncompressed sequence ({carved.original_length} prompt + {after_prefill} new tokens)"
+            )
+        kwargs["attention_mask"] = torch.cat([prefill_mask, tail], dim=1)
+        if kwargs.get("position_ids") is None:  # what LlamaModel would use on the uncompressed cache
+            start = cached + carved.removed
+            kwargs["position_ids"] = torch.arange(start, start + new_tokens, device=prefill_mask.device).unsqueeze(0)
+        return kwargs
+
+
+def _uncarved_stats(image_mask: torch.Tensor, mask_2d: torch.Tensor) -> CarveStats:
+    visual = image_mask.sum(1).tolist()
+    prompt = mask_2d.sum(1).tolist()
+    return CarveStats(visual, list(visual), prompt, list(prompt))
+
+
+def _shrink_cache(cache, order: torch.Tensor, num_layers: int) -> None:
+    """Keep only the kept positions (`order`, [B, L']) in the caches of layers 0..K-1 (no merging)."""
+    if not isinstance(cache, DynamicCache):
+        raise TypeError(f"TokenCarve needs a DynamicCache to shrink the KV cache; got {type(cache).__name__}")
+    for layer in cache.layers[:num_layers]:
+        if type(layer) is not DynamicLayer:
+            raise TypeError(f"TokenCarve cannot shrink a {type(layer).__name__} cache layer")
+        index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+        layer.keys = layer.keys.gather(2, index)
+        layer.values = layer.values.gather(2, index)
+
+
+def _measure_kv_bytes(note: _CacheNote, cache) -> None:
+    """Fill the KV-cache figures of the note's stats from the cache tensors themselves."""
+    tensors = [t for layer in cache.layers if getattr(layer, "keys", None) is not None for t in (layer.keys, layer.values)]
+    allocated = sum(t.numel() * t.element_size() for t in tensors)
+    batch, slots = tensors[0].shape[0], cache.get_seq_length()
+    bytes_per_token = allocated // (batch * slots)
+    generated = slots - note.prefill_mask.shape[1]
+    stats = note.stats
+    stats.kv_cache_bytes = allocated
+    stats.kv_cache_bytes_uncompressed = bytes_per_token * batch * (slots + note.removed)
+    stats.kv_bytes_held = [bytes_per_token * (kept + generated) for kept in stats.prompt_tokens_kept]
+    stats.kv_bytes_uncompressed = [bytes_per_token * (n + generated) for n in stats.prompt_tokens_in]
