@@ -32,3 +32,32 @@ def tiny_llava_config(hidden_size: int = 64, num_layers: int = 4, vocab_size: in
 def tiny_llava(seed: int = 0, **config) -> LlavaForConditionalGeneration:
     torch.manual_seed(seed)
     return LlavaForConditionalGeneration(tiny_llava_config(**config)).eval()
+
+
+WORDS = ["USER", "ASSISTANT", ":", "Describe", "the", "image", ".", "What", "is", "in", "a", "?", "colour", "shape"]
+
+
+def save_tiny_llava_with_processor(path, seed: int = 0) -> None:
+    """A random tiny LLaVA plus a real (word-level) tokenizer and LLaVA processor, saved to `path`,
+    so that AutoProcessor / LlavaForConditionalGeneration.from_pretrained(path) work offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlavaProcessor, PreTrainedTokenizerFast
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    config = tiny_llava_config()
+    specials = {"<pad>": PAD, "<s>": 1, "</s>": 2, "<unk>": 3, "<image>": IMAGE_TOKEN}
+    fillers = [w for w in WORDS] + [f"w{i}" for i in range(config.text_config.vocab_size)]
+    free = [i for i in range(config.text_config.vocab_size) if i not in specials.values()]
+    vocab = dict(specials, **dict(zip(fillers, free)))
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece()  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"}, padding_side="left",
+    )
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    processor.save_pretrained(path)
+    tiny_llava(seed).save_pretrained(path)

@@ -1,0 +1,113 @@
+"""One engine for batch and serving: load a LLaVA once, apply TokenCarve, caption in batches.
+
+The Ray Data actors (`pipeline.batch`) and the Ray Serve replicas (`pipeline.serve`) both hold a
+`CaptionEngine`; neither knows how the model is loaded or patched.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+import tokencarve
+from tokencarve import CarveConfig
+
+DEFAULT_PROMPT = "Describe the image."
+LLAVA_15_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
+METHODS = ("none", *tokencarve.MODES)  # "none": the stock model (TokenCarve with nothing to cut)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str  # a local folder or a hub id
+    keep: int = 64  # visual tokens per image; ignored for method "none"
+    method: str = "tokencarve"
+    layer: int = 2
+    max_new_tokens: int = 64
+    device: str = "auto"  # "auto": cuda if available
+    dtype: str = "auto"  # "auto": bfloat16 on cuda, float32 on cpu
+    prompt_template: str = LLAVA_15_TEMPLATE
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if "{prompt}" not in self.prompt_template or "<image>" not in self.prompt_template:
+            raise ValueError("prompt_template needs an <image> placeholder and a {prompt} field")
+        if self.method != "none":
+            CarveConfig(keep=self.keep, layer=self.layer, mode=self.method)  # validates keep/layer early
+
+    @property
+    def carve_config(self) -> CarveConfig:
+        if self.method == "none":  # keep beyond any image: bit-identical to stock, figures still measured
+            return CarveConfig(keep=1_000_000, layer=self.layer)
+        return CarveConfig(keep=self.keep, layer=self.layer, mode=self.method)
+
+
+@dataclass
+class Caption:
+    caption: str
+    visual_tokens_in: int
+    visual_tokens_kept: int
+    kv_bytes_held: int
+    kv_bytes_uncompressed: int
+    generated_tokens: int
+    latency_s: float  # wall time of the generate() call that produced this row (shared by its batch)
+
+
+class CaptionEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
+                 "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[config.dtype]
+        self.processor = AutoProcessor.from_pretrained(config.model)
+        self.processor.tokenizer.padding_side = "left"  # what batched generate() needs
+        self.model = LlavaForConditionalGeneration.from_pretrained(config.model, dtype=dtype).to(device).eval()
+        tokencarve.apply(self.model, config.carve_config)
+        vision = self.model.config.vision_config
+        self.image_size = vision.image_size
+        mean = getattr(self.processor.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
+        self.pad_color = tuple(int(round(255 * m)) for m in mean[:3])  # LLaVA pads with the mean colour
+        self.model_name = config.model.rstrip("/").split("/")[-1]
+
+    @torch.inference_mode()
+    def caption(self, images: list[Image.Image], prompts: list[str | None], max_new_tokens: int | None = None) -> list[Caption]:
+        """Caption (or answer) one batch; images are RGB (any size), prompts may be None."""
+        texts = [self.config.prompt_template.format(prompt=p or DEFAULT_PROMPT) for p in prompts]
+        inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.model.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        started = time.perf_counter()
+        sequences = self.model.generate(**inputs, max_new_tokens=max_new_tokens or self.config.max_new_tokens, do_sample=False)
+        latency = time.perf_counter() - started
+        stats = self.model.tokencarve.last_stats  # the prefill's figures, KV bytes as of the last step
+        new_tokens = sequences[:, inputs["input_ids"].shape[1]:]
+        lengths = generated_lengths(new_tokens, self.model.generation_config.eos_token_id)
+        texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        return [
+            Caption(
+                caption=text.strip(),
+                visual_tokens_in=stats.visual_tokens_in[i],
+                visual_tokens_kept=stats.visual_tokens_kept[i],
+                kv_bytes_held=stats.kv_bytes_held[i],
+                kv_bytes_uncompressed=stats.kv_bytes_uncompressed[i],
+                generated_tokens=lengths[i],
+                latency_s=latency,
+            )
+            for i, text in enumerate(texts)
+        ]
+
+
+def generated_lengths(new_tokens: torch.Tensor, eos_token_id) -> list[int]:
+    """Tokens generated per row, up to and including the first eos (the rest is padding)."""
+    eos = torch.tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]) if eos_token_id is not None else None
+    lengths = []
+    for row in new_tokens.cpu():
+        hits = torch.isin(row, eos).nonzero() if eos is not None else torch.empty(0)
+        lengths.append(int(hits[0]) + 1 if len(hits) else len(row))
+    return lengths
