@@ -36,7 +36,7 @@ OUTPUT = pa.schema([
     ("model", pa.string()), ("method", pa.string()), ("keep", pa.int32()),
     ("visual_tokens_in", pa.int32()), ("visual_tokens_kept", pa.int32()),
     ("kv_bytes_held", pa.int64()), ("kv_bytes_uncompressed", pa.int64()),
-    ("generated_tokens", pa.int32()), ("latency_s", pa.float64()),
+    ("generated_tokens", pa.int32()), ("prompt_tokens", pa.int32()), ("latency_s", pa.float64()),
 ])
 SUMMARY_NAME = "_summary.json"
 

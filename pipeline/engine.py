@@ -7,7 +7,7 @@ The Ray Data actors (`pipeline.batch`) and the Ray Serve replicas (`pipeline.ser
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
@@ -57,6 +57,7 @@ class Caption:
     kv_bytes_held: int
     kv_bytes_uncompressed: int
     generated_tokens: int
+    prompt_tokens: int  # prompt tokens entering the model (visual tokens before carving)
     latency_s: float  # wall time of the generate() call that produced this row (shared by its batch)
 
 
@@ -77,8 +78,25 @@ class CaptionEngine:
         self.model_name = config.model.rstrip("/").split("/")[-1]
 
     @torch.inference_mode()
-    def caption(self, images: list[Image.Image], prompts: list[str | None], max_new_tokens: int | None = None) -> list[Caption]:
-        """Caption (or answer) one batch; images are RGB (any size), prompts may be None."""
+    def caption(
+        self,
+        images: list[Image.Image],
+        prompts: list[str | None],
+        max_new_tokens: int | None = None,
+        keep: int | None = None,
+        method: str | None = None,
+    ) -> list[Caption]:
+        """Caption (or answer) one batch; images are RGB (any size), prompts may be None.
+        `keep` / `method` override the engine's budget for this batch only."""
+        carver = self.model.tokencarve
+        default = carver.config
+        carver.reconfigure(replace(self.config, keep=keep or self.config.keep, method=method or self.config.method).carve_config)
+        try:
+            return self._generate(images, prompts, max_new_tokens)
+        finally:
+            carver.reconfigure(default)
+
+    def _generate(self, images, prompts, max_new_tokens) -> list[Caption]:
         texts = [self.config.prompt_template.format(prompt=p or DEFAULT_PROMPT) for p in prompts]
         inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.model.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
@@ -97,6 +115,7 @@ class CaptionEngine:
                 kv_bytes_held=stats.kv_bytes_held[i],
                 kv_bytes_uncompressed=stats.kv_bytes_uncompressed[i],
                 generated_tokens=lengths[i],
+                prompt_tokens=stats.prompt_tokens_in[i],
                 latency_s=latency,
             )
             for i, text in enumerate(texts)

@@ -158,6 +158,13 @@ class TokenCarver:
             self.language_model.register_forward_hook(self._finish_forward, with_kwargs=True),
         ]
 
+    def reconfigure(self, config: CarveConfig) -> None:
+        """Change the budget, weight or mode between forwards (the cut's layer stays where it is)."""
+        if config.layer != self.config.layer:
+            raise ValueError(f"reconfigure cannot move the cut from layer {self.config.layer} to {config.layer}; "
+                             "remove() and apply() instead")
+        self.config = config
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()

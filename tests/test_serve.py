@@ -1,0 +1,175 @@
+"""The Ray Serve app over real HTTP on a local Ray cluster: good and bad requests, batching, overload."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from ray import serve
+
+from pipeline.serve import build_app
+
+from .bad_images import broken_images, encode, gradient, valid_images
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tiny_model_dir):
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"model": tiny_model_dir, "keep": 64, "max_new_tokens": 4, "max_batch_size": 8,
+                         "batch_wait_timeout_s": 0.5, "max_replicas": 1, "max_ongoing_requests": 16,
+                         "max_queued_requests": 64, "max_image_bytes": 2 * 1024 * 1024}),
+              name="caption", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    yield url
+    serve.shutdown()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+PNG = encode(gradient(64, 48), "PNG")
+
+
+def test_health_and_caption(server):
+    health = httpx.get(f"{server}/healthz", timeout=30)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    reply = httpx.post(f"{server}/v1/caption", json={"image": b64(PNG), "prompt": "What is in the image ?"}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["text"] and body["visual_tokens_in"] == 576 and body["visual_tokens_kept"] == 64
+    assert body["kv_bytes_saved"] == body["kv_bytes_uncompressed"] - body["kv_bytes_held"] > 0
+    assert body["generated_tokens"] == 4 and body["method"] == "tokencarve"
+
+
+def test_per_request_budget_method_and_multipart(server):
+    reply = httpx.post(f"{server}/v1/caption", json={"image": "data:image/png;base64," + b64(PNG), "keep": 32}, timeout=60)
+    assert reply.status_code == 200 and reply.json()["visual_tokens_kept"] == 32
+    stock = httpx.post(f"{server}/v1/caption", json={"image": b64(PNG), "method": "none"}, timeout=60).json()
+    assert stock["visual_tokens_kept"] == 576 and stock["kv_bytes_saved"] == 0 and stock["keep"] is None
+    upload = httpx.post(f"{server}/v1/caption", files={"image": ("x.jpg", encode(gradient(30, 30), "JPEG"), "image/jpeg")},
+                        data={"prompt": "Describe the image .", "keep": "48"}, timeout=60)
+    assert upload.status_code == 200, upload.text
+    assert upload.json()["visual_tokens_kept"] == 48
+
+
+@pytest.mark.parametrize("name", list(valid_images()))
+def test_every_valid_image_kind_is_captioned(server, name):
+    reply = httpx.post(f"{server}/v1/caption", json={"image": b64(valid_images()[name])}, timeout=60)
+    assert reply.status_code == 200, reply.text
+
+
+@pytest.mark.parametrize("request_kwargs,status,code", [
+    (dict(json={"image": "not base64 at all!"}), 400, "bad_base64"),
+    (dict(json={"image": b64(b"definitely not an image")}), 400, "undecodable_image"),
+    (dict(json={"image": b64(broken_images()["truncated-png"][0])}), 400, "truncated_image"),
+    (dict(json={"image": b64(broken_images()["bomb"][0])}), 413, "decompression_bomb"),
+    (dict(json={"image": b64(b"\x00" * (3 * 1024 * 1024))}), 413, "image_too_large"),
+    (dict(json={"image": "data:text/plain;base64," + b64(b"hi")}), 415, "unsupported_media_type"),
+    (dict(content=b"raw bytes", headers={"content-type": "image/png"}), 415, "unsupported_media_type"),
+    (dict(json={"prompt": "no image"}), 422, "invalid_request"),
+    (dict(json={"image": b64(PNG), "keep": 4}), 422, "invalid_request"),
+    (dict(json={"image": b64(PNG), "max_new_tokens": 100000}), 422, "invalid_request"),
+    (dict(json={"image": b64(PNG), "method": "magic"}), 422, "invalid_request"),
+    (dict(json={"image": b64(PNG), "unexpected": 1}), 422, "invalid_request"),
+    (dict(content=b"{not json", headers={"content-type": "application/json"}), 400, "bad_json"),
+])
+def test_bad_requests_get_clear_json_errors_and_the_replica_survives(server, request_kwargs, status, code):
+    reply = httpx.post(f"{server}/v1/caption", timeout=60, **request_kwargs)
+    assert reply.status_code == status, reply.text
+    assert reply.json()["error"]["code"] == code
+    assert httpx.post(f"{server}/v1/caption", json={"image": b64(PNG)}, timeout=60).status_code == 200
+
+
+def test_concurrent_requests_share_a_forward(server):
+    def one(i):
+        return httpx.post(f"{server}/v1/caption", json={"image": b64(encode(gradient(20 + i, 20), "PNG"))}, timeout=120)
+
+    with ThreadPoolExecutor(12) as pool:
+        replies = list(pool.map(one, range(12)))
+    assert all(r.status_code == 200 for r in replies)
+    assert max(r.json()["batch_size"] for r in replies) > 1
+
+
+def test_openai_chat_completions_shape(server):
+    request = {
+        "model": "carve-tiny",
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is in the image ?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(PNG)}},
+        ]}],
+        "max_tokens": 3,
+    }
+    reply = httpx.post(f"{server}/v1/chat/completions", json=request, timeout=60)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+    assert isinstance(body["choices"][0]["message"]["content"], str)
+    assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 3
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 3
+    assert body["tokencarve"]["visual_tokens_kept"] == 64
+    two_images = dict(request, messages=[{"role": "user", "content": request["messages"][0]["content"] * 2}])
+    assert httpx.post(f"{server}/v1/chat/completions", json=two_images, timeout=60).status_code == 422
+
+
+def test_overload_is_refused_with_503_and_retry_after(ray_cluster, tiny_model_dir, server):
+    serve.run(build_app({"model": tiny_model_dir, "max_new_tokens": 200, "max_new_tokens_limit": 200,
+                         "max_batch_size": 1, "max_replicas": 1, "max_ongoing_requests": 1,
+                         "max_queued_requests": 1, "retry_after_s": 3}),
+              name="tight", route_prefix="/tight")
+
+    def one(_):
+        return httpx.post(f"{server}/tight/v1/caption", json={"image": b64(PNG)}, timeout=300)
+
+    started = time.time()
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(one, range(8)))
+    refused = [r for r in replies if r.status_code == 503]
+    assert refused and all(r.headers.get("retry-after") == "3" for r in refused)
+    assert any(r.status_code == 200 for r in replies) and time.time() - started < 300
+    serve.delete("tight")
+
+
+def test_the_official_openai_client_works_unchanged(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key="not-needed", max_retries=0, timeout=60)
+    completion = client.chat.completions.create(
+        model="carve-tiny",
+        messages=[{"role": "user", "content": [
+            {"type": "text", "text": "Describe the image ."},
+            {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + b64(encode(gradient(40, 40), "JPEG"))}},
+        ]}],
+        max_tokens=2,
+        extra_body={"tokencarve": {"keep": 32}},
+    )
+    assert completion.choices[0].message.role == "assistant"
+    assert completion.usage.completion_tokens == 2
+    assert completion.model_extra["tokencarve"]["visual_tokens_kept"] == 32
+
+
+def test_the_checked_in_serve_config_is_valid():
+    """jobs/serve_config.yaml parses under Serve's own schema and its args build a valid app."""
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from pipeline.serve import ServeSettings
+
+    config = ServeDeploySchema(**yaml.safe_load((Path(__file__).parent.parent / "jobs" / "serve_config.yaml").read_text()))
+    app = config.applications[0]
+    assert app.import_path == "pipeline.serve:build_app"
+    settings = ServeSettings(**app.args)
+    assert settings.max_ongoing_requests >= settings.max_batch_size and settings.num_gpus == 1
