@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoProcessor  # noqa: E402
 
 from pipeline.batch import CaptionJob, run  # noqa: E402
 from pipeline.engine import METHODS, EngineConfig  # noqa: E402
+from monitoring.push import push_summary  # noqa: E402
 from pipeline.sources import FORMATS  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "models" / "carve-tiny"
@@ -54,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-image-bytes", type=int, default=CaptionJob.max_image_bytes)
     p.add_argument("--max-image-pixels", type=int, default=CaptionJob.max_image_pixels)
     p.add_argument("--address", default=None, help="Ray address (default: the job's cluster, else a local one)")
+    p.add_argument("--pushgateway", default=None, help="push the run summary to this Prometheus Pushgateway (host:port)")
     return p.parse_args(argv)
 
 
@@ -78,6 +80,8 @@ def main(argv=None) -> int:
     ray.init(address=args.address, log_to_driver=False)
     summary = run(job)
     summary.pop("ray_data_stats")  # it is in the summary file; the console gets the figures
+    if args.pushgateway:
+        push_summary(summary, args.pushgateway)
     print(json.dumps(summary, indent=2))
     return 0
 

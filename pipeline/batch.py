@@ -26,6 +26,8 @@ import pyarrow.parquet as pq
 import ray
 from PIL import Image
 
+from monitoring.metrics import MetricsRecorder
+
 from .engine import CaptionEngine, EngineConfig
 from .images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, ImageError, decode_image, square
 from .sources import read_corpus
@@ -115,6 +117,7 @@ class CaptionActor:
     def __init__(self, job: CaptionJob):
         self.job = job
         self.engine = CaptionEngine(job.engine)
+        self.metrics = MetricsRecorder(self.engine.model_name, job.engine.method, job.engine.keep)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         rows = table.to_pylist()
@@ -122,6 +125,9 @@ class CaptionActor:
         todo = [i for i, r in enumerate(rows) if r["error"] is None]
         for i, result in zip(todo, self._caption([rows[i] for i in todo])):
             results[i] = result
+        for result in results:
+            if result["error"] is not None:
+                self.metrics.failed(result["error"].split(":", 1)[0])
         cfg = self.job.engine
         out = []
         for row, result in zip(rows, results):
@@ -139,7 +145,7 @@ class CaptionActor:
         images = [Image.frombytes("RGB", (side, side), r["pixels"]) for r in rows]
         prompts = [r["prompt"] for r in rows]
         try:
-            return [asdict(c) | {"error": None} for c in self.engine.caption(images, prompts)]
+            return self._caption_batch(images, prompts)
         except Exception:
             if len(rows) == 1:
                 raise
@@ -147,10 +153,15 @@ class CaptionActor:
         results = []
         for image, prompt in zip(images, prompts):
             try:
-                results.append(asdict(self.engine.caption([image], [prompt])[0]) | {"error": None})
+                results += self._caption_batch([image], [prompt])
             except Exception as err:
                 results.append({"error": f"generation_failed: {type(err).__name__}: {err}"})
         return results
+
+    def _caption_batch(self, images, prompts) -> list[dict]:
+        captions = self.engine.caption(images, prompts)
+        self.metrics.batch(captions, self.engine.last_timing)
+        return [asdict(c) | {"error": None} for c in captions]
 
 
 # -- stage 3: write (CPU) -------------------------------------------------------------------------------

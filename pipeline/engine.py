@@ -61,6 +61,36 @@ class Caption:
     latency_s: float  # wall time of the generate() call that produced this row (shared by its batch)
 
 
+@dataclass
+class BatchTiming:
+    """Where one generate() call's time went (what the metrics report)."""
+
+    prefill_seconds: float  # the first forward: vision tower, projector, prompt (and the carve)
+    decode_seconds: float  # every later forward
+    carve_seconds: float  # the carve step alone (inside prefill)
+
+
+class _ForwardTimer:
+    """Times each forward of the model during generate() (synchronising the GPU, so times are real)."""
+
+    def __init__(self, model):
+        self.model, self.durations, self._started = model, [], 0.0
+        model.register_forward_pre_hook(self._start)
+        model.register_forward_hook(self._stop)
+
+    def _sync(self):
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+
+    def _start(self, module, args):
+        self._sync()
+        self._started = time.perf_counter()
+
+    def _stop(self, module, args, output):
+        self._sync()
+        self.durations.append(time.perf_counter() - self._started)
+
+
 class CaptionEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -76,6 +106,8 @@ class CaptionEngine:
         mean = getattr(self.processor.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
         self.pad_color = tuple(int(round(255 * m)) for m in mean[:3])  # LLaVA pads with the mean colour
         self.model_name = config.model.rstrip("/").split("/")[-1]
+        self._timer = _ForwardTimer(self.model)
+        self.last_timing: BatchTiming | None = None
 
     @torch.inference_mode()
     def caption(
@@ -100,10 +132,13 @@ class CaptionEngine:
         texts = [self.config.prompt_template.format(prompt=p or DEFAULT_PROMPT) for p in prompts]
         inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.model.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        self._timer.durations = []
         started = time.perf_counter()
         sequences = self.model.generate(**inputs, max_new_tokens=max_new_tokens or self.config.max_new_tokens, do_sample=False)
         latency = time.perf_counter() - started
         stats = self.model.tokencarve.last_stats  # the prefill's figures, KV bytes as of the last step
+        forwards = self._timer.durations
+        self.last_timing = BatchTiming(forwards[0], sum(forwards[1:]), stats.carve_seconds)
         new_tokens = sequences[:, inputs["input_ids"].shape[1]:]
         lengths = generated_lengths(new_tokens, self.model.generation_config.eos_token_id)
         texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)

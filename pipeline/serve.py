@@ -21,6 +21,7 @@ import binascii
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -29,6 +30,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve.config import AutoscalingConfig, BackpressureConfig
+
+from monitoring.metrics import MetricsRecorder
 
 from .engine import METHODS, CaptionEngine, EngineConfig
 from .images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, ImageError, decode_image
@@ -153,6 +156,7 @@ class CaptionServer:
         s = self.settings
         self.engine = CaptionEngine(EngineConfig(model=s.model, keep=s.keep, method=s.method, layer=s.layer,
                                                  max_new_tokens=s.max_new_tokens, dtype=s.dtype))
+        self.metrics = MetricsRecorder(self.engine.model_name, s.method, s.keep)
         self.model_thread = ThreadPoolExecutor(max_workers=1)  # one generate() at a time per replica
         self.caption_batch.set_max_batch_size(s.max_batch_size)
         self.caption_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
@@ -164,6 +168,23 @@ class CaptionServer:
 
     @api.post("/v1/caption")
     async def caption(self, request: Request) -> dict:
+        with self._count_failures():
+            return await self._caption(request)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> dict:
+        with self._count_failures():
+            return await self._chat_completions(request)
+
+    @contextmanager
+    def _count_failures(self):
+        try:
+            yield
+        except HTTPError as err:
+            self.metrics.failed(err.code)
+            raise
+
+    async def _caption(self, request: Request) -> dict:
         body = await self._caption_request(request)
         image = self._decode(body.image if isinstance(body.image, bytes) else self._base64_image(body.image))
         work = self._work(image, body.prompt, body.max_new_tokens, body.keep, body.method)
@@ -171,8 +192,7 @@ class CaptionServer:
         return {"text": caption.caption, **_figures(caption), "batch_size": batch_size,
                 "model": self.engine.model_name, "method": work.method, "keep": _keep_label(work)}
 
-    @api.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request) -> dict:
+    async def _chat_completions(self, request: Request) -> dict:
         body = await _json(request)
         if body.get("stream"):
             raise HTTPError(422, "unsupported", "streaming is not supported; send stream=false")
@@ -205,12 +225,18 @@ class CaptionServer:
         results: list = [None] * len(works)
         loop = asyncio.get_running_loop()
         for (keep, method, max_new_tokens), members in groups.items():
-            captions = await loop.run_in_executor(
-                self.model_thread, lambda m=members, k=keep, me=method, n=max_new_tokens: self.engine.caption(
-                    [works[i].image for i in m], [works[i].prompt for i in m], max_new_tokens=n, keep=k, method=me))
+            captions, timing = await loop.run_in_executor(
+                self.model_thread, self._generate, [works[i] for i in members], keep, method, max_new_tokens)
+            self.metrics.batch(captions, timing, method=method, keep=keep)
             for i, caption in zip(members, captions):
                 results[i] = (caption, len(members))
         return results
+
+    def _generate(self, works: list[_Work], keep: int, method: str, max_new_tokens: int):
+        """On the model thread: one generate() and its timing, read before the next call can start."""
+        captions = self.engine.caption([w.image for w in works], [w.prompt for w in works],
+                                       max_new_tokens=max_new_tokens, keep=keep, method=method)
+        return captions, self.engine.last_timing
 
     # -- request parsing ------------------------------------------------------------------------------
 

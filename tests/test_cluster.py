@@ -61,7 +61,7 @@ def head_node(tmp_path):
     gcs, dashboard = free_port(), free_port()
     env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{RAY_BIN.parent}:{os.environ['PATH']}")
     head = subprocess.Popen(
-        [str(RAY_BIN), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
+        [str(RAY_BIN), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"

@@ -1,0 +1,176 @@
+"""A real Prometheus (Debian's package) scrapes a real local Ray cluster while the pipeline and the
+Serve app run on the tiny model: every dashboard query returns data, every metric is exported and sane."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from ray import serve
+
+from monitoring.dashboards import OUTPUT, expressions, render
+from monitoring.metrics import METRICS
+from monitoring.push import push_summary
+from pipeline.batch import CaptionJob, run
+from pipeline.engine import EngineConfig
+from pipeline.serve import build_app
+
+from .bad_images import encode, gradient
+from .conftest import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+SUBSTITUTIONS = {"$__rate_interval": "2m", "$__range": "15m", "$speedup": "1.23", "$gpu_hour_price": "2.5"}
+
+
+def binary(name: str) -> str:
+    path = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed: `make install` installs it with apt-get")
+        pytest.skip(f"{name} is not installed (apt-get install {name})")
+    return path
+
+
+def test_checked_in_dashboard_is_the_generated_one():
+    assert OUTPUT.read_text() == render(), "run `python -m monitoring.dashboards`"
+
+
+@pytest.fixture(scope="module")
+def prometheus(ray_cluster, tmp_path_factory):
+    """Prometheus with the project's own config (monitoring/prometheus.yml), scraping every second."""
+    folder = tmp_path_factory.mktemp("prometheus")
+    config = yaml.safe_load((ROOT / "monitoring" / "prometheus.yml").read_text())
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    config["scrape_configs"] = [c for c in config["scrape_configs"] if c["job_name"] == "ray"]
+    ray_job = config["scrape_configs"][0]
+    ray_job["file_sd_configs"][0]["refresh_interval"] = "1s"
+    # Ray lists this node under its interface address; tests talk to loopback only (same ports).
+    ray_job["relabel_configs"] = [{"source_labels": ["__address__"], "regex": r"[^:]+:(\d+)",
+                                   "replacement": "127.0.0.1:$1", "target_label": "__address__"}]
+    (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    process = subprocess.Popen(
+        [binary("prometheus"), f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def query(url: str, expr: str) -> list:
+    reply = httpx.get(f"{url}/api/v1/query", params={"query": expr}, timeout=10).json()
+    assert reply["status"] == "success", (expr, reply)
+    return reply["data"]["result"]
+
+
+def value(url: str, expr: str) -> float:
+    result = query(url, expr)
+    return float(result[0]["value"][1]) if result else 0.0
+
+
+def wait_for(url: str, expr: str, minimum: float, seconds: float = 90) -> float:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if (current := value(url, expr)) >= minimum:
+            return current
+        time.sleep(1)
+    pytest.fail(f"{expr} did not reach {minimum} (last {value(url, expr)})")
+
+
+@pytest.fixture(scope="module")
+def traffic(prometheus, ray_cluster, tiny_model_dir, tmp_path_factory):
+    """The batch pipeline (with a broken row) and the Serve app (a good and a bad request)."""
+    folder = tmp_path_factory.mktemp("monitored")
+    rows = [{"id": f"m-{i}", "image": encode(gradient(30 + i, 30), "PNG")} for i in range(6)]
+    rows.append({"id": "m-broken", "image": b"not an image"})
+    pq.write_table(pa.Table.from_pylist(rows), folder / "corpus.parquet")
+    run(CaptionJob(inputs=[str(folder / "corpus.parquet")], output=str(folder / "out"), batch_size=3,
+                   engine=EngineConfig(model=tiny_model_dir, keep=32, max_new_tokens=4)))
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"model": tiny_model_dir, "keep": 64, "max_new_tokens": 3, "max_replicas": 1,
+                         "max_ongoing_requests": 8, "max_batch_size": 4}), name="monitored", route_prefix="/")
+    image = base64.b64encode(encode(gradient(40, 40), "PNG")).decode()
+    assert httpx.post(f"http://127.0.0.1:{port}/v1/caption", json={"image": image}, timeout=60).status_code == 200
+    assert httpx.post(f"http://127.0.0.1:{port}/v1/caption", json={"image": "???"}, timeout=60).status_code == 400
+    wait_for(prometheus, "sum(ray_tokencarve_images_processed_total)", 7)
+    wait_for(prometheus, "sum(ray_tokencarve_images_failed_total)", 2)
+    wait_for(prometheus, "sum(ray_serve_deployment_replica_healthy)", 1)
+    time.sleep(3)  # a few more scrapes, so that rate() has two samples of every series
+    yield prometheus
+    serve.shutdown()
+
+
+def test_prometheus_scrapes_ray_on_loopback_only(traffic):
+    targets = httpx.get(f"{traffic}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+    assert targets and all(t["labels"]["instance"].startswith("127.0.0.1:") for t in targets)
+    assert any(t["health"] == "up" for t in targets)
+
+
+@pytest.mark.parametrize("expr", expressions())
+def test_every_dashboard_query_returns_data(traffic, expr):
+    for placeholder, replacement in SUBSTITUTIONS.items():
+        expr = expr.replace(placeholder, replacement)
+    assert query(traffic, expr), f"no data for {expr}"
+
+
+def test_every_metric_is_exported_with_sane_values(traffic):
+    names = set(httpx.get(f"{traffic}/api/v1/label/__name__/values", timeout=10).json()["data"])
+    for spec in METRICS.values():
+        exported = spec.exported()
+        assert (exported if spec.kind == "counter" else f"{exported}_bucket") in names, exported
+    total = lambda name: value(traffic, f"sum(ray_tokencarve_{name}_total)")  # noqa: E731
+    assert total("images_processed") == 7  # 6 batch rows + 1 Serve request
+    assert total("images_failed") == 2  # the broken row + the bad request
+    failed = query(traffic, "sum by (reason) (ray_tokencarve_images_failed_total)")
+    assert {r["metric"]["reason"] for r in failed} == {"undecodable_image", "bad_base64"}
+    assert 0 < total("visual_tokens_kept") <= total("visual_tokens_in") == 7 * 576
+    assert 0 < total("kv_cache_bytes_held") < total("kv_cache_bytes_uncompressed")
+    assert total("generated_tokens") == 6 * 4 + 3
+    assert total("model_seconds") > 0
+    assert value(traffic, "sum(ray_tokencarve_batch_size_count)") >= 3
+    assert value(traffic, "sum(ray_tokencarve_carve_seconds_sum)") > 0
+
+
+def test_run_summary_reaches_a_real_pushgateway(tmp_path):
+    port = free_port()
+    gateway = subprocess.Popen([binary("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{port}"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/-/ready", timeout=2).raise_for_status()
+                break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        summary = {"model": "/x/carve-tiny", "method": "tokencarve", "keep": 64, "rows_ok": 9, "rows_failed": 1,
+                   "rows_this_run": 10, "rows_per_s": 2.5, "visual_tokens_kept_pct": 11.1, "kv_bytes_saved": 1234,
+                   "kv_saved_pct": 80.0, "seconds": 4.0}
+        push_summary(summary, f"127.0.0.1:{port}")
+        scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        assert 'tokencarve_job_rows_ok{instance="",job="tokencarve_caption_corpus",keep="64",method="tokencarve",model="carve-tiny"} 9' in scraped
+        assert "tokencarve_job_kv_bytes_saved" in scraped and json.dumps(summary)
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=30)
