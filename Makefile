@@ -4,8 +4,17 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench
-install: $(VENV)/.installed
+.PHONY: install system-deps demo test bench
+install: $(VENV)/.installed system-deps
+
+# Prometheus and its Pushgateway for the monitoring tests (Debian packages; needs root + apt-get).
+system-deps:
+	@if ! command -v prometheus >/dev/null || ! command -v prometheus-pushgateway >/dev/null; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      prometheus prometheus-pushgateway >/dev/null; \
+	  else echo "note: install prometheus and prometheus-pushgateway for the monitoring tests"; fi; \
+	fi
 
 # torch==2.13.0 first: on our machines that is the CPU wheel on disk; the project's own range
 # (torch>=2.5) is then satisfied and pulls no CUDA packages.
@@ -17,10 +26,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(PY) -m tokencarve.demo
+	$(PY) jobs/caption_corpus.py
 
 test: install
 	$(PY) -m pytest -q
 
 bench: install
 	$(PY) benchmarks/bench_core.py
+	$(PY) benchmarks/bench_pipeline.py
+	$(PY) benchmarks/bench_serve.py
