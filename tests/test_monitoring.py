@@ -152,6 +152,17 @@ def test_every_metric_is_exported_with_sane_values(traffic):
     assert value(traffic, "sum(ray_tokencarve_carve_seconds_sum)") > 0
 
 
+def test_dashboard_renders_to_png_from_real_data(traffic, tmp_path):
+    """The picture for people without Grafana; DASHBOARD_PNG=docs/dashboard.png keeps a copy."""
+    from monitoring.dashboards import PANELS
+    from monitoring.render import render_png
+
+    end = time.time()
+    path = os.environ.get("DASHBOARD_PNG") or str(tmp_path / "dashboard.png")
+    assert render_png(traffic, end - 600, end, path) == len(PANELS)
+    assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_run_summary_reaches_a_real_pushgateway(tmp_path):
     port = free_port()
     gateway = subprocess.Popen([binary("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{port}"],
