@@ -29,6 +29,9 @@ from .bad_images import encode, gradient
 from .conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+# Budgets no other test uses: other tests' traffic in the same Ray session is told apart by label.
+KEEP_BATCH, KEEP_SERVE = 40, 72
+OURS = f'{{keep=~"{KEEP_BATCH}|{KEEP_SERVE}"}}'
 SUBSTITUTIONS = {"$__rate_interval": "2m", "$__range": "15m", "$speedup": "1.23", "$gpu_hour_price": "2.5"}
 
 
@@ -104,17 +107,17 @@ def traffic(prometheus, ray_cluster, tiny_model_dir, tmp_path_factory):
     rows.append({"id": "m-broken", "image": b"not an image"})
     pq.write_table(pa.Table.from_pylist(rows), folder / "corpus.parquet")
     run(CaptionJob(inputs=[str(folder / "corpus.parquet")], output=str(folder / "out"), batch_size=3,
-                   engine=EngineConfig(model=tiny_model_dir, keep=32, max_new_tokens=4)))
+                   engine=EngineConfig(model=tiny_model_dir, keep=KEEP_BATCH, max_new_tokens=4)))
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model": tiny_model_dir, "keep": 64, "max_new_tokens": 3, "max_replicas": 1,
+    serve.run(build_app({"model": tiny_model_dir, "keep": KEEP_SERVE, "max_new_tokens": 3, "max_replicas": 1,
                          "max_ongoing_requests": 8, "max_batch_size": 4}), name="monitored", route_prefix="/")
     image = base64.b64encode(encode(gradient(40, 40), "PNG")).decode()
     assert httpx.post(f"http://127.0.0.1:{port}/v1/caption", json={"image": image}, timeout=60).status_code == 200
     assert httpx.post(f"http://127.0.0.1:{port}/v1/caption", json={"image": "???"}, timeout=60).status_code == 400
-    wait_for(prometheus, "sum(ray_tokencarve_images_processed_total)", 7)
-    wait_for(prometheus, "sum(ray_tokencarve_images_failed_total)", 2)
+    wait_for(prometheus, f"sum(ray_tokencarve_images_processed_total{OURS})", 7)
+    wait_for(prometheus, f"sum(ray_tokencarve_images_failed_total{OURS})", 2)
     wait_for(prometheus, "sum(ray_serve_deployment_replica_healthy)", 1)
     time.sleep(3)  # a few more scrapes, so that rate() has two samples of every series
     yield prometheus
@@ -139,17 +142,17 @@ def test_every_metric_is_exported_with_sane_values(traffic):
     for spec in METRICS.values():
         exported = spec.exported()
         assert (exported if spec.kind == "counter" else f"{exported}_bucket") in names, exported
-    total = lambda name: value(traffic, f"sum(ray_tokencarve_{name}_total)")  # noqa: E731
+    total = lambda name: value(traffic, f"sum(ray_tokencarve_{name}_total{OURS})")  # noqa: E731
     assert total("images_processed") == 7  # 6 batch rows + 1 Serve request
     assert total("images_failed") == 2  # the broken row + the bad request
-    failed = query(traffic, "sum by (reason) (ray_tokencarve_images_failed_total)")
+    failed = query(traffic, f"sum by (reason) (ray_tokencarve_images_failed_total{OURS})")
     assert {r["metric"]["reason"] for r in failed} == {"undecodable_image", "bad_base64"}
     assert 0 < total("visual_tokens_kept") <= total("visual_tokens_in") == 7 * 576
     assert 0 < total("kv_cache_bytes_held") < total("kv_cache_bytes_uncompressed")
     assert total("generated_tokens") == 6 * 4 + 3
     assert total("model_seconds") > 0
-    assert value(traffic, "sum(ray_tokencarve_batch_size_count)") >= 3
-    assert value(traffic, "sum(ray_tokencarve_carve_seconds_sum)") > 0
+    assert value(traffic, f"sum(ray_tokencarve_batch_size_count{OURS})") >= 3
+    assert value(traffic, f"sum(ray_tokencarve_carve_seconds_sum{OURS})") > 0
 
 
 def test_dashboard_renders_to_png_from_real_data(traffic, tmp_path):
