@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from jobs.caption_corpus import build_job, parse_args  # noqa: E402
+from jobs.caption_corpus import build_job, parse_args, ray_address  # noqa: E402
 from pipeline.batch import run  # noqa: E402
 
 SETTINGS = [("none", None), ("tokencarve", 128), ("tokencarve", 64)]
@@ -36,7 +36,7 @@ def main() -> None:
     known, rest = parser.parse_known_args()
     args = parse_args(rest)  # the job's own options (--input, --model, --batch-size, ...)
     base = build_job(args)
-    ray.init(address=args.address, log_to_driver=False)
+    ray.init(address=ray_address(args.address), log_to_driver=False)
     results: dict[tuple, list[dict]] = {s: [] for s in SETTINGS}
     with tempfile.TemporaryDirectory() as scratch:
         for repeat in range(known.repeats):

@@ -78,7 +78,7 @@ def main() -> None:
     p.add_argument("--time-limit", type=float, default=300, help="seconds per round at most")
     args = p.parse_args()
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"model": args.model, "keep": args.keep, "max_new_tokens": args.max_new_tokens,

@@ -65,7 +65,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     known, rest = p.parse_known_args()
     job = build_job(parse_args(rest + ["--max-new-tokens", "16"]))
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
              log_to_driver=False, _node_ip_address="127.0.0.1", _metrics_export_port=free_port(),
              _system_config={"metrics_report_interval_ms": 2000})
     with tempfile.TemporaryDirectory() as scratch:

@@ -54,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rows-per-file", type=int, default=1000)
     p.add_argument("--max-image-bytes", type=int, default=CaptionJob.max_image_bytes)
     p.add_argument("--max-image-pixels", type=int, default=CaptionJob.max_image_pixels)
-    p.add_argument("--address", default=None, help="Ray address (default: the job's cluster, else a local one)")
+    p.add_argument("--address", default=None,
+                   help="Ray address ('auto': a running local cluster; default: the job's cluster, else a new local one)")
     p.add_argument("--pushgateway", default=None, help="push the run summary to this Prometheus Pushgateway (host:port)")
     return p.parse_args(argv)
 
@@ -74,10 +75,16 @@ def build_job(args: argparse.Namespace) -> CaptionJob:
     )
 
 
+def ray_address(requested: str | None) -> str:
+    """--address, else the cluster `ray job submit` runs us on (RAY_ADDRESS), else a new local Ray.
+    ("local" rather than None: None would try a stale cluster left in /tmp/ray by an earlier head.)"""
+    return requested or os.environ.get("RAY_ADDRESS") or "local"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     job = build_job(args)
-    ray.init(address=args.address, log_to_driver=False)
+    ray.init(address=ray_address(args.address), log_to_driver=False)
     summary = run(job)
     summary.pop("ray_data_stats")  # it is in the summary file; the console gets the figures
     if args.pushgateway:
