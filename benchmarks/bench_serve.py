@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
 import platform
 import socket
 import statistics

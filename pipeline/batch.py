@@ -17,7 +17,7 @@ import hashlib
 import os
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -59,7 +59,6 @@ class CaptionJob:
     max_image_pixels: int = MAX_IMAGE_PIXELS
     image_size: int = 336  # the model's input side; set from its config by the job
     pad_color: tuple[int, int, int] = (122, 116, 104)  # the processor's mean colour
-    limits: dict = field(default_factory=dict)
 
 
 # -- stage 1: prepare (CPU) ---------------------------------------------------------------------------

@@ -109,7 +109,7 @@ def test_rendering_draws_the_scene():
     assert image.getpixel(scenes.cell_centre(4)) == scenes.COLOURS["blue"]
     assert image.getpixel(scenes.cell_centre(1)) == _scene().background  # empty cell
     text = image.crop((0, 224, 112, 336)).convert("L")
-    assert min(text.getdata()) < 60  # the number is drawn in the bottom-left cell
+    assert text.getextrema()[0] < 60  # the number is drawn in the bottom-left cell
 
 
 def test_score_normalisation():
@@ -181,10 +181,8 @@ def test_processor_gives_576_image_tokens_per_image(bundled):
                        return_tensors="pt", padding=True)
     assert (inputs["input_ids"] == model.IMAGE).sum(1).tolist() == [576, 576]
     with torch.no_grad():
-        features = llava.model.get_image_features(pixel_values=inputs["pixel_values"])
-    features = features.pooler_output if hasattr(features, "pooler_output") else features
-    assert torch.cat(list(features)).shape[-2:] == (1152, llava.config.text_config.hidden_size) or \
-        tuple(features[0].shape) == (576, llava.config.text_config.hidden_size)
+        features = llava.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+    assert tuple(features.shape) == (2, 576, llava.config.text_config.hidden_size)
     assert torch.allclose(inputs["pixel_values"], model.pixel_values(images))  # training skips the processor
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,16 +21,12 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 from pipeline.batch import read_output
 
+from .conftest import free_port
 from .bad_images import encode, gradient
 
 ROOT = Path(__file__).resolve().parent.parent
 RAY_BIN = Path(sys.executable).parent / "ray"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def small_corpus(folder: Path, rows: int) -> list[str]:

@@ -102,7 +102,8 @@ def test_every_input_row_gives_exactly_one_output_row(ray_cluster, tiny_model_di
     assert summary["rows_total"] == len(expected) and summary["rows_ok"] == ok
     assert summary["rows_failed"] == len(expected) - ok and summary["rows_this_run"] == len(expected)
     assert summary["visual_tokens_kept_pct"] == pytest.approx(100 * 32 / 576, abs=0.01)
-    assert summary["kv_bytes_saved"] > 0 and "ReadParquet" in summary["ray_data_stats"] or summary["ray_data_stats"]
+    assert summary["kv_bytes_saved"] > 0 and summary["rows_per_s"] > 0
+    assert "CaptionActor" in summary["ray_data_stats"]  # Ray Data's per-operator stats are kept
     assert json.loads((tmp_path / "out" / "_summary.json").read_text())["rows_total"] == len(expected)
 
     again = run(job(tiny_model_dir, tmp_path / "corpus", tmp_path / "out"))  # a rerun: nothing to do

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,13 +12,9 @@ from ray import serve
 
 from pipeline.serve import build_app
 
+from .conftest import free_port
 from .bad_images import broken_images, encode, gradient, valid_images
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
