@@ -18,7 +18,7 @@ from tokencarve import CarveConfig
 
 DEFAULT_PROMPT = "Describe the image."
 LLAVA_15_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
-METHODS = ("none", *tokencarve.MODES)  # "none": the stock model (TokenCarve with nothing to cut)
+METHODS = ("none", *tokencarve.METHODS)  # "none": the stock model; the baselines are there for A/B runs
 
 
 @dataclass(frozen=True)

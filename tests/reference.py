@@ -142,7 +142,9 @@ def reference_prefill(eager_model, input_ids: list[int], pixel_values, keep: int
 
     # Layers < K: full-context keys/values, restricted to the kept positions (no merging).
     h = lm.embed_tokens(ids)[0]
-    h[torch.tensor(image_positions)] = out.image_hidden_states.reshape(-1, h.shape[-1])
+    features = out.image_hidden_states  # one tensor (transformers 5.23) or a list per image (5.24)
+    features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
+    h[torch.tensor(image_positions)] = features.reshape(-1, h.shape[-1])
     all_positions = torch.arange(len(input_ids))
     caches = []
     for layer in lm.layers[:cut]:

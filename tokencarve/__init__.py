@@ -8,9 +8,12 @@
 """
 
 from .adapter import CarveConfig, CarveStats, ImageCarve, TokenCarver, tokens_per_image
+from .baselines import BASELINES, METHODS, reduce_tokens
 from .core import MODES, CarveResult, carve_tokens, information_scores, stage_sizes
 
 __all__ = [
+    "BASELINES",
+    "METHODS",
     "MODES",
     "CarveConfig",
     "CarveResult",
@@ -21,6 +24,7 @@ __all__ = [
     "carve_tokens",
     "information_scores",
     "is_applied",
+    "reduce_tokens",
     "remove",
     "stage_sizes",
     "tokens_per_image",

@@ -20,6 +20,7 @@ original rotary positions; generate() continues positions from the original leng
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -29,18 +30,21 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.masking_utils import create_causal_mask
 
 from .attention import last_token_attention
-from .core import MODES, carve_tokens
+from .baselines import METHODS, reduce_tokens
 
 
 @dataclass(frozen=True)
 class CarveConfig:
     """keep: visual tokens left per image (576 -> keep); layer: K, the cut sits before decoder
-    layer K (after K layers); attention_weight: w in the rank fusion; mode: see core.MODES."""
+    layer K (after K layers); attention_weight: w in the rank fusion; mode: TokenCarve's "tokencarve"
+    (the paper's method, default), "information" or "attention" (core.MODES), or a baseline for
+    comparisons, "fastv", "random" or "pool" (see tokencarve.baselines); seed: the random baseline's."""
 
     keep: int = 64
     layer: int = 2
     attention_weight: float = 0.5
     mode: str = "tokencarve"
+    seed: int = 0
 
     def __post_init__(self):
         if not isinstance(self.keep, int) or self.keep < 1:
@@ -49,8 +53,8 @@ class CarveConfig:
             raise ValueError(f"CarveConfig.layer must be an integer >= 1 (the cut needs layer K-1), got {self.layer!r}")
         if not 0.0 <= self.attention_weight <= 1.0:
             raise ValueError(f"CarveConfig.attention_weight must lie in [0, 1], got {self.attention_weight!r}")
-        if self.mode not in MODES:
-            raise ValueError(f"CarveConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode not in METHODS:
+            raise ValueError(f"CarveConfig.mode must be one of {METHODS}, got {self.mode!r}")
 
 
 @dataclass
@@ -62,6 +66,9 @@ class ImageCarve:
     index: torch.Tensor = field(repr=False)  # [T] kept tokens, 0..N-1 within the image
     assignment: torch.Tensor = field(repr=False)  # [N] output slot carrying each token, -1 if pruned
     merged: torch.Tensor = field(repr=False)  # [N] True where the token was merged into another
+    # [T, D] the image's rows of the hidden states entering layer K, after the carve; only when the
+    # carver's `record_hidden` is set (the evaluation measures their singular-value spectrum)
+    hidden: torch.Tensor | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -146,6 +153,9 @@ class TokenCarver:
         self.language_model = model.model.language_model
         self.tokens_per_image = tokens_per_image(model.config)
         self.last_stats: CarveStats | None = None
+        # Diagnostics: keep each image's visual rows entering layer K in last_stats.images, also
+        # for forwards that do not carve (keep >= N). Off by default: it copies [T, D] per image.
+        self.record_hidden = False
         self._image_mask: torch.Tensor | None = None
         self._prefill: _Prefill | None = None
         cut = config.layer
@@ -188,7 +198,7 @@ class TokenCarver:
     def _start_forward(self, module, args, kwargs):
         image_mask, self._image_mask = self._image_mask, None
         self._prefill = None
-        cache = kwargs.get("past_key_values")
+        cache = _cache_in(kwargs)
         cached = cache.get_seq_length() if cache is not None else 0
         note = getattr(cache, "_tokencarve", None)
         if cached > 0:  # a decode step (or a continuation): never carves
@@ -223,10 +233,14 @@ class TokenCarver:
             self._prefill.cut_position_embeddings = kwargs["position_embeddings"]
 
     def _carve_at_cut(self, module, args, kwargs):
-        if self._prefill is None or not self._prefill.carve:
+        if self._prefill is None:
+            return None
+        if not self._prefill.carve:
+            if self.record_hidden and bool(self._prefill.image_mask.any()):
+                self._record_uncarved(args[0] if args else kwargs["hidden_states"])
             return None
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        hidden = self._carve(hidden, kwargs.get("past_key_values"))
+        hidden = self._carve(hidden, _cache_in(kwargs))
         kwargs.update(self._prefill.overrides)
         return (hidden, *args[1:]), kwargs
 
@@ -238,7 +252,7 @@ class TokenCarver:
 
     def _finish_forward(self, module, args, kwargs, output):
         prefill, self._prefill = self._prefill, None
-        cache = getattr(output, "past_key_values", None)
+        cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
         if cache is None:
             return
         note = getattr(cache, "_tokencarve", None)
@@ -262,12 +276,13 @@ class TokenCarver:
             prefill.mask_2d,
         )
         rows = image_rows.unsqueeze(1)
-        result = carve_tokens(
+        result = reduce_tokens(
             hidden[rows, image_positions],
             attention[rows, image_positions],
             cfg.keep,
+            method=cfg.mode,
             attention_weight=cfg.attention_weight,
-            mode=cfg.mode,
+            seed=cfg.seed,
         )
         kept_positions = image_positions.gather(1, result.index)
         rows = rows.expand_as(kept_positions)
@@ -292,8 +307,8 @@ class TokenCarver:
             config=self.language_model.config,
             inputs_embeds=hidden,
             attention_mask=mask_2d,
-            past_key_values=None,  # layers >= K start empty: mask the kept tokens among themselves
             position_ids=positions,
+            **{_MASK_CACHE_ARGUMENT: None},  # layers >= K start empty: mask the kept tokens among themselves
         )
         prefill.overrides = {
             "attention_mask": causal_mask,
@@ -306,13 +321,24 @@ class TokenCarver:
         images_per_row = torch.bincount(image_rows, minlength=len(counts))
         stats.visual_tokens_kept = (torch.tensor(stats.visual_tokens_in) - removed_per_image * images_per_row.cpu()).tolist()
         stats.images = [
-            ImageCarve(int(r), int(p[0]), i.cpu(), a.cpu(), m.cpu())
-            for r, p, i, a, m in zip(image_rows, image_positions, result.index, result.assignment, result.merged)
+            ImageCarve(int(r), int(p[0]), i.cpu(), a.cpu(), m.cpu(), h.detach().float().cpu() if self.record_hidden else None)
+            for r, p, i, a, m, h in zip(image_rows, image_positions, result.index, result.assignment, result.merged,
+                                        result.hidden)
         ]
         if cache is not None:
             cache._tokencarve = _CacheNote(mask_2d, length, stats)
         stats.carve_seconds = time.perf_counter() - started
         return hidden
+
+    def _record_uncarved(self, hidden: torch.Tensor) -> None:
+        """What `_carve` records, for a forward that keeps every visual token."""
+        image_rows, image_positions = self._image_positions(self._prefill.image_mask)
+        every = torch.arange(self.tokens_per_image)
+        self._prefill.stats.images = [
+            ImageCarve(int(r), int(p[0]), every, every, torch.zeros_like(every, dtype=torch.bool),
+                       hidden[r, p].detach().float().cpu())
+            for r, p in zip(image_rows, image_positions)
+        ]
 
     def _image_positions(self, image_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """([I] batch row, [I, N] sequence positions) of each image's N visual tokens."""
@@ -348,6 +374,17 @@ class TokenCarver:
             start = cached + carved.removed
             kwargs["position_ids"] = torch.arange(start, start + new_tokens, device=prefill_mask.device).unsqueeze(0)
         return kwargs
+
+
+# transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache`
+# (the old name still works, with a warning, until 5.40); hooks see the arguments as the caller
+# spelled them, so both names are looked up.
+_MASK_CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+def _cache_in(kwargs: dict):
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
 
 
 def _uncarved_stats(image_mask: torch.Tensor, mask_2d: torch.Tensor) -> CarveStats:

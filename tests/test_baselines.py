@@ -1,0 +1,117 @@
+"""The comparison baselines (FastV-style, random, pooling): exact selections on plain tensors, and
+through the same adapter as TokenCarve (same token counts, cache layout and batching rules)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokencarve
+from tokencarve import CarveConfig, baselines
+from tokencarve.core import carve_tokens
+
+from .test_adapter import CUT, PROMPTS, N, batch, carved, generate, model_path, sdpa_model, single  # noqa: F401  (fixtures)
+
+
+def _tensors(batch_size=3, tokens=576, dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch_size, tokens, dim, generator=g), torch.rand(batch_size, tokens, generator=g)
+
+
+def test_fastv_keeps_the_most_attended_tokens_unchanged():
+    hidden, attention = _tensors()
+    attention[0, :10] = attention[0, 10]  # ties: the lower positions win
+    result = baselines.fastv_tokens(hidden, attention, 64)
+    for b in range(hidden.shape[0]):
+        expected = sorted(sorted(range(576), key=lambda i: (-attention[b, i].item(), i))[:64])
+        assert result.index[b].tolist() == expected
+        assert torch.equal(result.hidden[b], hidden[b, expected])
+        assert (result.assignment[b] >= 0).sum() == 64 and not result.merged[b].any()
+        assert result.assignment[b, expected].tolist() == list(range(64))
+
+
+def test_random_is_seeded_distinct_and_sorted():
+    hidden, _ = _tensors()
+    a = baselines.random_tokens(hidden, 50, seed=1)
+    assert torch.equal(a.index, baselines.random_tokens(hidden, 50, seed=1).index)
+    assert not torch.equal(a.index, baselines.random_tokens(hidden, 50, seed=2).index)
+    assert not torch.equal(a.index[0], a.index[1])  # every image its own draw
+    for row in a.index:
+        assert row.tolist() == sorted(set(row.tolist())) and len(row) == 50
+    assert torch.equal(a.hidden, hidden.gather(1, a.index[..., None].expand(-1, -1, 16)))
+
+
+@pytest.mark.parametrize("keep,grid", [(576, (24, 24)), (192, (16, 12)), (128, (16, 8)), (64, (8, 8)),
+                                       (32, (8, 4)), (16, (4, 4)), (7, (7, 1))])
+def test_pool_grid_is_the_factor_pair_closest_to_square(keep, grid):
+    assert baselines.pool_grid(keep) == grid
+
+
+def test_pool_averages_whole_windows_at_their_centre():
+    hidden, _ = _tensors(batch_size=2)
+    result = baselines.pooled_tokens(hidden, 64)  # 24 x 24 -> 8 x 8: exact 3 x 3 windows
+    grid = hidden.view(2, 24, 24, 16)
+    for slot in (0, 9, 63):
+        r, c = divmod(slot, 8)
+        window = grid[:, 3 * r : 3 * r + 3, 3 * c : 3 * c + 3].reshape(2, 9, 16)
+        torch.testing.assert_close(result.hidden[:, slot], window.mean(1))
+        assert result.index[0, slot] == (3 * r + 1) * 24 + 3 * c + 1  # the centre token
+        owners = (result.assignment[0].view(24, 24)[3 * r : 3 * r + 3, 3 * c : 3 * c + 3] == slot)
+        assert owners.all()
+    assert (result.assignment >= 0).all() and result.merged.sum(1).tolist() == [576 - 64] * 2
+    assert (result.index.diff(dim=1) > 0).all()
+
+
+def test_pool_with_uneven_windows_covers_every_token_once():
+    hidden, _ = _tensors(batch_size=1)
+    for keep in (192, 128, 32, 16, 7):
+        result = baselines.pooled_tokens(hidden, keep)
+        assert result.hidden.shape == (1, keep, 16) and (result.index.diff(dim=1) > 0).all()
+        assert sorted(set(result.assignment[0].tolist())) == list(range(keep))
+        assert result.assignment[0, result.index[0]].tolist() == list(range(keep))
+    with pytest.raises(ValueError, match="square grid"):
+        baselines.pooled_tokens(torch.zeros(1, 575, 4), 64)
+
+
+def test_reduce_tokens_dispatches_and_keeps_tokencarve_exact():
+    hidden, attention = _tensors()
+    for mode in tokencarve.MODES:
+        ours, direct = baselines.reduce_tokens(hidden, attention, 77, method=mode), carve_tokens(hidden, attention, 77, mode=mode)
+        assert torch.equal(ours.index, direct.index) and torch.equal(ours.hidden, direct.hidden)
+    for method in baselines.BASELINES:
+        assert baselines.reduce_tokens(hidden, attention, 600, method=method).index.shape == (3, 576)  # keep >= N
+        assert baselines.reduce_tokens(hidden, attention, 32, method=method).index.shape == (3, 32)
+    with pytest.raises(ValueError, match="unknown method"):
+        baselines.reduce_tokens(hidden, attention, 32, method="magic")
+    with pytest.raises(ValueError, match="one of"):
+        CarveConfig(mode="magic")
+
+
+@pytest.mark.parametrize("method", ["fastv", "pool"])
+def test_baselines_through_the_adapter_are_batch_invariant(sdpa_model, carved, method):  # noqa: F811
+    carved(keep=48, mode=method)
+    inputs = batch()
+    tokens, _ = generate(sdpa_model, inputs, steps=10)
+    stats = sdpa_model.tokencarve.last_stats
+    assert stats.visual_tokens_kept == [48] * len(PROMPTS)
+    assert stats.prompt_tokens_kept == [len(p) - N + 48 for p in PROMPTS]
+    batched = stats.images
+    for row in range(len(PROMPTS)):
+        alone_tokens, _ = generate(sdpa_model, single(inputs, row), steps=10)
+        assert torch.equal(sdpa_model.tokencarve.last_stats.images[0].index, batched[row].index)
+        assert torch.equal(alone_tokens[0], tokens[row])
+
+
+def test_fastv_through_the_adapter_keeps_the_attention_modes_top_tokens(sdpa_model, carved):  # noqa: F811
+    """Same attention row, same ranking: FastV's kept set is the attention-only ranking's top `keep`,
+    which contains the attention mode's stage-I group A (its top 0.75 keep)."""
+    inputs = batch()
+    carved(keep=64, mode="fastv")
+    generate(sdpa_model, inputs, steps=1)
+    fastv = [set(i.index.tolist()) for i in sdpa_model.tokencarve.last_stats.images]
+    sdpa_model.tokencarve.reconfigure(CarveConfig(layer=CUT, keep=64, mode="attention"))
+    generate(sdpa_model, inputs, steps=1)
+    for image, kept in zip(sdpa_model.tokencarve.last_stats.images, fastv):
+        survivors = set(torch.nonzero(image.assignment >= 0).flatten().tolist())  # kept or merged
+        assert len(survivors) == 96 and kept <= survivors  # stage I keeps the top 1.5 * 64 by attention
+        assert len(kept & set(image.index.tolist())) >= 48  # its group A (the top 48) stays unmerged
