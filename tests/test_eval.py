@@ -1,0 +1,175 @@
+"""The evaluation harness: scoring on known answers, the question readers, the information measure,
+an end-to-end run (two methods x two budgets) on the bundled model, and the token-grid picture."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tokencarve
+from tokencarve import CarveConfig
+from tokencarve.eval import __main__ as cli
+from tokencarve.eval import questions as question_files
+from tokencarve.eval import runner, scoring
+from tokencarve.visualize import carve_picture, legend
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = Path(os.environ.get("TOKENCARVE_TEST_MODEL", ROOT / "models" / "carve-tiny"))
+SAMPLE = ROOT / "data" / "sample"
+
+
+# ---------------------------------------------------------------- scoring
+
+
+@pytest.mark.parametrize("prediction,answer,right", [
+    ("Top left.", "top left", True),
+    ("top left large red circle , center small blue square", "top left large red circle, center small blue square",
+     True),
+    ("top", "top left", False),
+    ("4 2", "42", False),
+    ("42", "42", True),
+    ("Yes, there is a red star.", "yes", True),
+    ("No, there is not.", "no", True),
+    ("There is no green star in the image.", "no", True),
+    ("I do not see one", "no", True),
+    ("yes", "no", False),
+    ("Nope", "no", False),  # only the words "no" / "not" say no, as in LLaVA's eval_pope.py
+])
+def test_answers_are_scored_by_the_documented_rules(prediction, answer, right):
+    assert scoring.correct(prediction, answer) is right
+
+
+def test_yes_no_metrics_match_hand_counts():
+    # 3 true positives, 1 false positive, 2 true negatives, 2 false negatives
+    pairs = [("yes", "yes")] * 3 + [("Yes.", "no")] + [("no", "no")] * 2 + [("No.", "yes")] * 2
+    m = scoring.yes_no_metrics(pairs)
+    assert m["accuracy"] == pytest.approx(5 / 8)
+    assert m["precision"] == pytest.approx(3 / 4) and m["recall"] == pytest.approx(3 / 5)
+    assert m["f1"] == pytest.approx(2 * 0.75 * 0.6 / 1.35) and m["yes_ratio"] == pytest.approx(4 / 8)
+    assert scoring.yes_no_metrics([("no", "no")])["f1"] == 0.0  # no positives at all: F1 defined as 0
+
+
+def test_summary_per_task_and_overall():
+    records = [dict(task="colour", prediction="red", answer="red"), dict(task="colour", prediction="blue", answer="red"),
+               dict(task="exist", prediction="yes", answer="yes"), dict(task="exist", prediction="no", answer="yes"),
+               dict(task="exist", prediction="no", answer="no"), dict(task="ocr", prediction="cat", answer="cat")]
+    summary = scoring.summarize(records)
+    assert summary["tasks"] == {"colour": 0.5, "exist": pytest.approx(2 / 3), "ocr": 1.0}
+    assert summary["overall"] == pytest.approx(4 / 6) and summary["questions"] == 6
+    assert set(summary["yes_no"]) == {"exist"} and summary["yes_no"]["exist"]["recall"] == 0.5
+
+
+# ---------------------------------------------------------------- grid, spectrum, readers
+
+
+def test_grid_runs_the_stock_model_once_and_every_method_at_every_smaller_budget():
+    grid = runner.settings(["none", "tokencarve", "fastv"], [576, 128, 16], 576)
+    assert [s.name for s in grid] == ["none", "tokencarve@128", "tokencarve@16", "fastv@128", "fastv@16"]
+    assert [s.name for s in runner.settings(["pool"], [64], 576)] == ["pool@64"]
+    with pytest.raises(ValueError, match="unknown method"):
+        runner.settings(["magic"], [64], 576)
+
+
+def test_effective_rank_of_known_spectra():
+    assert runner.spectrum(torch.eye(7, 32))["effective_rank"] == pytest.approx(7)  # 7 equal singular values
+    rank_one = torch.outer(torch.arange(1.0, 11.0), torch.ones(16))
+    assert runner.spectrum(rank_one)["effective_rank"] == pytest.approx(1, abs=1e-6)
+    assert runner.spectrum(3 * torch.eye(4))["nuclear_norm"] == pytest.approx(12)
+
+
+def test_llava_jsonl_question_files(tmp_path):
+    for name, colour in (("a.png", "red"), ("b.png", "blue")):
+        Image.new("RGB", (20, 30), colour).save(tmp_path / name)
+    (tmp_path / "q.jsonl").write_text(
+        json.dumps({"question_id": 1, "image": "a.png", "text": "Is it red?", "category": "adversarial"}) + "\n"
+        + json.dumps({"question_id": 2, "image": "b.png", "text": "What colour?"}) + "\n")
+    (tmp_path / "a.jsonl").write_text(json.dumps({"question_id": 1, "label": "yes"}) + "\n"
+                                      + json.dumps({"question_id": 2, "answers": ["blue", "navy"]}) + "\n")
+    qs = question_files.read_llava_jsonl(tmp_path / "q.jsonl", tmp_path / "a.jsonl", tmp_path)
+    assert [(q.question_id, q.prompt, q.answer, q.task) for q in qs] == [
+        ("1", "Is it red?", "yes", "adversarial"), ("2", "What colour?", "blue", "vqa")]
+    assert qs[1].image.getpixel((0, 0)) == (0, 0, 255)
+    (tmp_path / "a.jsonl").write_text(json.dumps({"question_id": 1, "label": "yes"}) + "\n")
+    with pytest.raises(ValueError, match="no answer"):
+        question_files.read_llava_jsonl(tmp_path / "q.jsonl", tmp_path / "a.jsonl", tmp_path)
+
+
+# ---------------------------------------------------------------- end to end on the bundled model
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    torch.set_num_threads(1)
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(MODEL).eval(), AutoProcessor.from_pretrained(MODEL)
+
+
+def test_harness_end_to_end_two_methods_two_budgets(tmp_path):
+    out = tmp_path / "eval"
+    result = cli.main(["--model", str(MODEL), "--data", str(SAMPLE), "--limit", "6", "--methods", "tokencarve,fastv",
+                       "--budgets", "64,16", "--batch-size", "4", "--max-new-tokens", "12", "--out", str(out)])
+    names = [runner.Setting(**r["setting"]).name for r in result["results"]]
+    assert names == ["tokencarve@64", "tokencarve@16", "fastv@64", "fastv@16"]
+    saved = json.loads((out / "results.json").read_text())
+    assert [r["setting"] for r in saved["results"]] == [r["setting"] for r in result["results"]]
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 4 * 6 and {p["metadata"]["keep"] for p in predictions} == {64, 16}
+    for r in result["results"]:
+        info, keep = r["summary"]["information"], r["setting"]["keep"]
+        assert info["visual_tokens"] == keep and 1 <= info["effective_rank"] <= keep
+        assert r["summary"]["questions"] == 6 and 0 <= r["summary"]["overall"] <= 1
+    for name in ("accuracy.png", "information.png"):
+        assert Image.open(out / name).size[0] > 400
+    assert "| tokencarve |" in (out / "table.md").read_text()
+
+
+def test_the_harness_stock_setting_is_the_stock_model(bundled):
+    """The "none" setting (TokenCarve applied with nothing to cut) answers exactly as the unpatched
+    model does through the plain processor + generate path."""
+    from carve_tiny import evaluate
+
+    model, processor = bundled
+    qs = question_files.read_parquet(SAMPLE, limit=6)
+    stock = evaluate.generate_answers(model, processor, [q.image for q in qs], [q.prompt for q in qs], batch_size=3,
+                                      max_new_tokens=12)
+    evaluator = runner.Evaluator(model, processor, batch_size=3, max_new_tokens=12)
+    try:
+        result = evaluator.run(qs, runner.Setting("none", 576))
+    finally:
+        tokencarve.remove(model)
+    assert [r["prediction"] for r in result["records"]] == [s.strip() for s in stock]
+    assert result["summary"]["information"]["visual_tokens"] == 576
+
+
+@pytest.mark.parametrize("method", ["tokencarve", "pool"])
+def test_token_grid_picture(bundled, method):
+    model, processor = bundled
+    image = question_files.read_parquet(SAMPLE, limit=1)[0].image
+    picture, carve = carve_picture(model, processor, image, "Describe the image.", CarveConfig(keep=64, mode=method))
+    assert not tokencarve.is_applied(model)  # applied for the picture only
+    assert picture.size == (672, 672)
+    pruned, merged = int((carve.assignment < 0).sum()), int(carve.merged.sum())
+    assert carve.index.shape[0] == 64 and 64 + merged + pruned == 576
+    assert legend(carve) == f"kept 64 (clear), merged {merged} (tinted, linked), pruned {pruned} (grey)"
+    pixels = np.asarray(picture, dtype=np.int32)
+    if method == "pool":
+        assert pruned == 0  # pooling merges every token into its window
+    else:
+        token = int((carve.assignment < 0).nonzero()[0])
+        r, c = divmod(token, 24)
+        cell = pixels[r * 28 + 3 : r * 28 + 25, c * 28 + 3 : c * 28 + 25]
+        assert (np.ptp(cell, axis=-1) <= 2).all() and (cell >= 150).all()  # grey
+        kept = int(carve.index[0])
+        r, c = divmod(kept, 24)
+        view = np.asarray(image.resize((672, 672), Image.NEAREST), dtype=np.int32)
+        inner = (slice(r * 28 + 4, r * 28 + 24), slice(c * 28 + 4, c * 28 + 24))
+        assert np.abs(pixels[inner] - view[inner]).max() <= 2  # kept cells are shown as they are

@@ -1,0 +1,104 @@
+"""Tables and figures from the harness's results (Markdown and PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+LINE_STYLES = {"tokencarve": "o-", "information": "s--", "attention": "^--", "fastv": "v-", "random": "x:", "pool": "d-."}
+
+
+def _percent(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _by_setting(results: list[dict]) -> dict[tuple[str, int], dict]:
+    return {(r["setting"]["method"], r["setting"]["keep"]): r["summary"] for r in results}
+
+
+def overall_table(results: list[dict]) -> str:
+    """Methods x budgets, overall accuracy in %; the stock model in its own row."""
+    table = _by_setting(results)
+    budgets = sorted({k for m, k in table if m != "none"}, reverse=True)
+    methods = [m for m in dict.fromkeys(m for m, _ in table) if m != "none"]
+    lines = ["| method | " + " | ".join(f"{b} tokens" for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
+    for (method, keep), summary in table.items():
+        if method == "none":
+            lines.insert(2, f"| none (all {keep}) | " + " | ".join([_percent(summary["overall"])] * len(budgets)) + " |")
+    for method in methods:
+        cells = [_percent(table[(method, b)]["overall"]) if (method, b) in table else "" for b in budgets]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def task_table(results: list[dict]) -> str:
+    """One row per setting: accuracy per task, POPE F1 of the yes/no tasks, information figures."""
+    tasks = sorted({t for r in results for t in r["summary"]["tasks"]})
+    yes_no = sorted({t for r in results for t in r["summary"]["yes_no"]})
+    head = ["method", "tokens", "overall", *tasks, *(f"{t} F1" for t in yes_no), "eff. rank", "nuclear norm"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in results:
+        s, setting = r["summary"], r["setting"]
+        cells = [setting["method"], str(setting["keep"]), _percent(s["overall"]),
+                 *(_percent(s["tasks"][t]) if t in s["tasks"] else "" for t in tasks),
+                 *(_percent(s["yes_no"][t]["f1"]) if t in s["yes_no"] else "" for t in yes_no),
+                 f"{s['information']['effective_rank']:.1f}", f"{s['information']['nuclear_norm']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:  # an optional extra
+        raise SystemExit("plots need matplotlib: pip install 'tokencarve[render]'") from error
+    return plt
+
+
+def accuracy_plot(results: list[dict], path: str | Path, title: str = "") -> None:
+    """Accuracy vs visual tokens kept, one line per method; the stock model as a dashed line."""
+    plt = _pyplot()
+    table = _by_setting(results)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for method in dict.fromkeys(m for m, _ in table):
+        if method == "none":
+            continue
+        points = sorted((k, 100 * s["overall"]) for (m, k), s in table.items() if m == method)
+        ax.plot(*zip(*points), LINE_STYLES.get(method, "o-"), label=method)
+    for (method, keep), summary in table.items():
+        if method == "none":
+            ax.axhline(100 * summary["overall"], color="black", linestyle="--", linewidth=1, label=f"none ({keep} tokens)")
+    ax.set_xscale("log", base=2)
+    budgets = sorted({k for m, k in table if m != "none"})
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.set_xlabel("visual tokens per image after the cut")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title or "Accuracy vs visual-token budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def information_plot(results: list[dict], path: str | Path, title: str = "") -> None:
+    """Accuracy against the effective rank of the layer-K visual hidden states, one colour per method."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for method in dict.fromkeys(r["setting"]["method"] for r in results):
+        rows = [r for r in results if r["setting"]["method"] == method]
+        x = [r["summary"]["information"]["effective_rank"] for r in rows]
+        y = [100 * r["summary"]["overall"] for r in rows]
+        ax.plot(x, y, LINE_STYLES.get(method, "*"), label=method, markersize=7, linewidth=0.8)
+        for r, xi, yi in zip(rows, x, y):
+            ax.annotate(str(r["setting"]["keep"]), (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("effective rank of the visual hidden states entering layer K")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title or "Information kept vs accuracy (labels: tokens kept)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
