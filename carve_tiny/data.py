@@ -1,18 +1,24 @@
-"""Write generated scene corpora as Parquet shards: id, image (PNG bytes), prompt, answer, task.
+"""Write generated scene corpora as Parquet shards, and read them back.
 
     python -m carve_tiny.data --rows 300 --seed 7 --out data/sample --shard-rows 150
 
-Tasks come round-robin, so every task type is equally represented; the same seed gives the same bytes.
+Columns: id (string), image (PNG bytes, 336 x 336 RGB), prompt (the question, without the chat
+template), answer, task. Tasks come round-robin (caption, colour, count, exist, position, ocr, ...),
+so every task type is equally represented, and existence questions alternate yes / no; each row has its own scene. The same seed and row count
+give byte-identical shards.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from .scenes import TASKS, example, png_bytes
 
@@ -20,15 +26,16 @@ SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("prompt", pa.s
                     ("answer", pa.string()), ("task", pa.string())])
 
 
-def rows(count: int, seed: int, tasks=TASKS):
+def rows(count: int, seed: int, tasks=TASKS) -> Iterator[dict]:
     rng = random.Random(seed)
     for i in range(count):
-        task = tasks[i % len(tasks)]
-        image, _, task, prompt, answer = example(rng, task)
+        # exist questions alternate yes / no: an exact 50/50 split, as in POPE
+        image, _, task, prompt, answer = example(rng, tasks[i % len(tasks)], exist_yes=(i // len(tasks)) % 2 == 0)
         yield {"id": f"s{seed}-{i:07d}", "image": png_bytes(image), "prompt": prompt, "answer": answer, "task": task}
 
 
 def write_corpus(out: str | Path, count: int, seed: int, shard_rows: int = 1000) -> list[Path]:
+    """Write `count` rows as shard-00000.parquet, shard-00001.parquet, ... under `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths, shard = [], []
@@ -44,8 +51,20 @@ def write_corpus(out: str | Path, count: int, seed: int, shard_rows: int = 1000)
 
 def _write_shard(out: Path, index: int, shard: list[dict]) -> Path:
     path = out / f"shard-{index:05d}.parquet"
-    pq.write_table(pa.Table.from_pylist(shard, schema=SCHEMA), path)
+    pq.write_table(pa.Table.from_pylist(shard, schema=SCHEMA), path, compression="zstd")
     return path
+
+
+def read_corpus(path: str | Path) -> list[dict]:
+    """Rows of every shard under `path` (a folder or one file), with `image` decoded to a PIL image."""
+    path = Path(path)
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    out = []
+    for file in files:
+        for row in pq.read_table(file).to_pylist():
+            row["image"] = Image.open(io.BytesIO(row["image"])).convert("RGB")
+            out.append(row)
+    return out
 
 
 def main(argv=None) -> None:

@@ -1,40 +1,60 @@
 """Seeded synthetic scenes with questions and answers, rendered with Pillow at 336 x 336.
 
-A scene holds 1-6 objects (shape, colour, size) on a 3 x 3 grid, and sometimes a short text (a word
-or a two-digit number) in a free cell. Every question has exactly one short answer derived from the
-scene, so exact match scores it. Task types:
+A scene holds 1-6 objects (shape, colour, size) in distinct cells of a 3 x 3 grid and, in about a
+third of the scenes, a short rendered text (a word or a two-digit number) in a free cell. Every
+question has exactly one short answer derived from the scene, so exact match scores it:
 
-    caption   "Describe the image."            -> "large red circle top left , small blue square center"
-    colour    "What colour is the square ?"      -> "blue"           (a shape that occurs once)
-    count     "How many circles are there ?"     -> "2"              (0-4)
-    exist     "Is there a green star ?"          -> "yes" / "no"     (balanced, POPE-style)
-    position  "Where is the red circle ?"        -> "top left"       (an object that occurs once)
-    ocr       "What does the text say ?"         -> "cat" / "42"     (scenes with text)
+    caption   "Describe the image."            -> "top left large red circle, center small blue square"
+    colour    "What colour is the square?"     -> "blue"          (a shape that occurs once)
+    count     "How many circles are there?"    -> "2"             (0-6, usually 0-3)
+    exist     "Is there a green star?"         -> "yes" / "no"    (balanced 50/50, POPE-style random negatives)
+    position  "Where is the red circle?"       -> "top left"      (a colour+shape that occurs once)
+    ocr       "What does the text say?"        -> "cat" / "42"    (only asked about scenes with text)
+
+Captions list the objects in reading order of their cells (row by row, left to right) as
+"<cell> <size> <colour> <shape>", so they are fully determined by the scene. Everything is drawn
+from a `random.Random` passed in by the caller: the same seed gives the same scenes, questions and
+pixels.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import random
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
 from PIL import Image, ImageDraw, ImageFont
 
-SIZE = 336
-CELL = SIZE // 3
-SHAPES = ["circle", "square", "triangle", "diamond", "star"]
-PLURAL = {s: s + "s" for s in SHAPES}
+SIZE = 336  # LLaVA-1.5's input size; 336 / 14 = 24 x 24 = 576 patches
+CELL = SIZE // 3  # 112 px; cell centres (56, 168, 280) lie on the 14-px patch grid
+SHAPES = ("circle", "square", "triangle", "diamond", "star")
 COLOURS = {
     "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (235, 200, 20),
     "purple": (140, 40, 170), "orange": (245, 130, 20), "black": (20, 20, 20),
 }
-SIZES = ["small", "large"]
-CELLS = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"]
-WORDS = ["cat", "dog", "sun", "box", "map", "car", "tree", "fish", "bird", "moon", "star", "ship", "key", "cup"]
-NUMBERS = [str(n) for n in range(10, 100)]
-TASKS = ["caption", "colour", "count", "exist", "position", "ocr"]
+SIZES = ("small", "large")
+# Objects sit on the 14-px patch grid: a small one (radius 6) inside one patch, a large one
+# (radius 13) centred on a patch corner, over 2 x 2 patches; they move by whole patches in their cell.
+RADIUS = {"small": 6, "large": 13}
+CELLS = ("top left", "top middle", "top right", "middle left", "center", "middle right",
+         "bottom left", "bottom middle", "bottom right")
+WORDS = ("cat", "dog", "sun", "box", "map", "car", "tree", "fish", "bird", "moon", "ship", "key", "cup", "hat")
+NUMBERS = tuple(str(n) for n in range(10, 100))
+TASKS = ("caption", "colour", "count", "exist", "position", "ocr")
+PROMPTS = {
+    "caption": "Describe the image.",
+    "colour": "What colour is the {shape}?",
+    "count": "How many {shape}s are there?",
+    "exist": "Is there a {colour} {shape}?",
+    "position": "Where is the {colour} {shape}?",
+    "ocr": "What does the text say?",
+}
 TEXT_PROBABILITY = 0.35
+TEXT_COLOUR = (15, 15, 15)
+FONT_SIZE = 28
 
 
 @dataclass(frozen=True)
@@ -42,111 +62,152 @@ class Thing:
     shape: str
     colour: str
     size: str
-    cell: int
+    cell: int  # 0..8, row-major
 
     @property
     def phrase(self) -> str:
-        return f"{self.size} {self.colour} {self.shape} {CELLS[self.cell]}"
+        return f"{CELLS[self.cell]} {self.size} {self.colour} {self.shape}"
 
 
 @dataclass(frozen=True)
 class Scene:
-    things: tuple[Thing, ...]
-    text: str | None
-    text_cell: int | None
-    background: tuple[int, int, int]
+    things: tuple[Thing, ...]  # sorted by cell
+    text: str | None = None
+    text_cell: int | None = None
+    background: tuple[int, int, int] = (245, 245, 245)
 
 
-def random_scene(rng: random.Random) -> Scene:
-    count = rng.randint(1, 6)
+def random_scene(rng: random.Random, max_objects: int = 6) -> Scene:
+    count = rng.randint(1, max_objects)
     has_text = rng.random() < TEXT_PROBABILITY
-    cells = rng.sample(range(9), count + (1 if has_text else 0))
-    things = tuple(
-        Thing(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(SIZES), cell) for cell in sorted(cells[:count])
-    )
+    cells = rng.sample(range(9), count + has_text)
+    things = tuple(sorted(
+        (Thing(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(SIZES), cell) for cell in cells[:count]),
+        key=lambda t: t.cell,
+    ))
     text = (rng.choice(WORDS) if rng.random() < 0.5 else rng.choice(NUMBERS)) if has_text else None
     shade = rng.randint(225, 255)
     return Scene(things, text, cells[count] if has_text else None, (shade, shade, rng.randint(215, 255)))
 
 
 @lru_cache(maxsize=4)
-def _font(size: int) -> ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)  # Pillow's bundled Aileron (needs FreeType, Pillow >= 10.1)
 
 
-def render(scene: Scene, rng: random.Random) -> Image.Image:
+def cell_centre(cell: int) -> tuple[int, int]:
+    return (cell % 3) * CELL + CELL // 2, (cell // 3) * CELL + CELL // 2
+
+
+def render(scene: Scene, rng: random.Random, with_masks: bool = False):
+    """Draw the scene; `rng` only moves objects by whole patches (up to 2) within their cells.
+
+    With `with_masks`, also return an "L" image of the same size where object k (0-based, in
+    `scene.things` order) is painted with value k + 1, and the text's bounding box with 255 (the
+    training script derives per-patch targets from it). The scene image is the same either way."""
     image = Image.new("RGB", (SIZE, SIZE), scene.background)
     draw = ImageDraw.Draw(image)
-    for thing in scene.things:
-        radius = (40 if thing.size == "large" else 20) + rng.randint(-3, 3)
-        cx = (thing.cell % 3) * CELL + CELL // 2 + rng.randint(-8, 8)
-        cy = (thing.cell // 3) * CELL + CELL // 2 + rng.randint(-8, 8)
+    mask = Image.new("L", (SIZE, SIZE), 0) if with_masks else None
+    for index, thing in enumerate(scene.things):
+        radius = RADIUS[thing.size]
+        cx, cy = cell_centre(thing.cell)  # a patch corner
+        shift = 7 if thing.size == "small" else 0  # small: centre of a patch
+        cx, cy = cx + shift + 14 * rng.randint(-2, 1), cy + shift + 14 * rng.randint(-2, 1)
         _draw_shape(draw, thing.shape, cx, cy, radius, COLOURS[thing.colour])
+        if mask is not None:
+            _draw_shape(ImageDraw.Draw(mask), thing.shape, cx, cy, radius, index + 1)
     if scene.text is not None:
-        cx = (scene.text_cell % 3) * CELL + CELL // 2
-        cy = (scene.text_cell // 3) * CELL + CELL // 2
-        draw.text((cx, cy), scene.text, fill=(10, 10, 10), font=_font(34), anchor="mm")
-    return image
+        draw.text(cell_centre(scene.text_cell), scene.text, fill=TEXT_COLOUR, font=_font(FONT_SIZE), anchor="mm")
+        if mask is not None:
+            box = draw.textbbox(cell_centre(scene.text_cell), scene.text, font=_font(FONT_SIZE), anchor="mm")
+            ImageDraw.Draw(mask).rectangle(box, fill=255)
+    return (image, mask) if with_masks else image
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: int, cy: int, r: int, fill) -> None:
     if shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
     elif shape == "square":
-        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        s = round(r * 0.85)  # about the area of the circle
+        draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=fill)
     elif shape == "triangle":
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+        draw.polygon([(cx, cy - r), (cx - r, cy + round(0.8 * r)), (cx + r, cy + round(0.8 * r))], fill=fill)
     elif shape == "diamond":
         draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
-    elif shape == "star":
-        draw.regular_polygon((cx, cy, r), n_sides=5, fill=fill)  # a pentagon "star", distinct from the rest
-        draw.polygon([(cx, cy - r - r // 3), (cx - r // 3, cy - r // 2), (cx + r // 3, cy - r // 2)], fill=fill)
+    elif shape == "star":  # five points, inner radius half the outer one
+        points = []
+        for k in range(10):
+            radius, angle = (r if k % 2 == 0 else r * 0.5), -math.pi / 2 + k * math.pi / 5
+            points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
+        draw.polygon(points, fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
 
 
 def caption(scene: Scene) -> str:
-    return " , ".join(t.phrase for t in scene.things)
+    return ", ".join(t.phrase for t in scene.things)
 
 
-def question(scene: Scene, task: str, rng: random.Random) -> tuple[str, str]:
-    """(prompt, answer) of one task about the scene; raises LookupError if the task does not apply."""
+def question(scene: Scene, task: str, rng: random.Random, exist_yes: bool | None = None) -> tuple[str, str]:
+    """(prompt, answer) of one `task` question about the scene; LookupError if the task does not apply.
+
+    For "exist", `exist_yes` forces the answer (corpora alternate it for an exact 50/50 split);
+    None flips a fair coin."""
     things = scene.things
     if task == "caption":
-        return "Describe the image .", caption(scene)
+        return PROMPTS[task], caption(scene)
     if task == "ocr":
         if scene.text is None:
-            raise LookupError("no text")
-        return "What does the text say ?", scene.text
+            raise LookupError("the scene has no text")
+        return PROMPTS[task], scene.text
     if task == "count":
-        shape = rng.choice(SHAPES)
-        return f"How many {PLURAL[shape]} are there ?", str(sum(t.shape == shape for t in things))
+        # mostly a shape that is there (so the answer is not nearly always "0"), sometimes any shape
+        shape = rng.choice(things).shape if rng.random() < 0.7 else rng.choice(SHAPES)
+        return PROMPTS[task].format(shape=shape), str(sum(t.shape == shape for t in things))
     if task == "exist":
-        present = {(t.colour, t.shape) for t in things}
-        if rng.random() < 0.5:
-            colour, shape = rng.choice(sorted(present))
+        present = sorted({(t.colour, t.shape) for t in things})
+        if exist_yes is None:
+            exist_yes = rng.random() < 0.5
+        if exist_yes:
+            colour, shape = rng.choice(present)
         else:
-            absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
-            colour, shape = rng.choice(absent)
-        return f"Is there a {colour} {shape} ?", "yes" if (colour, shape) in present else "no"
+            colour, shape = rng.choice([(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present])
+        return PROMPTS[task].format(colour=colour, shape=shape), "yes" if (colour, shape) in present else "no"
     if task == "colour":
         unique = [t for t in things if sum(u.shape == t.shape for u in things) == 1]
         if not unique:
-            raise LookupError("no shape occurs once")
+            raise LookupError("no shape occurs exactly once")
         thing = rng.choice(unique)
-        return f"What colour is the {thing.shape} ?", thing.colour
+        return PROMPTS[task].format(shape=thing.shape), thing.colour
     if task == "position":
         unique = [t for t in things if sum((u.shape, u.colour) == (t.shape, t.colour) for u in things) == 1]
+        if not unique:
+            raise LookupError("no colour and shape occur exactly once")
         thing = rng.choice(unique)
-        return f"Where is the {thing.colour} {thing.shape} ?", CELLS[thing.cell]
+        return PROMPTS[task].format(colour=thing.colour, shape=thing.shape), CELLS[thing.cell]
     raise ValueError(f"unknown task {task!r}")
 
 
-def example(rng: random.Random, task: str | None = None) -> tuple[Image.Image, Scene, str, str, str]:
-    """One (image, scene, task, prompt, answer); a task that does not apply draws a new scene."""
+def cell_question(scene: Scene, rng: random.Random) -> tuple[str, str]:
+    """A training-only grounding question: what is in a given cell ("large red circle", "text", "nothing")."""
+    occupied = [t.cell for t in scene.things] + ([scene.text_cell] if scene.text is not None else [])
+    cell = rng.choice(occupied) if rng.random() < 0.75 else rng.randrange(9)
+    thing = next((t for t in scene.things if t.cell == cell), None)
+    if thing is not None:
+        answer = f"{thing.size} {thing.colour} {thing.shape}"
+    else:
+        answer = "text" if cell == scene.text_cell else "nothing"
+    return f"What is in the {CELLS[cell]} cell?", answer
+
+
+def example(rng: random.Random, task: str | None = None, exist_yes: bool | None = None
+            ) -> tuple[Image.Image, Scene, str, str, str]:
+    """One (image, scene, task, prompt, answer); a scene the task does not apply to is redrawn."""
+    chosen = task or rng.choice(TASKS)
     while True:
         scene = random_scene(rng)
-        chosen = task or rng.choice(TASKS)
         try:
-            prompt, answer = question(scene, chosen, rng)
+            prompt, answer = question(scene, chosen, rng, exist_yes)
         except LookupError:
             continue
         return render(scene, rng), scene, chosen, prompt, answer
@@ -154,22 +215,13 @@ def example(rng: random.Random, task: str | None = None) -> tuple[Image.Image, S
 
 def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", optimize=False, compress_level=6)
     return buffer.getvalue()
 
 
-def vocabulary() -> list[str]:
-    """Every word a prompt or answer can contain (the tokenizer's vocabulary)."""
-    words = set()
-    rng = random.Random(0)
-    for _ in range(3000):
-        scene = random_scene(rng)
-        for task in TASKS:
-            try:
-                prompt, answer = question(scene, task, rng)
-            except LookupError:
-                continue
-            words.update(prompt.split() + answer.split())
-    words.update(SHAPES + list(PLURAL.values()) + list(COLOURS) + SIZES + WORDS + NUMBERS + [str(n) for n in range(10)])
-    words.update(" ".join(CELLS).split() + ["yes", "no", ",", ".", "?", "USER", ":", "ASSISTANT"])
-    return sorted(words)
+def words() -> list[str]:
+    """Every whole word a prompt or answer can contain, split as the tokenizer's pre-tokenizer splits
+    (numbers are left out: the tokenizer reads them digit by digit)."""
+    texts = [t.format(colour=c, shape=s) for t in PROMPTS.values() for c in COLOURS for s in SHAPES]
+    texts += [*COLOURS, *SIZES, *WORDS, *CELLS, "yes", "no", "USER: ASSISTANT: , . ?", "What is in the cell? text nothing"]
+    return sorted({w for text in texts for w in re.findall(r"\w+|[^\w\s]+", text)})

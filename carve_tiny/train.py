@@ -1,10 +1,26 @@
 """Train carve-tiny from scratch on generated scenes; reproducible from a seed, on a CPU.
 
-    python -m carve_tiny.train --out models/carve-tiny --seed 0 --max-minutes 30
+    python -m carve_tiny.train --out models/carve-tiny --seed 0
 
-Each training sequence is one image followed by 1-4 question/answer turns about it (LLaVA's
-multi-turn format; the first turn is exactly the single-turn prompt used at inference), so the
-576-token image is encoded once for several answers. Loss only on answer tokens and </s>.
+Data: generated on the fly from the seed (nothing is read from disk). Every training row is one
+scene: its image followed by one question of every task that applies to the scene (4-6 questions)
+and two training-only grounding questions ("What is in the top left cell?"). The questions share
+the image but never see each other: each one is a branch with its own attention mask and position
+ids, so every branch is exactly the single-turn inference prompt
+`<s> USER: <image>\\n{question} ASSISTANT: {answer}</s>`, and the 576-token image is encoded once for
+all of them. A short curriculum starts with scenes of at most 2 objects and reaches the full 1-6 by
+`--curriculum` steps.
+
+Objective: cross-entropy on the answer tokens and </s> (vision tower, projector and decoder all
+trained from scratch, end to end), plus an auxiliary dense loss that is used in training only: a
+linear probe on the projector's output (the 576 visual tokens the decoder reads) predicts, for
+every patch, the colour / shape / size of the object under it, its grid cell and the text written
+there. It makes the from-scratch vision tower useful within a CPU budget; the probe is thrown away
+and the saved model is a plain `LlavaForConditionalGeneration`.
+
+The learning-rate schedule is a function of the step (warm-up, then cosine), so a run is a function
+of its seed and flags (and of the float arithmetic of the machine); --max-minutes only stops a run
+early, and it still saves.
 """
 
 from __future__ import annotations
@@ -12,115 +28,295 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import platform
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
-from .model import BOS, EOS, IMAGE, PAD, build_untrained, pixel_values
-from .scenes import TASKS, question, random_scene, render
+from .model import BOS, EOS, IMAGE, IMAGE_TOKENS, PAD, PATCH, build_untrained, pixel_values, save
+from .scenes import COLOURS, SHAPES, SIZE, SIZES, WORDS, Scene, cell_question, question, random_scene, render
 
 IGNORE = -100
+GRID = SIZE // PATCH  # 24
+# the auxiliary per-patch targets: name -> number of classes (class 0 = "none" where there is one)
+PATCH_HEADS = {"colour": 1 + len(COLOURS), "shape": 1 + len(SHAPES), "size": 1 + len(SIZES), "cell": 9,
+               "word": 1 + len(WORDS), "tens": 11, "units": 11, "anchor": 2}
 
 
-def encode_words(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+class Encoder:
+    """Token ids of prompt pieces, cached (tokenizing is the slow part of batching)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.cache = tokenizer, {}
+
+    def __call__(self, text: str) -> list[int]:
+        if text not in self.cache:
+            self.cache[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.cache[text]
 
 
-def training_sequence(tokenizer, rng: random.Random, max_turns: int):
-    """(image, input ids, labels) for one scene with 1..max_turns questions."""
-    scene = random_scene(rng)
-    ids, labels = [BOS] + encode_words(tokenizer, "USER:"), [IGNORE, IGNORE, IGNORE]
-    ids += [IMAGE] * 576
-    labels += [IGNORE] * 576
-    for turn in range(rng.randint(1, max_turns)):
-        for _ in range(10):
-            try:
-                prompt, answer = question(scene, rng.choice(TASKS), rng)
-                break
-            except LookupError:
-                continue
+@dataclass
+class Row:
+    image: object  # PIL image
+    ids: list[int]
+    labels: list[int]
+    branch: list[int]  # 0: shared prefix, k >= 1: k-th question
+    tasks: list[str]  # task of branch k at index k - 1
+    targets: torch.Tensor  # [576, len(PATCH_HEADS)] per-patch auxiliary targets
+
+
+def patch_targets(scene: Scene, mask) -> torch.Tensor:
+    """Per-patch classes from the render's object mask: the object covering >= 15 % of a patch gives
+    its colour / shape / size (and its first such patch is its "anchor"); every patch its grid cell;
+    patches in the text's box the text."""
+    m = np.asarray(mask).reshape(GRID, PATCH, GRID, PATCH).transpose(0, 2, 1, 3).reshape(GRID * GRID, PATCH * PATCH)
+    targets = np.zeros((GRID * GRID, len(PATCH_HEADS)), dtype=np.int64)
+    rows, cols = np.divmod(np.arange(GRID * GRID), GRID)
+    targets[:, 3] = (rows // (GRID // 3)) * 3 + cols // (GRID // 3)
+    if scene.things:
+        counts = np.stack([(m == k + 1).sum(1) for k in range(len(scene.things))], 1)
+        best, covered = counts.argmax(1), counts.max(1) >= 0.15 * PATCH * PATCH
+        for k, thing in enumerate(scene.things):
+            where = covered & (best == k)
+            targets[where, 0] = 1 + list(COLOURS).index(thing.colour)
+            targets[where, 1] = 1 + SHAPES.index(thing.shape)
+            targets[where, 2] = 1 + SIZES.index(thing.size)
+            if where.any():  # one "anchor" patch per object (its first patch in reading order), for counting
+                targets[where.nonzero()[0][0], 7] = 1
+    if scene.text is not None:
+        where = (m == 255).sum(1) >= 0.15 * PATCH * PATCH
+        if scene.text in WORDS:
+            targets[where, 4] = 1 + WORDS.index(scene.text)
         else:
-            break
-        head = encode_words(tokenizer, ("" if turn == 0 else "USER: ") + prompt + " ASSISTANT:")
-        answer_ids = encode_words(tokenizer, answer) + [EOS]
-        ids += head + answer_ids
-        labels += [IGNORE] * len(head) + answer_ids
-    return render(scene, rng), ids, labels
+            targets[where, 5], targets[where, 6] = 1 + int(scene.text[0]), 1 + int(scene.text[1])
+    return torch.from_numpy(targets)
 
 
-def batch(tokenizer, rng: random.Random, size: int, max_turns: int):
-    samples = [training_sequence(tokenizer, rng, max_turns) for _ in range(size)]
-    length = max(len(ids) for _, ids, _ in samples)
+# questions per training scene (at most; repeats of the same question are dropped). Several questions
+# of one type about the same image, with different answers, make the decoder read the question.
+QUESTIONS = {"caption": 1, "colour": 2, "count": 3, "exist": 4, "position": 2, "ocr": 1, "cell": 3}
+
+
+def training_row(encode: Encoder, rng: random.Random, max_objects: int = 6, questions=None) -> Row:
+    """One scene: the prefix `<s> USER: <image>*576`, then one branch per question: up to
+    `questions[task]` of each task that applies (existence alternating yes / no), including the
+    training-only "What is in the <cell> cell?"."""
+    scene = random_scene(rng, max_objects)
+    ids = [BOS, *encode("USER:"), *[IMAGE] * IMAGE_TOKENS]
+    labels, branch, tasks, seen = [IGNORE] * len(ids), [0] * len(ids), [], set()
+    for task, count in (questions or QUESTIONS).items():
+        for j in range(count):
+            try:
+                if task == "cell":
+                    prompt, answer = cell_question(scene, rng)
+                else:
+                    prompt, answer = question(scene, task, rng, exist_yes=(j % 2 == 0) if task == "exist" else None)
+            except LookupError:
+                break
+            if prompt in seen:
+                continue
+            seen.add(prompt)
+            head, tail = encode(f"{prompt} ASSISTANT:"), [*encode(answer), EOS]
+            ids += head + tail
+            labels += [IGNORE] * len(head) + tail
+            branch += [len(tasks) + 1] * (len(head) + len(tail))
+            tasks.append(task)
+    image, mask = render(scene, rng, with_masks=True)
+    return Row(image, ids, labels, branch, tasks, patch_targets(scene, mask))
+
+
+def collate(rows: list[Row], device="cpu", hide_background: float = 0.0, rng: random.Random | None = None
+            ) -> dict[str, torch.Tensor]:
+    """Right-padded batch with a [B, 1, L, L] boolean mask: causal within the prefix and within each
+    branch, every branch sees the prefix, no branch sees another; positions restart per branch.
+
+    `hide_background` (0..1): that fraction of the background patches (no object, no text under them)
+    is masked out as attention keys: the training curriculum's way of letting a from-scratch decoder
+    find the few informative visual tokens among 576 before it has to ignore the rest itself."""
+    length, size = max(len(r.ids) for r in rows), len(rows)
     input_ids = torch.full((size, length), PAD)
     labels = torch.full((size, length), IGNORE)
-    mask = torch.zeros(size, length, dtype=torch.long)
-    for row, (_, ids, lab) in enumerate(samples):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, : len(lab)] = torch.tensor(lab)
-        mask[row, : len(ids)] = 1
-    return dict(input_ids=input_ids, attention_mask=mask, labels=labels,
-                pixel_values=pixel_values([image for image, _, _ in samples]))
+    branch = torch.full((size, length), -1)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r.ids)] = torch.tensor(r.ids)
+        labels[i, : len(r.labels)] = torch.tensor(r.labels)
+        branch[i, : len(r.branch)] = torch.tensor(r.branch)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    mask = causal & ((branch[:, :, None] == branch[:, None, :]) | (branch[:, None, :] == 0)) & (branch[:, None, :] >= 0)
+    if hide_background > 0:
+        start = rows[0].ids.index(IMAGE)
+        generator = torch.Generator().manual_seed((rng or random).randrange(2**31))
+        for i, r in enumerate(rows):
+            background = (r.targets[:, :3] == 0).all(1) & (r.targets[:, 4:] == 0).all(1)
+            hidden = background & (torch.rand(IMAGE_TOKENS, generator=generator) < hide_background)
+            mask[i, :, start + hidden.nonzero().flatten()] = False
+    mask[:, :, 0] = True  # padding rows attend to <s> (no fully masked row)
+    prefix = int((branch[0] == 0).sum())
+    offsets = torch.zeros_like(branch)
+    for i in range(size):
+        for k in range(1, int(branch[i].max()) + 1):
+            where = (branch[i] == k).nonzero().flatten()
+            offsets[i, where] = torch.arange(len(where))
+    position_ids = torch.where(branch > 0, prefix + offsets, torch.arange(length).expand(size, -1))
+    batch = dict(input_ids=input_ids, attention_mask=mask[:, None], position_ids=position_ids, labels=labels,
+                 pixel_values=pixel_values([r.image for r in rows]))
+    return {k: v.to(device) for k, v in batch.items()}
 
 
-def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
+def learning_rate(step: int, total: int, peak: float, warmup: int, floor: float = 0.05) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def answer_hits(logits: torch.Tensor, labels: torch.Tensor, rows: list[Row]) -> dict[str, list[int]]:
+    """Teacher-forced exact match per task in this batch (every answer token and </s> right)."""
+    right = (logits[:, :-1].argmax(-1) == labels[:, 1:]) | (labels[:, 1:] == IGNORE)
+    hits: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        branch = torch.tensor(r.branch[1:] + [-1] * (labels.shape[1] - len(r.branch)), device=right.device)
+        for k, task in enumerate(r.tasks, start=1):
+            hits.setdefault(task, []).append(int(right[i][branch == k].all()))
+    return hits
+
+
+class PatchProbe(torch.nn.Module):
+    """Training-only linear probe on the projector's output: one softmax per PATCH_HEADS entry."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(width, sum(PATCH_HEADS.values()))
+
+    def loss(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean over heads; in every head but "cell", the patches with something (class > 0) and the
+        patches with nothing weigh half each, so that rare text patches and the shape of small
+        objects count as much as the background."""
+        logits = self.linear(features).flatten(0, 1).split(list(PATCH_HEADS.values()), dim=-1)
+        targets = targets.flatten(0, 1)
+        total = 0.0
+        for h, (name, head) in enumerate(zip(PATCH_HEADS, logits)):
+            losses = F.cross_entropy(head, targets[:, h], reduction="none")
+            present = targets[:, h] > 0
+            if name == "cell" or not present.any():
+                total = total + losses.mean()
+            else:
+                total = total + 0.5 * losses[present].mean() + 0.5 * losses[~present].mean()
+        return total / len(PATCH_HEADS)
+
+    @torch.no_grad()
+    def accuracy(self, features: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        """Per head, accuracy on the patches with something under them."""
+        logits = self.linear(features).flatten(0, 1).split(list(PATCH_HEADS.values()), dim=-1)
+        targets = targets.flatten(0, 1)
+        out = {}
+        for h, (name, head) in enumerate(zip(PATCH_HEADS, logits)):
+            present = targets[:, h] > 0
+            if present.any():
+                out[name] = (head.argmax(-1)[present] == targets[present, h]).float().mean().item()
+        return out
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="models/carve-tiny")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=2400)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-turns", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--questions", default=",".join(f"{t}={n}" for t, n in QUESTIONS.items()),
+                   help="questions per scene and task (cell: training-only grounding questions)")
+    p.add_argument("--curriculum", type=int, default=300,
+                   help="scenes hold at most 2 objects at first, growing to 6 by this step")
+    p.add_argument("--hide-background", default="0.3,0.6",
+                   help="fractions of the run: background patches are hidden from the decoder until the first, "
+                        "then fewer and fewer, all visible from the second on ('0,0': never hidden)")
+    p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-patch probe loss (0: off)")
     p.add_argument("--max-minutes", type=float, default=40.0, help="stop early (and still save) after this long")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, processor = build_untrained(args.seed)
-    model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    random.seed(args.seed)
+    model, processor = build_untrained(seed=args.seed)
+    probe = PatchProbe(model.config.text_config.hidden_size)
+    model.to(args.device).train()
+    probe.to(args.device)
+    captured = {}
+    hook = model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: captured.__setitem__("f", o))
+    named = [*model.named_parameters(), *(("probe." + n, q) for n, q in probe.named_parameters())]
+    decay = [q for n, q in named if q.ndim >= 2 and "embed" not in n]
+    no_decay = [q for n, q in named if not (q.ndim >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+    hide_from, hide_until = (float(x) for x in args.hide_background.split(","))
+    questions = {t: int(n) for t, n in (item.split("=") for item in args.questions.split(","))}
+    encode = Encoder(processor.tokenizer)
     rng = random.Random(args.seed)
-    started, step, history = time.time(), 0, []
+    print(f"carve-tiny: {sum(q.numel() for q in model.parameters()) / 1e6:.2f} M parameters, {args.steps} steps "
+          f"of {args.batch_size} scenes, device {args.device}, {args.threads} thread(s)", flush=True)
+
+    started, losses, aux_losses, hits, step, stopped_early = time.time(), [], [], {}, 0, False
     for step in range(args.steps):
         if time.time() - started > args.max_minutes * 60:
-            print(f"time budget reached after {step} steps")
+            stopped_early = True
+            print(f"time budget of {args.max_minutes} min reached after {step} steps", flush=True)
             break
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
-        inputs = {k: v.to(device) for k, v in batch(processor.tokenizer, rng, args.batch_size, args.max_turns).items()}
-        loss = model(**inputs).loss
+        max_objects = min(6, 2 + (4 * step) // max(1, args.curriculum))
+        rows = [training_row(encode, rng, max_objects, questions) for _ in range(args.batch_size)]
+        hide = float(min(1.0, max(0.0, (hide_until - step / args.steps) / max(1e-9, hide_until - hide_from))))
+        batch = collate(rows, args.device, hide, rng)
+        out = model(**batch)
+        loss = out.loss
+        if args.aux_weight > 0:
+            features = captured["f"].reshape(len(rows), IMAGE_TOKENS, -1)
+            aux = probe.loss(features, torch.stack([r.targets for r in rows]).to(args.device))
+            loss = loss + args.aux_weight * aux
+            aux_losses.append(aux.item())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([q for _, q in named], 1.0)
         optimizer.step()
-        history.append(loss.item())
-        if step % 50 == 0:
-            recent = sum(history[-50:]) / len(history[-50:])
-            print(f"step {step:5d}  loss {recent:.4f}  lr {optimizer.param_groups[0]['lr']:.2e}  "
-                  f"{time.time() - started:7.1f}s", flush=True)
+        losses.append(out.loss.item())
+        with torch.no_grad():
+            for task, h in answer_hits(out.logits, batch["labels"], rows).items():
+                hits.setdefault(task, []).extend(h)
+        if (step + 1) % args.log_every == 0 or step == 0:
+            n = args.log_every
+            tasks = " ".join(f"{t} {100 * sum(h) / max(1, len(h)):3.0f}" for t, h in sorted(hits.items()))
+            aux_text = f"  aux {sum(aux_losses[-n:]) / len(aux_losses[-n:]):.3f}" if aux_losses else ""
+            print(f"step {step + 1:5d}  hide {hide:.2f}  loss {sum(losses[-n:]) / len(losses[-n:]):.4f}{aux_text}  "
+                  f"lr {optimizer.param_groups[0]['lr']:.2e}  {time.time() - started:6.0f}s  "
+                  f"teacher-forced exact %: {tasks}", flush=True)
+            hits = {}
     else:
         step = args.steps
+    hook.remove()
     minutes = (time.time() - started) / 60
-    out = Path(args.out)
-    model.eval().to("cpu").save_pretrained(out)
-    processor.save_pretrained(out)
-    model.generation_config.save_pretrained(out)
-    (out / "training.json").write_text(json.dumps({
-        "seed": args.seed, "steps": step, "batch_size": args.batch_size, "max_turns": args.max_turns,
-        "peak_lr": args.lr, "warmup": args.warmup, "minutes": round(minutes, 1), "device": device,
-        "threads": args.threads, "final_loss": round(sum(history[-50:]) / max(1, len(history[-50:])), 4),
-    }, indent=2))
-    print(f"saved to {out} after {step} steps, {minutes:.1f} min")
+    out_dir = Path(args.out)
+    save(model.eval().to("cpu"), processor, out_dir)
+    record = {
+        "seed": args.seed, "steps": step, "planned_steps": args.steps, "stopped_early": stopped_early,
+        "batch_size": args.batch_size, "peak_lr": args.lr, "warmup": args.warmup, "weight_decay": args.weight_decay,
+        "questions": questions, "curriculum": args.curriculum, "aux_weight": args.aux_weight,
+        "hide_background": args.hide_background,
+        "wall_minutes": round(minutes, 1), "device": args.device, "threads": args.threads,
+        "machine": platform.machine(), "torch": torch.__version__,
+        "final_answer_loss": round(sum(losses[-50:]) / max(1, len(losses[-50:])), 4),
+    }
+    (out_dir / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"saved to {out_dir} after {step} steps, {minutes:.1f} min", flush=True)
 
 
 if __name__ == "__main__":

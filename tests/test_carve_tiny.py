@@ -11,6 +11,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -103,13 +104,29 @@ def test_answers_follow_the_scene():
 
 
 def test_rendering_draws_the_scene():
-    image = scenes.render(_scene(), random.Random(0))
-    assert image.size == (336, 336)
-    assert image.getpixel(scenes.cell_centre(0)) == scenes.COLOURS["red"]
-    assert image.getpixel(scenes.cell_centre(4)) == scenes.COLOURS["blue"]
-    assert image.getpixel(scenes.cell_centre(1)) == _scene().background  # empty cell
-    text = image.crop((0, 224, 112, 336)).convert("L")
-    assert text.getextrema()[0] < 60  # the number is drawn in the bottom-left cell
+    image, mask = scenes.render(_scene(), random.Random(0), with_masks=True)
+    assert image.size == mask.size == (336, 336)
+    assert image == scenes.render(_scene(), random.Random(0))  # the masks do not change the pixels
+    pixels, labels = np.asarray(image), np.asarray(mask)
+    for k, thing in enumerate(_scene().things):
+        ys, xs = np.nonzero(labels == k + 1)
+        assert len(ys) > 50
+        assert {(int(y) // 112) * 3 + int(x) // 112 for y, x in zip(ys, xs)} == {thing.cell}  # inside its cell
+        assert (pixels[ys, xs] == scenes.COLOURS[thing.colour]).all()
+    ys, xs = np.nonzero(labels == 255)  # the text box, in the bottom-left cell, with dark ink in it
+    assert set((ys // 112) * 3 + xs // 112) == {6} and pixels[ys, xs].min() < 60
+    assert (pixels[112:224, 0:112] == _scene().background).all()  # an empty cell
+
+
+def test_patch_targets_follow_the_mask():
+    scene = _scene()
+    image, mask = scenes.render(scene, random.Random(0), with_masks=True)
+    targets = train.patch_targets(scene, mask)
+    assert targets.shape == (576, len(train.PATCH_HEADS))
+    shapes = targets[:, list(train.PATCH_HEADS).index("shape")]
+    assert set(shapes.tolist()) == {0} | {1 + scenes.SHAPES.index(t.shape) for t in scene.things}
+    tens, units = (targets[:, list(train.PATCH_HEADS).index(h)] for h in ("tens", "units"))
+    assert set(tens.tolist()) == {0, 1 + 4} and set(units.tolist()) == {0, 1 + 2}  # "42"
 
 
 def test_score_normalisation():
@@ -147,15 +164,31 @@ def test_tokenizer_round_trips_answers(bundled):
 def test_training_rows_are_the_inference_prompt(bundled):
     """Each training branch is token for token what the processor makes of TEMPLATE at inference."""
     _, processor = bundled
-    image, ids, labels, branch, tasks = train.training_row(train.Encoder(processor.tokenizer), random.Random(2))
-    for k, task in enumerate(tasks, start=1):
-        own = [i for i, b in enumerate(branch) if b in (0, k)]
-        answer_at = next(i for i in own if labels[i] != train.IGNORE)
-        question_text = processor.tokenizer.decode([ids[i] for i in own if branch[i] == k and i < answer_at])
+    row = train.training_row(train.Encoder(processor.tokenizer), random.Random(2))
+    assert set(row.tasks) >= {"caption", "colour", "count", "exist", "position"}
+    for k, task in enumerate(row.tasks, start=1):
+        own = [i for i, b in enumerate(row.branch) if b in (0, k)]
+        answer_at = next(i for i in own if row.labels[i] != train.IGNORE)
+        question_text = processor.tokenizer.decode([row.ids[i] for i in own if row.branch[i] == k and i < answer_at])
         prompt = question_text.removesuffix(" ASSISTANT:")
-        expected = processor(images=[image], text=[model.TEMPLATE.format(prompt=prompt)])["input_ids"][0]
-        assert [ids[i] for i in own if i < answer_at] == list(expected)
-        assert labels[own[-1]] == model.EOS
+        expected = processor(images=[row.image], text=[model.TEMPLATE.format(prompt=prompt)])["input_ids"][0]
+        assert [row.ids[i] for i in own if i < answer_at] == list(expected)
+        assert row.labels[own[-1]] == model.EOS
+
+
+def test_branches_equal_separate_single_turn_forwards(bundled):
+    """The training batch layout (shared image prefix, masked branches) computes exactly what one
+    single-turn forward per question computes."""
+    llava, processor = bundled
+    row = train.training_row(train.Encoder(processor.tokenizer), random.Random(3))
+    batch = train.collate([row])
+    with torch.no_grad():
+        logits = llava(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        for k in (1, len(row.tasks)):
+            own = [i for i, b in enumerate(row.branch) if b in (0, k)]
+            single = llava(input_ids=torch.tensor([[row.ids[i] for i in own]]),
+                           pixel_values=batch["pixel_values"]).logits[0]
+            assert torch.allclose(single, logits[own], atol=1e-4)
 
 
 def test_bundled_model_is_llava_1_5_shaped(bundled):
@@ -182,7 +215,7 @@ def test_processor_gives_576_image_tokens_per_image(bundled):
     assert (inputs["input_ids"] == model.IMAGE).sum(1).tolist() == [576, 576]
     with torch.no_grad():
         features = llava.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
-    assert tuple(features.shape) == (2, 576, llava.config.text_config.hidden_size)
+    assert [tuple(f.shape) for f in features] == [(576, llava.config.text_config.hidden_size)] * 2
     assert torch.allclose(inputs["pixel_values"], model.pixel_values(images))  # training skips the processor
 
 
