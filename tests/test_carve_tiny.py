@@ -169,8 +169,9 @@ def test_training_rows_are_the_inference_prompt(bundled):
     for k, task in enumerate(row.tasks, start=1):
         own = [i for i, b in enumerate(row.branch) if b in (0, k)]
         answer_at = next(i for i in own if row.labels[i] != train.IGNORE)
-        question_text = processor.tokenizer.decode([row.ids[i] for i in own if row.branch[i] == k and i < answer_at])
-        prompt = question_text.removesuffix(" ASSISTANT:")
+        question_ids = [row.ids[i] for i in own if row.branch[i] == k and i < answer_at]
+        assert processor.tokenizer.convert_ids_to_tokens(question_ids[-2:]) == ["ASSISTANT", ":"]
+        prompt = processor.tokenizer.decode(question_ids[:-2])
         expected = processor(images=[row.image], text=[model.TEMPLATE.format(prompt=prompt)])["input_ids"][0]
         assert [row.ids[i] for i in own if i < answer_at] == list(expected)
         assert row.labels[own[-1]] == model.EOS

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+COLOURS = {"none": "black", "tokencarve": "tab:blue", "information": "tab:orange", "attention": "tab:green",
+           "fastv": "tab:red", "random": "tab:purple", "pool": "tab:brown"}  # the same in every figure
 LINE_STYLES = {"tokencarve": "o-", "information": "s--", "attention": "^--", "fastv": "v-", "random": "x:", "pool": "d-."}
 
 
@@ -66,7 +68,7 @@ def accuracy_plot(results: list[dict], path: str | Path, title: str = "") -> Non
         if method == "none":
             continue
         points = sorted((k, 100 * s["overall"]) for (m, k), s in table.items() if m == method)
-        ax.plot(*zip(*points), LINE_STYLES.get(method, "o-"), label=method)
+        ax.plot(*zip(*points), LINE_STYLES.get(method, "o-"), color=COLOURS.get(method), label=method)
     for (method, keep), summary in table.items():
         if method == "none":
             ax.axhline(100 * summary["overall"], color="black", linestyle="--", linewidth=1, label=f"none ({keep} tokens)")
@@ -91,7 +93,8 @@ def information_plot(results: list[dict], path: str | Path, title: str = "") -> 
         rows = [r for r in results if r["setting"]["method"] == method]
         x = [r["summary"]["information"]["effective_rank"] for r in rows]
         y = [100 * r["summary"]["overall"] for r in rows]
-        ax.plot(x, y, LINE_STYLES.get(method, "*"), label=method, markersize=7, linewidth=0.8)
+        ax.plot(x, y, LINE_STYLES.get(method, "*"), color=COLOURS.get(method), label=method, markersize=7,
+                linewidth=0.8)
         for r, xi, yi in zip(rows, x, y):
             ax.annotate(str(r["setting"]["keep"]), (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("effective rank of the visual hidden states entering layer K")
