@@ -75,14 +75,7 @@ def accuracy_plot(results: list[dict], path: str | Path, title: str = "") -> Non
     ax.set_xscale("log", base=2)
     budgets = sorted({k for m, k in table if m != "none"})
     ax.set_xticks(budgets, [str(b) for b in budgets])
-    ax.set_xlabel("visual tokens per image after the cut")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title or "Accuracy vs visual-token budget")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, "visual tokens per image after the cut", title or "Accuracy vs visual-token budget")
 
 
 def information_plot(results: list[dict], path: str | Path, title: str = "") -> None:
@@ -97,9 +90,15 @@ def information_plot(results: list[dict], path: str | Path, title: str = "") -> 
                 linewidth=0.8)
         for r, xi, yi in zip(rows, x, y):
             ax.annotate(str(r["setting"]["keep"]), (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("effective rank of the visual hidden states entering layer K")
+    _finish(plt, fig, ax, path, "effective rank of the visual hidden states entering layer K",
+            title or "Information kept vs accuracy (labels: tokens kept)")
+
+
+def _finish(plt, fig, ax, path, xlabel: str, title: str) -> None:
+    """Labels, grid and legend shared by the figures (accuracy on the y axis), then save."""
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(title or "Information kept vs accuracy (labels: tokens kept)")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
