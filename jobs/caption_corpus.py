@@ -4,8 +4,9 @@
     ray job submit --working-dir . -- python jobs/caption_corpus.py --input s3://bucket/corpus \\
         --output s3://bucket/captions --model llava-hf/llava-1.5-7b-hf --num-gpus 1 --max-actors 8
 
-Inputs: Parquet (id; image bytes or image_path; optional prompt), folders of images, WebDataset .tar.
-Output: one Parquet row per input row (caption or error) plus _summary.json. Rerunning into the same
+Inputs: Parquet (id; image bytes or image_path; optional prompt; optional reference answer), folders of
+images, WebDataset .tar. Output: one Parquet row per input row (caption or error; with an answer, whether
+the caption matches it) plus _summary.json (with an accuracy when answers were given). Rerunning into the same
 output resumes: ids already written are skipped.
 """
 

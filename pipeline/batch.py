@@ -14,8 +14,8 @@ skips every id already there: a killed job resumes without losing or duplicating
 from __future__ import annotations
 
 import hashlib
-import os
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -27,18 +27,22 @@ import ray
 from PIL import Image
 
 from monitoring.metrics import MetricsRecorder
+from tokencarve.eval.scoring import correct
 
 from .engine import CaptionEngine, EngineConfig
 from .images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, ImageError, decode_image, square
 from .sources import read_corpus
 
-PREPARED = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("pixels", pa.binary()), ("error", pa.string())])
+PREPARED = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("answer", pa.string()), ("pixels", pa.binary()),
+                      ("error", pa.string())])
 OUTPUT = pa.schema([
     ("id", pa.string()), ("caption", pa.string()), ("error", pa.string()), ("prompt", pa.string()),
     ("model", pa.string()), ("method", pa.string()), ("keep", pa.int32()),
     ("visual_tokens_in", pa.int32()), ("visual_tokens_kept", pa.int32()),
     ("kv_bytes_held", pa.int64()), ("kv_bytes_uncompressed", pa.int64()),
     ("generated_tokens", pa.int32()), ("prompt_tokens", pa.int32()), ("latency_s", pa.float64()),
+    # with a reference answer in the input: it, and whether the caption matches it (tokencarve.eval's rules)
+    ("answer", pa.string()), ("correct", pa.bool_()),
 ])
 SUMMARY_NAME = "_summary.json"
 
@@ -94,9 +98,13 @@ def prepare_rows(table: pa.Table, job: CaptionJob, done_ref=None) -> pa.Table:
                 error = str(image)
             else:
                 pixels = square(image, job.image_size, job.pad_color).tobytes()
-        for name, value in zip(PREPARED.names, (row_id, row["prompt"], pixels, error)):
+        for name, value in zip(PREPARED.names, (row_id, row["prompt"], row["answer"], pixels, error)):
             out[name].append(value)
     return pa.table(out, schema=PREPARED)
+
+
+def _correct(caption: str | None, answer: str | None) -> bool | None:
+    return None if caption is None or answer is None else correct(caption, answer)
 
 
 def _read_path(path: str) -> bytes | ImageError:
@@ -133,8 +141,9 @@ class CaptionActor:
             out.append({
                 "id": row["id"], "prompt": row["prompt"], "model": self.engine.model_name,
                 "method": cfg.method, "keep": None if cfg.method == "none" else cfg.keep,
-                "caption": None, **result,
+                "caption": None, **result, "answer": row["answer"],
             })
+            out[-1]["correct"] = _correct(out[-1]["caption"], row["answer"])
         return pa.Table.from_pylist(out, schema=OUTPUT)
 
     def _caption(self, rows: list[dict]) -> list[dict]:
@@ -236,6 +245,7 @@ def summarize(table: pa.Table, job: CaptionJob, written: int, seconds: float, sk
     tokens_kept = sum(r["visual_tokens_kept"] for r in ok)
     kv_held = sum(r["kv_bytes_held"] for r in ok)
     kv_full = sum(r["kv_bytes_uncompressed"] for r in ok)
+    answered = [r for r in ok if r["correct"] is not None]
     return {
         "output": job.output,
         "model": job.engine.model,
@@ -257,4 +267,6 @@ def summarize(table: pa.Table, job: CaptionJob, written: int, seconds: float, sk
         "kv_bytes_uncompressed": kv_full,
         "kv_bytes_saved": kv_full - kv_held,
         "kv_saved_pct": round(100 * (kv_full - kv_held) / kv_full, 2) if kv_full else None,
+        "rows_with_answers": len(answered),
+        "accuracy_pct": round(100 * sum(r["correct"] for r in answered) / len(answered), 2) if answered else None,
     }

@@ -17,6 +17,7 @@ import ray
 
 SCHEMA = pa.schema([
     ("id", pa.string()), ("image", pa.binary()), ("image_path", pa.string()), ("prompt", pa.string()),
+    ("answer", pa.string()),  # optional reference answer: the output then says whether the model got it right
     ("source_error", pa.string()),  # a reason found while reading (e.g. an image column of the wrong type)
 ])
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -80,7 +81,8 @@ def _from_parquet(table: pa.Table) -> pa.Table:
     elif not (_is_binary(image.type) or pa.types.is_null(image.type)):
         error = pa.array([f"wrong_type: the image column holds {image.type}, not encoded bytes"] * rows, pa.string())
         image = pa.nulls(rows, pa.binary())
-    columns = [_column(table, "id", pa.string()), image.cast(pa.binary()), paths, _column(table, "prompt", pa.string()), error]
+    columns = [_column(table, "id", pa.string()), image.cast(pa.binary()), paths, _column(table, "prompt", pa.string()),
+               _column(table, "answer", pa.string()), error]
     return pa.table(columns, schema=SCHEMA)
 
 
@@ -93,13 +95,13 @@ def _from_webdataset(table: pa.Table) -> pa.Table:
     for suffix in IMAGE_SUFFIXES:  # the first image member present in each sample
         if suffix in table.column_names:
             image = pc.coalesce(image, table.column(suffix).cast(pa.binary()))
-    prompt = _column(table, "prompt", pa.binary()).cast(pa.string(), safe=False)
+    prompt, answer = (_column(table, name, pa.binary()).cast(pa.string(), safe=False) for name in ("prompt", "answer"))
     empty = pa.nulls(len(table), pa.string())
-    return pa.table([table.column("__key__").cast(pa.string()), image, empty, prompt, empty], schema=SCHEMA)
+    return pa.table([table.column("__key__").cast(pa.string()), image, empty, prompt, answer, empty], schema=SCHEMA)
 
 
 def _from_files(table: pa.Table, root: str) -> pa.Table:
     ids = [posixpath.relpath(p, root) if p.startswith(root) else p for p in table.column("path").to_pylist()]
     empty = pa.nulls(len(table), pa.string())
-    return pa.table([pa.array(ids, pa.string()), table.column("bytes").cast(pa.binary()), empty, empty, empty],
+    return pa.table([pa.array(ids, pa.string()), table.column("bytes").cast(pa.binary()), empty, empty, empty, empty],
                     schema=SCHEMA)

@@ -104,11 +104,33 @@ def test_every_input_row_gives_exactly_one_output_row(ray_cluster, tiny_model_di
     assert summary["visual_tokens_kept_pct"] == pytest.approx(100 * 32 / 576, abs=0.01)
     assert summary["kv_bytes_saved"] > 0 and summary["rows_per_s"] > 0
     assert "CaptionActor" in summary["ray_data_stats"]  # Ray Data's per-operator stats are kept
+    assert table.column("correct").null_count == len(expected) and summary["accuracy_pct"] is None  # no answers
     assert json.loads((tmp_path / "out" / "_summary.json").read_text())["rows_total"] == len(expected)
 
     again = run(job(tiny_model_dir, tmp_path / "corpus", tmp_path / "out"))  # a rerun: nothing to do
     assert again["rows_this_run"] == 0 and again["rows_skipped_as_done"] == len(expected)
     assert sorted(read_output(str(tmp_path / "out")).column("id").to_pylist()) == sorted(expected)
+
+
+def test_reference_answers_are_scored(ray_cluster, tmp_path):
+    """A corpus with an `answer` column (the bundled sample) gets a per-row verdict and an accuracy,
+    by the evaluation harness's rules, from the trained carve-tiny model."""
+    from tokencarve.eval.scoring import correct
+
+    sample = pq.read_table(sorted((ROOT / "data" / "sample").glob("*.parquet"))[0]).slice(0, 12)
+    (tmp_path / "in").mkdir()
+    pq.write_table(sample, tmp_path / "in" / "sample.parquet")
+    engine = EngineConfig(model=str(ROOT / "models" / "carve-tiny"), keep=128, max_new_tokens=40)
+    summary = run(CaptionJob(inputs=[str(tmp_path / "in")], output=str(tmp_path / "out"), engine=engine, batch_size=6))
+    rows = {r["id"]: r for r in read_output(str(tmp_path / "out")).to_pylist()}
+    assert sorted(rows) == sorted(sample.column("id").to_pylist())
+    for expected in sample.to_pylist():
+        row = rows[expected["id"]]
+        assert row["answer"] == expected["answer"] and row["correct"] == correct(row["caption"], expected["answer"])
+    verdicts = [r["correct"] for r in rows.values()]
+    assert summary["rows_with_answers"] == 12
+    assert summary["accuracy_pct"] == pytest.approx(100 * sum(verdicts) / 12, abs=0.01)
+    assert summary["accuracy_pct"] >= 50  # the trained model answers (81 % uncompressed on fresh questions)
 
 
 def test_no_carve_runs_the_stock_model(ray_cluster, tiny_model_dir, tmp_path):
