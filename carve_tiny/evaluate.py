@@ -4,7 +4,7 @@
 
 Questions come from a seed the model never trained on. Answers are generated greedily through the
 public path (`AutoProcessor` + `generate`, batched with left padding) and scored by exact match
-after normalisation (`score`). Controls: "blank" gives every question an empty canvas, "shuffled"
+after normalisation (tokencarve.eval.scoring, the harness's rules). Controls: "blank" gives every question an empty canvas, "shuffled"
 gives every question the image of another question (half the set further on, so another task's
 scene). A model that really looks falls to about the "prior" column on both: the accuracy of always
 answering the task's most common answer.
@@ -21,19 +21,12 @@ from collections import Counter
 import torch
 from PIL import Image
 
-from tokencarve.eval.scoring import correct, normalize
+from tokencarve.eval.scoring import normalize, summarize
 
 from .model import TEMPLATE
 from .scenes import SIZE, TASKS, example
 
 CONTROLS = ("vanilla", "blank", "shuffled")
-
-
-def score(prediction: str, answer: str, task: str | None = None) -> bool:
-    """The evaluation harness's rule (tokencarve.eval.scoring.correct): exact match after
-    normalisation, yes/no questions read as LLaVA's POPE script reads them. `task` is accepted for
-    harnesses that score per task; every task uses the same rule."""
-    return correct(prediction, answer)
 
 
 def question_set(seed: int, per_task: int) -> list[dict]:
@@ -70,14 +63,11 @@ def control_images(questions: list[dict], control: str) -> list[Image.Image]:
 
 
 def accuracy(questions: list[dict], predictions: list[str]) -> dict[str, float]:
-    per_task: dict[str, list[bool]] = {}
-    for q, prediction in zip(questions, predictions):
-        per_task.setdefault(q["task"], []).append(score(prediction, q["answer"], q["task"]))
-    result = {task: sum(hits) / len(hits) for task, hits in per_task.items()}
-    everything = [h for hits in per_task.values() for h in hits]
-    result["overall"] = sum(everything) / len(everything)
-    rest = [h for task, hits in per_task.items() if task != "caption" for h in hits]
-    result["overall_without_caption"] = sum(rest) / max(1, len(rest))
+    """Per task and overall, by the harness's `summarize`, plus the overall without captions."""
+    records = [{"task": q["task"], "prediction": p, "answer": q["answer"]} for q, p in zip(questions, predictions)]
+    summary = summarize(records)
+    result = {**summary["tasks"], "overall": summary["overall"]}
+    result["overall_without_caption"] = summarize([r for r in records if r["task"] != "caption"])["overall"]
     return result
 
 

@@ -20,9 +20,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .dashboards import DEFAULT_PRICE, DEFAULT_SPEEDUP, dashboard  # noqa: E402
 
-
 # Grafana unit ids -> axis labels (the rest are shown as they are)
 GRAFANA_UNITS = {"currencyUSD": "USD", "none": "", "percent": "%", "ops": "per s", "decbytes": "bytes"}
+
 
 def substitute(expr: str, step_s: int, range_s: int, price: float, speedup: float) -> str:
     for placeholder, value in {"$__rate_interval": f"{max(4 * step_s, 60)}s", "$__range": f"{range_s}s",
@@ -56,7 +56,8 @@ def render_png(url: str, start: float, end: float, path: str, price: float = DEF
     with_data = 0
     for ax, panel in zip(axes.flat, panels):
         ax.set_title(panel["title"], fontsize=10)
-        unit = GRAFANA_UNITS.get(panel["fieldConfig"]["defaults"]["unit"], panel["fieldConfig"]["defaults"]["unit"])
+        unit = panel["fieldConfig"]["defaults"]["unit"]
+        unit = GRAFANA_UNITS.get(unit, unit)
         drawn = False
         for target in panel["targets"]:
             expr = substitute(target["expr"], step_s, int(end - start), price, speedup)

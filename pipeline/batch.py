@@ -141,9 +141,9 @@ class CaptionActor:
             out.append({
                 "id": row["id"], "prompt": row["prompt"], "model": self.engine.model_name,
                 "method": cfg.method, "keep": None if cfg.method == "none" else cfg.keep,
-                "caption": None, **result, "answer": row["answer"],
+                "caption": None, **result,
+                "answer": row["answer"], "correct": _correct(result.get("caption"), row["answer"]),
             })
-            out[-1]["correct"] = _correct(out[-1]["caption"], row["answer"])
         return pa.Table.from_pylist(out, schema=OUTPUT)
 
     def _caption(self, rows: list[dict]) -> list[dict]:

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from carve_tiny import data, evaluate, model, scenes, train
+from tokencarve.eval.scoring import correct
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "carve-tiny"
@@ -130,12 +131,12 @@ def test_patch_targets_follow_the_mask():
 
 
 def test_score_normalisation():
-    assert evaluate.score(" Top left. ", "top left", "position")
-    assert evaluate.score("top left large red circle , center small blue square", "top left large red circle, "
-                          "center small blue square", "caption")
-    assert evaluate.score("YES", "yes")
-    assert not evaluate.score("top", "top left")
-    assert not evaluate.score("4 2", "42", "ocr")
+    assert correct(" Top left. ", "top left")
+    assert correct("top left large red circle , center small blue square", "top left large red circle, "
+                          "center small blue square")
+    assert correct("YES", "yes")
+    assert not correct("top", "top left")
+    assert not correct("4 2", "42")
 
 
 # ---------------------------------------------------------------- tokenizer, processor and prompt

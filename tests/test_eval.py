@@ -22,7 +22,7 @@ from tokencarve.eval import runner, scoring
 from tokencarve.visualize import carve_picture, legend
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = Path(os.environ.get("TOKENCARVE_TEST_MODEL", ROOT / "models" / "carve-tiny"))
+MODEL = ROOT / "models" / "carve-tiny"
 SAMPLE = ROOT / "data" / "sample"
 
 

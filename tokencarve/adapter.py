@@ -320,24 +320,25 @@ class TokenCarver:
         removed_per_image = self.tokens_per_image - result.index.shape[1]
         images_per_row = torch.bincount(image_rows, minlength=len(counts))
         stats.visual_tokens_kept = (torch.tensor(stats.visual_tokens_in) - removed_per_image * images_per_row.cpu()).tolist()
-        stats.images = [
-            ImageCarve(int(r), int(p[0]), i.cpu(), a.cpu(), m.cpu(), h.detach().float().cpu() if self.record_hidden else None)
-            for r, p, i, a, m, h in zip(image_rows, image_positions, result.index, result.assignment, result.merged,
-                                        result.hidden)
-        ]
+        stats.images = self._describe_images(image_rows, image_positions, result)
         if cache is not None:
             cache._tokencarve = _CacheNote(mask_2d, length, stats)
         stats.carve_seconds = time.perf_counter() - started
         return hidden
 
     def _record_uncarved(self, hidden: torch.Tensor) -> None:
-        """What `_carve` records, for a forward that keeps every visual token."""
+        """What `_carve` records, for a forward that keeps every visual token (the core's identity)."""
         image_rows, image_positions = self._image_positions(self._prefill.image_mask)
-        every = torch.arange(self.tokens_per_image)
-        self._prefill.stats.images = [
-            ImageCarve(int(r), int(p[0]), every, every, torch.zeros_like(every, dtype=torch.bool),
-                       hidden[r, p].detach().float().cpu())
-            for r, p in zip(image_rows, image_positions)
+        visual = hidden[image_rows.unsqueeze(1), image_positions]
+        every = reduce_tokens(visual, visual.new_zeros(visual.shape[:2]), self.tokens_per_image)
+        self._prefill.stats.images = self._describe_images(image_rows, image_positions, every)
+
+    def _describe_images(self, image_rows, image_positions, result) -> list[ImageCarve]:
+        """One ImageCarve per image of the batch (on the CPU); its hidden rows only if recorded."""
+        return [
+            ImageCarve(int(r), int(p[0]), i.cpu(), a.cpu(), m.cpu(), h.detach().float().cpu() if self.record_hidden else None)
+            for r, p, i, a, m, h in zip(image_rows, image_positions, result.index, result.assignment, result.merged,
+                                        result.hidden)
         ]
 
     def _image_positions(self, image_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -89,19 +89,23 @@ def carve_picture(model, processor, image: Image.Image, prompt: str, config: Car
     applied_here = not tokencarve.is_applied(model)
     if applied_here:
         tokencarve.apply(model, config)
-    else:
-        model.tokencarve.reconfigure(config)
+    carver = model.tokencarve
+    before = carver.config, carver.record_hidden
     try:
+        carver.reconfigure(config)
+        carver.record_hidden = True  # so that an image with nothing to cut (keep >= N) is described too
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         text = processor.apply_chat_template(messages, add_generation_prompt=True)
         inputs = processor(images=[image], text=[text], return_tensors="pt").to(model.device)
-        model.tokencarve.record_hidden = True
         with torch.inference_mode():
             model(**inputs)
-        carve = model.tokencarve.last_stats.images[0]
-    finally:
+        carve = carver.last_stats.images[0]
+    finally:  # leave a model that was already patched as it was
         if applied_here:
             tokencarve.remove(model)
+        else:
+            carver.reconfigure(before[0])
+            carver.record_hidden = before[1]
     view = model_view(inputs["pixel_values"][0], processor.image_processor.image_mean, processor.image_processor.image_std)
     return render(view, carve, scale), carve
 
