@@ -118,15 +118,16 @@ def bench_setting(model, keep, device, dtype, new_tokens, repeats, batches) -> d
         row["decode_tok_s"] = 8 * (new_tokens - 1) / decode if decode > 0 else float("nan")
         row["kv_bytes_b8"] = kv_bytes(model)
         row["carve_ms_b8"] = model.tokencarve.last_stats.carve_seconds * 1e3
-        row["best_batch"], row["captions_s"], row["peak_gib"] = best_throughput(model, device, dtype, new_tokens, batches)
+        row["best_batch"], row["captions_s"], row["peak_gib"], row["tried"] = best_throughput(model, device, dtype, new_tokens, batches)
     tokencarve.remove(model)
     row["flop_ratio"] = flop_ratio(model.config, keep, new_tokens)
     return row
 
 
-def best_throughput(model, device, dtype, new_tokens, batches) -> tuple[int, float, float]:
-    """The largest batch that fits (doubling), its captions/s and peak memory."""
-    best = (0, 0.0, 0.0)
+def best_throughput(model, device, dtype, new_tokens, batches) -> tuple[int, float, float, str]:
+    """The fastest batch among those that fit (doubling until one runs out of memory): its size,
+    captions/s and peak memory, and a record of every batch tried."""
+    best, tried = (0, 0.0, 0.0), []
     for batch in batches:
         try:
             if device.startswith("cuda"):
@@ -136,11 +137,15 @@ def best_throughput(model, device, dtype, new_tokens, batches) -> tuple[int, flo
             seconds = timed(lambda: model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                                    do_sample=False), device, 1)
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else 0.0
+            tried.append(f"{batch}: {batch / seconds:.1f}/s")
             if batch / seconds > best[1]:
                 best = (batch, batch / seconds, peak)
         except torch.OutOfMemoryError:
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()  # the failed batch's blocks, so the next setting starts clean
+            tried.append(f"{batch}: out of memory")
             break
-    return best
+    return (*best, ", ".join(tried))
 
 
 def bench_carve_step(model, device, dtype, repeats) -> list[dict]:
@@ -168,6 +173,24 @@ def bench_carve_step(model, device, dtype, repeats) -> list[dict]:
     return rows
 
 
+def profile_prefill(model, device, dtype, keep, path: Path) -> None:
+    """Where one batch-8 prefill spends its time (torch.profiler's kernel table), to check against the bound."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tokencarve.apply(model, CarveConfig(keep=keep if keep is not None else 1_000_000))
+    inputs = inputs_for(8, device, dtype)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with torch.inference_mode():
+        model(**inputs, use_cache=True)  # warm-up
+        sync(device)
+        with profile(activities=activities) as prof:
+            model(**inputs, use_cache=True)
+            sync(device)
+    tokencarve.remove(model)
+    sort = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=25))
+
+
 def report(args, device, rows, carve_rows) -> str:
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else platform.machine() + " CPU"
     stock = rows[0]
@@ -187,6 +210,8 @@ def report(args, device, rows, carve_rows) -> str:
             f"| {r['kv_bytes_b8'] / stock['kv_bytes_b8']:.2f}x | {r['best_batch']} | {r['captions_s']:.2f} "
             f"| {r['captions_s'] / stock['captions_s']:.2f}x | {r['peak_gib']:.1f} | {r['flop_ratio']:.2f} "
             f"(best {1 / r['flop_ratio']:.2f}x) | {r['carve_ms_b8']:.2f} | {100 * r['carve_ms_b8'] / 1e3 / r['prefill_b8']:.1f} % |")
+    lines += ["", "| visual tokens | batches tried: captions/s |", "|---|---|"]
+    lines += [f"| {r['keep']} | {r['tried']} |" for r in rows]
     lines += ["", "| batch | ours: carve_tokens ms | ours: information score ms | reference: full SVD + eager attention ms |",
               "|---|---|---|---|"]
     lines += [f"| {c['batch']} | {c['ours_ms']:.2f} | {c['ours_scores_ms']:.2f} | {c['reference_ms']:.2f} |" for c in carve_rows]
@@ -199,7 +224,9 @@ def main() -> None:
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--batches", default="8,16,32,64,128", help="batch sizes tried for the best throughput")
+    p.add_argument("--batches", default="8,16,32,64,128,256,512", help="batch sizes tried for the best throughput")
+    p.add_argument("--profile", help="also write torch.profiler kernel tables of a batch-8 prefill (stock, keep=128) "
+                   "into this folder")
     p.add_argument("--write", help="replace the GPU section of this Markdown file (e.g. docs/BENCHMARKS.md)")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -210,6 +237,11 @@ def main() -> None:
     rows = [bench_setting(model, keep, device, dtype, args.new_tokens, args.repeats, batches) for keep in BUDGETS]
     text = report(args, device, rows, bench_carve_step(model, device, dtype, args.repeats))
     print(text)
+    if args.profile:
+        folder = Path(args.profile)
+        folder.mkdir(parents=True, exist_ok=True)
+        for keep in (None, 128):
+            profile_prefill(model, device, dtype, keep, folder / f"profile_prefill_keep{keep or 576}.txt")
     if args.write:
         path = Path(args.write)
         section = f"<!-- gpu-benchmark:start -->\n{text}\n<!-- gpu-benchmark:end -->"
