@@ -11,10 +11,9 @@ from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 import tokencarve
-from tokencarve import CarveConfig
+from tokencarve import CarveConfig, load_llava
 
 DEFAULT_PROMPT = "Describe the image."
 LLAVA_15_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
@@ -94,12 +93,7 @@ class _ForwardTimer:
 class CaptionEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
-                 "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[config.dtype]
-        self.processor = AutoProcessor.from_pretrained(config.model)
-        self.processor.tokenizer.padding_side = "left"  # what batched generate() needs
-        self.model = LlavaForConditionalGeneration.from_pretrained(config.model, dtype=dtype).to(device).eval()
+        self.model, self.processor = load_llava(config.model, config.device, config.dtype)
         tokencarve.apply(self.model, config.carve_config)
         vision = self.model.config.vision_config
         self.image_size = vision.image_size

@@ -121,6 +121,7 @@ def test_harness_end_to_end_two_methods_two_budgets(tmp_path):
     assert names == ["tokencarve@64", "tokencarve@16", "fastv@64", "fastv@16"]
     saved = json.loads((out / "results.json").read_text())
     assert [r["setting"] for r in saved["results"]] == [r["setting"] for r in result["results"]]
+    assert saved["run"]["device"] == "cpu"  # "auto" resolved and recorded as what ran
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 4 * 6 and {p["metadata"]["keep"] for p in predictions} == {64, 16}
     for r in result["results"]:

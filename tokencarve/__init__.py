@@ -10,6 +10,7 @@
 from .adapter import CarveConfig, CarveStats, ImageCarve, TokenCarver, tokens_per_image
 from .baselines import BASELINES, METHODS, reduce_tokens
 from .core import MODES, CarveResult, carve_tokens, information_scores, stage_sizes
+from .loading import load_llava
 
 __all__ = [
     "BASELINES",
@@ -24,6 +25,7 @@ __all__ = [
     "carve_tokens",
     "information_scores",
     "is_applied",
+    "load_llava",
     "reduce_tokens",
     "remove",
     "stage_sizes",

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..loading import load_llava
 from . import report
 from .questions import read_llava_jsonl, read_parquet
 from .runner import BUDGETS, METHODS, Evaluator, settings
@@ -40,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--seed", type=int, default=0, help="the random baseline's seed")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto: cuda when available")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--out", default="results/eval")
@@ -53,14 +54,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def load(args):
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if args.device.startswith("cuda") else "float32")
-    model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=getattr(torch, dtype)).to(args.device)
-    return model.eval(), AutoProcessor.from_pretrained(args.model)
-
-
 def main(argv=None) -> dict:
     from tqdm.auto import tqdm
 
@@ -71,7 +64,7 @@ def main(argv=None) -> dict:
         questions = read_parquet(args.data, args.limit)
     else:
         questions = read_llava_jsonl(args.questions, args.annotations, args.image_folder, args.task, args.limit)
-    model, processor = load(args)
+    model, processor = load_llava(args.model, args.device, args.dtype)
     evaluator = Evaluator(model, processor, args.layer, args.batch_size, args.max_new_tokens, args.seed)
     grid = settings(args.methods.split(","), [int(b) for b in args.budgets.split(",")], evaluator.tokens_per_image)
     out = Path(args.out)
@@ -92,7 +85,7 @@ def main(argv=None) -> dict:
                                                  "answer": record["answer"]}}) + "\n" for record in result["records"])
     run = {"model": args.model, "data": args.data or args.questions, "questions": len(questions),
            "layer": args.layer, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
-           "seed": args.seed, "device": args.device, "machine": f"{platform.machine()} {platform.processor()}".strip(),
+           "seed": args.seed, "device": str(model.device), "machine": f"{platform.machine()} {platform.processor()}".strip(),
            "torch": torch.__version__, "date": datetime.date.today().isoformat(), "seconds": round(seconds, 1)}
     (out / "results.json").write_text(json.dumps(
         {"run": run, "results": [{"setting": r["setting"], "summary": r["summary"]} for r in results]}, indent=2) + "\n")

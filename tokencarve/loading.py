@@ -1,0 +1,35 @@
+"""Loading a LLaVA checkpoint for batched generation: one place for the device and dtype defaults.
+
+The evaluation CLI and the pipeline's engine both load through `load_llava`, so "auto" means the same
+thing everywhere: the GPU when there is one, bfloat16 on a GPU (LLaVA-1.5's released precision) and
+float32 on a CPU (bfloat16 matmuls are slow on most CPUs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_device(device: str = "auto") -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_llava(path: str, device: str = "auto", dtype: str = "auto"):
+    """(model in eval mode on `device`, processor padding on the left) from a local folder or hub id."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    device = resolve_device(device)
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=resolve_dtype(dtype, device))
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"  # batched generate() continues every row from its last token
+    return model.to(device).eval(), processor
