@@ -11,11 +11,10 @@ is measured against a float64 SVD on two kinds of input: Gaussian noise (a flat 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from bench_gpu import timed  # this folder is on sys.path when the script runs
 
 from tokencarve import information_scores
 
@@ -95,18 +94,6 @@ def inputs(kind: str, batch: int, tokens: int, dim: int, device: str) -> torch.T
     return noise.to(device, torch.bfloat16)
 
 
-def timed(fn, hidden, repeats: int) -> float:
-    fn(hidden)
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize() if hidden.is_cuda else None
-        started = time.perf_counter()
-        fn(hidden)
-        torch.cuda.synchronize() if hidden.is_cuda else None
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
 def agreement(scores: torch.Tensor, exact: torch.Tensor, keep: int) -> tuple[float, float]:
     """(max relative error, share of the exact top-`keep` tokens this route also ranks top-`keep`)."""
     error = ((scores - exact).abs() / exact.abs().clamp_min(1e-30)).max().item()
@@ -135,7 +122,7 @@ def main() -> None:
         exact[kind] = (u * s.unsqueeze(-2)).abs().sum(-1).to(device)
     for name, fn in routes.items():
         try:
-            seconds = timed(fn, data["realistic"], args.repeats)
+            seconds = timed(lambda: fn(data["realistic"]), device, args.repeats)
             checks = [agreement(fn(data[kind]), exact[kind], args.keep) for kind in data]
         except Exception as error:  # a solver this build lacks: say so and go on
             print(f"| {name} | failed: {type(error).__name__}: {str(error)[:80]} | | | |")

@@ -21,6 +21,7 @@ from collections import Counter
 import torch
 from PIL import Image
 
+from tokencarve import load_llava
 from tokencarve.eval.scoring import normalize, summarize
 
 from .model import TEMPLATE
@@ -104,10 +105,7 @@ def main(argv=None) -> None:
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(args.model).eval()
-    processor = AutoProcessor.from_pretrained(args.model)
+    model, processor = load_llava(args.model, device="cpu", dtype="float32")
     questions = question_set(args.seed, args.per_task)
     results = {}
     for control in args.controls.split(","):

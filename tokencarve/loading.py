@@ -24,6 +24,12 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def chat_prompt(processor, question: str) -> str:
+    """The single-image, single-turn prompt for `question`, by the checkpoint's own chat template."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
 def load_llava(path: str, device: str = "auto", dtype: str = "auto"):
     """(model in eval mode on `device`, processor padding on the left) from a local folder or hub id."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration

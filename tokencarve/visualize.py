@@ -20,7 +20,8 @@ import torch
 from PIL import Image, ImageDraw
 
 import tokencarve
-from tokencarve import CarveConfig, ImageCarve
+from tokencarve import CarveConfig, ImageCarve, load_llava
+from tokencarve.loading import chat_prompt
 
 
 def _palette(count: int) -> list[tuple[int, int, int]]:
@@ -94,9 +95,7 @@ def carve_picture(model, processor, image: Image.Image, prompt: str, config: Car
     try:
         carver.reconfigure(config)
         carver.record_hidden = True  # so that an image with nothing to cut (keep >= N) is described too
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        text = processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = processor(images=[image], text=[text], return_tensors="pt").to(model.device)
+        inputs = processor(images=[image], text=[chat_prompt(processor, prompt)], return_tensors="pt").to(model.device)
         with torch.inference_mode():
             model(**inputs)
         carve = carver.last_stats.images[0]
@@ -121,10 +120,7 @@ def main(argv=None) -> None:
     p.add_argument("--scale", type=int, default=2, help="upscale the picture this many times")
     p.add_argument("--out", default="kept.png")
     args = p.parse_args(argv)
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(args.model).eval()
-    processor = AutoProcessor.from_pretrained(args.model)
+    model, processor = load_llava(args.model, device="cpu", dtype="float32")
     config = CarveConfig(keep=args.keep, layer=args.layer, mode=args.method)
     picture, carve = carve_picture(model, processor, Image.open(args.image).convert("RGB"), args.prompt, config, args.scale)
     picture.save(args.out)

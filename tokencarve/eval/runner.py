@@ -14,11 +14,12 @@ import torch
 
 import tokencarve
 from tokencarve import CarveConfig
+from tokencarve.loading import chat_prompt
 
 from .questions import Question
 from .scoring import summarize
 
-METHODS = ("none", "tokencarve", "information", "attention", "fastv", "random", "pool")
+METHODS = ("none", *tokencarve.METHODS)  # "none": the stock model
 BUDGETS = (576, 192, 128, 64, 32, 16)
 
 
@@ -66,10 +67,6 @@ class Evaluator:
         model.tokencarve.record_hidden = True
         processor.tokenizer.padding_side = "left"  # what generate() needs
 
-    def prompt(self, question: str) -> str:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
-
     def configure(self, setting: Setting) -> None:
         method = "tokencarve" if setting.method == "none" else setting.method
         keep = self.tokens_per_image if setting.method == "none" else setting.keep
@@ -78,13 +75,14 @@ class Evaluator:
     @torch.inference_mode()
     def answer(self, questions: list[Question]) -> tuple[list[str], list[dict]]:
         """Greedy answers to one batch, and the spectrum of each image's visual rows entering layer K."""
-        inputs = self.processor(images=[q.image for q in questions], text=[self.prompt(q.prompt) for q in questions],
-                                return_tensors="pt", padding=True).to(self.model.device)
+        prompts = [chat_prompt(self.processor, q.prompt) for q in questions]
+        images = [q.image for q in questions]
+        inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True).to(self.model.device)
         out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
         texts = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         # the prefill's figures: generate() keeps them on the cache note after the decode steps
-        images = self.model.tokencarve.last_stats.images
-        spectra = [dict(spectrum(image.hidden), visual_tokens=int(image.hidden.shape[0])) for image in images]
+        carves = self.model.tokencarve.last_stats.images
+        spectra = [dict(spectrum(carve.hidden), visual_tokens=int(carve.hidden.shape[0])) for carve in carves]
         return [t.strip() for t in texts], spectra
 
     def run(self, questions: list[Question], setting: Setting, progress=None) -> dict:
