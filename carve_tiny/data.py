@@ -1,24 +1,22 @@
-"""Write generated scene corpora as Parquet shards, and read them back.
+"""Write generated scene corpora as Parquet shards (read them with tokencarve.eval.read_parquet).
 
     python -m carve_tiny.data --rows 300 --seed 7 --out data/sample --shard-rows 150
 
 Columns: id (string), image (PNG bytes, 336 x 336 RGB), prompt (the question, without the chat
 template), answer, task. Tasks come round-robin (caption, colour, count, exist, position, ocr, ...),
-so every task type is equally represented, and existence questions alternate yes / no; each row has its own scene. The same seed and row count
-give byte-identical shards.
+so every task type is equally represented, and existence questions alternate yes / no; each row has
+its own scene. The same seed and row count give byte-identical shards.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
 from .scenes import TASKS, example, png_bytes
 
@@ -53,18 +51,6 @@ def _write_shard(out: Path, index: int, shard: list[dict]) -> Path:
     path = out / f"shard-{index:05d}.parquet"
     pq.write_table(pa.Table.from_pylist(shard, schema=SCHEMA), path, compression="zstd")
     return path
-
-
-def read_corpus(path: str | Path) -> list[dict]:
-    """Rows of every shard under `path` (a folder or one file), with `image` decoded to a PIL image."""
-    path = Path(path)
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
-    out = []
-    for file in files:
-        for row in pq.read_table(file).to_pylist():
-            row["image"] = Image.open(io.BytesIO(row["image"])).convert("RGB")
-            out.append(row)
-    return out
 
 
 def main(argv=None) -> None:

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from carve_tiny import data, evaluate, model, scenes, train
+from tokencarve.eval.questions import read_parquet
 from tokencarve.eval.scoring import correct
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,8 +227,7 @@ def test_processor_gives_576_image_tokens_per_image(bundled):
 
 def test_bundled_model_answers_the_sample_and_fails_blind(bundled):
     llava, processor = bundled
-    rows = data.read_corpus(SAMPLE)[:30]  # 5 rows of each task
-    questions = [dict(row, scene=None) for row in rows]
+    questions = [dict(vars(q), scene=None) for q in read_parquet(SAMPLE, limit=30)]  # 5 rows of each task
     prompts = [q["prompt"] for q in questions]
     vanilla = evaluate.generate_answers(llava, processor, [q["image"] for q in questions], prompts, batch_size=8)
     blank = evaluate.generate_answers(llava, processor, evaluate.control_images(questions, "blank"), prompts,
