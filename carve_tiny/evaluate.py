@@ -4,9 +4,9 @@
 
 Questions come from a seed the model never trained on. Answers are generated greedily through the
 public path (`AutoProcessor` + `generate`, batched with left padding) and scored by exact match
-after normalisation (tokencarve.eval.scoring, the harness's rules). Controls: "blank" gives every question an empty canvas, "shuffled"
-gives every question the image of another question (half the set further on, so another task's
-scene). A model that really looks falls to about the "prior" column on both: the accuracy of always
+after normalisation (tokencarve.eval.scoring, the harness's rules). Controls: "blank" gives every
+question an empty canvas, "shuffled" gives every question the image of another question (half the
+set further on, so another task's scene). A model that really looks falls to about the "prior" column on both: the accuracy of always
 answering the task's most common answer.
 """
 
