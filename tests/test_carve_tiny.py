@@ -129,6 +129,44 @@ def test_patch_targets_follow_the_mask():
     assert set(shapes.tolist()) == {0} | {1 + scenes.SHAPES.index(t.shape) for t in scene.things}
     tens, units = (targets[:, list(train.PATCH_HEADS).index(h)] for h in ("tens", "units"))
     assert set(tens.tolist()) == {0, 1 + 4} and set(units.tolist()) == {0, 1 + 2}  # "42"
+    cell = list(train.PATCH_HEADS).index("cell")
+    rows, cols = torch.arange(576) // 24, torch.arange(576) % 24
+    assert torch.equal(targets[:, cell], rows // 8 * 3 + cols // 8)  # every patch: its grid cell
+
+
+def test_cell_target_objects_labels_only_what_is_there():
+    """`--cell-target objects`: the cell head labels object and text patches (1 + cell), the background 0."""
+    scene = _scene()
+    _, mask = scenes.render(scene, random.Random(0), with_masks=True)
+    every, objects = (train.patch_targets(scene, mask, target) for target in train.CELL_TARGETS)
+    cell = list(train.PATCH_HEADS).index("cell")
+    something = (every[:, :3] > 0).any(1) | (every[:, 4:7] > 0).any(1)
+    assert something.any() and not something.all()
+    assert torch.equal(objects[:, cell], torch.where(something, every[:, cell] + 1, 0))
+    assert set(objects[something, cell].tolist()) == {1 + t.cell for t in scene.things} | {1 + scene.text_cell}
+    for target in train.CELL_TARGETS:  # the probe's head sizes match the targets
+        probe = train.PatchProbe(16, target)
+        features = torch.randn(1, 576, 16)
+        labels = train.patch_targets(scene, mask, target)[None]
+        assert torch.isfinite(probe.loss(features, labels)) and set(probe.accuracy(features, labels)) >= {"cell"}
+    with pytest.raises(ValueError, match="cell target"):
+        train.patch_heads("some")
+
+
+def test_training_is_a_function_of_the_seed(tmp_path):
+    """Two short runs of the training CLI with the bundled recipe's defaults and the same seed save
+    identical weights; the saved folder loads through the public API and records the recipe."""
+    from safetensors.torch import load_file
+    from transformers import LlavaForConditionalGeneration
+
+    for name in ("a", "b"):
+        train.main(["--out", str(tmp_path / name), "--steps", "2", "--batch-size", "2", "--threads", "1",
+                    "--device", "cpu"])
+    first, second = (load_file(tmp_path / name / "model.safetensors") for name in ("a", "b"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    record = json.loads((tmp_path / "a" / "training.json").read_text())
+    assert (record["cell_target"], record["precision"], record["steps"]) == ("objects", "bfloat16", 2)
+    assert isinstance(LlavaForConditionalGeneration.from_pretrained(tmp_path / "a"), LlavaForConditionalGeneration)
 
 
 def test_score_normalisation():
@@ -235,5 +273,5 @@ def test_bundled_model_answers_the_sample_and_fails_blind(bundled):
     assert processor.tokenizer.padding_side == "left"
     vanilla_accuracy = evaluate.accuracy(questions, vanilla)["overall"]
     blank_accuracy = evaluate.accuracy(questions, blank)["overall"]
-    assert vanilla_accuracy >= 0.8, list(zip(vanilla, [q["answer"] for q in questions]))
+    assert vanilla_accuracy >= 0.9, list(zip(vanilla, [q["answer"] for q in questions]))
     assert blank_accuracy <= 0.4 and blank_accuracy <= vanilla_accuracy - 0.4
