@@ -7,7 +7,8 @@
 Inputs: Parquet (id; image bytes or image_path; optional prompt; optional reference answer), folders of
 images, WebDataset .tar. Output: one Parquet row per input row (caption or error; with an answer, whether
 the caption matches it) plus _summary.json (with an accuracy when answers were given). Rerunning into the same
-output resumes: ids already written are skipped.
+output resumes: ids already written are skipped. A rerun with another model, method or budget into an
+output that holds rows is refused (exit status 2) rather than mixing settings in one output.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import ray  # noqa: E402
 from transformers import AutoConfig, AutoProcessor  # noqa: E402
 
-from pipeline.batch import CaptionJob, run  # noqa: E402
+from pipeline.batch import CaptionJob, SettingsMismatch, check_resumable, run  # noqa: E402
 from pipeline.engine import METHODS, EngineConfig  # noqa: E402
 from monitoring.push import push_summary  # noqa: E402
 from pipeline.sources import FORMATS  # noqa: E402
@@ -85,6 +86,11 @@ def ray_address(requested: str | None) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     job = build_job(args)
+    try:
+        check_resumable(job)  # before starting Ray: a mismatched output is refused at once
+    except SettingsMismatch as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     ray.init(address=ray_address(args.address), log_to_driver=False)
     summary = run(job)
     summary.pop("ray_data_stats")  # it is in the summary file; the console gets the figures

@@ -8,7 +8,8 @@
 Every input row leaves exactly one output row, with a caption or an error reason. Output files are
 named after the ids they hold and appear only once complete (write to a hidden temp name, then
 rename), so a task retried after a crash rewrites the same file, and a rerun into the same output
-skips every id already there: a killed job resumes without losing or duplicating rows.
+skips every id already there: a killed job resumes without losing or duplicating rows. Only the
+model, method and budget that wrote an output may resume it (`check_resumable`).
 """
 
 from __future__ import annotations
@@ -139,8 +140,8 @@ class CaptionActor:
         out = []
         for row, result in zip(rows, results):
             out.append({
-                "id": row["id"], "prompt": row["prompt"], "model": self.engine.model_name,
-                "method": cfg.method, "keep": None if cfg.method == "none" else cfg.keep,
+                "id": row["id"], "prompt": row["prompt"], "model": cfg.model_name,
+                "method": cfg.method, "keep": cfg.budget,
                 "caption": None, **result,
                 "answer": row["answer"], "correct": _correct(result.get("caption"), row["answer"]),
             })
@@ -199,11 +200,32 @@ def read_output(output: str) -> pa.Table:
     return pads.dataset(root, filesystem=fs, format="parquet", schema=OUTPUT).to_table()
 
 
+class SettingsMismatch(ValueError):
+    """The output already holds rows of another model, method or budget."""
+
+
+def check_resumable(job: CaptionJob, written: pa.Table | None = None) -> None:
+    """A rerun resumes an output only with the model, method and budget that wrote it: skipping its
+    ids would otherwise leave one output (and its summary) describing two different runs."""
+    written = read_output(job.output) if written is None else written
+    settings = zip(*(written.column(c).to_pylist() for c in ("model", "method", "keep")))
+    wanted = (job.engine.model_name, job.engine.method, job.engine.budget)
+    other = sorted({s for s in settings if s != wanted}, key=str)
+    if other:
+        model, method, keep = other[0]
+        raise SettingsMismatch(
+            f"{job.output} already holds rows written with model={model} method={method} keep={keep}; this run "
+            f"is model={wanted[0]} method={wanted[1]} keep={wanted[2]}. Write to a new --output (or remove "
+            f"that one) rather than mix settings in one output")
+
+
 def run(job: CaptionJob) -> dict:
     """Run the pipeline on the connected Ray cluster; returns (and writes) the run summary."""
     fs, root = pafs.FileSystem.from_uri(_output_uri(job.output))
+    written = read_output(job.output)
+    check_resumable(job, written)
     fs.create_dir(root, recursive=True)
-    done = frozenset(read_output(job.output).column("id").to_pylist())
+    done = frozenset(written.column("id").to_pylist())
     done_ref = ray.put(done) if done else None
 
     started = time.perf_counter()

@@ -42,6 +42,16 @@ class EngineConfig:
             CarveConfig(keep=self.keep, layer=self.layer, mode=self.method)  # validates keep/layer early
 
     @property
+    def model_name(self) -> str:
+        """What output rows record as the model: the last part of its path or hub id."""
+        return self.model.rstrip("/").split("/")[-1]
+
+    @property
+    def budget(self) -> int | None:
+        """What output rows record as `keep`: the visual tokens per image, None for the stock model."""
+        return None if self.method == "none" else self.keep
+
+    @property
     def carve_config(self) -> CarveConfig:
         if self.method == "none":  # keep beyond any image: bit-identical to stock, figures still measured
             return CarveConfig(keep=1_000_000, layer=self.layer)
@@ -99,7 +109,7 @@ class CaptionEngine:
         self.image_size = vision.image_size
         mean = getattr(self.processor.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
         self.pad_color = tuple(int(round(255 * m)) for m in mean[:3])  # LLaVA pads with the mean colour
-        self.model_name = config.model.rstrip("/").split("/")[-1]
+        self.model_name = config.model_name
         self._timer = _ForwardTimer(self.model)
         self.last_timing: BatchTiming | None = None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -16,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.batch import CaptionJob, read_output, run
+from pipeline.batch import CaptionJob, SettingsMismatch, read_output, run
 from pipeline.engine import EngineConfig
 
 from .bad_images import broken_images, encode, gradient, valid_images
@@ -110,6 +111,32 @@ def test_every_input_row_gives_exactly_one_output_row(ray_cluster, tiny_model_di
     again = run(job(tiny_model_dir, tmp_path / "corpus", tmp_path / "out"))  # a rerun: nothing to do
     assert again["rows_this_run"] == 0 and again["rows_skipped_as_done"] == len(expected)
     assert sorted(read_output(str(tmp_path / "out")).column("id").to_pylist()) == sorted(expected)
+
+    # another budget or method into the same output is refused before any work; the output is untouched
+    before = sorted(p.name for p in (tmp_path / "out").iterdir())
+    other_budget = job(tiny_model_dir, tmp_path / "corpus", tmp_path / "out")
+    other_budget.engine = EngineConfig(model=tiny_model_dir, keep=16, max_new_tokens=4)
+    with pytest.raises(SettingsMismatch, match="keep=32; this run is model=.* method=tokencarve keep=16"):
+        run(other_budget)
+    other_budget.engine = EngineConfig(model=tiny_model_dir, method="none", max_new_tokens=4)
+    with pytest.raises(SettingsMismatch, match="method=none keep=None"):
+        run(other_budget)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
+
+
+def test_job_refuses_to_mix_settings_in_one_output(tiny_model_dir, tmp_path, capsys):
+    """The job checks before starting Ray: exit status 2, the reason on stderr, nothing written."""
+    spec = importlib.util.spec_from_file_location("caption_corpus", ROOT / "jobs" / "caption_corpus.py")
+    caption_corpus = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(caption_corpus)
+    output = tmp_path / "out"
+    output.mkdir()
+    row = {name: None for name in read_output(str(output)).schema.names}
+    row.update(id="row-1", model=Path(tiny_model_dir).name, method="tokencarve", keep=64, caption="a scene")
+    pq.write_table(pa.Table.from_pylist([row], schema=read_output(str(output)).schema), output / "part-x.parquet")
+    code = caption_corpus.main(["--output", str(output), "--model", tiny_model_dir, "--keep", "128"])
+    assert code == 2 and sorted(p.name for p in output.iterdir()) == ["part-x.parquet"]
+    assert "already holds rows written with model=" in capsys.readouterr().err
 
 
 def test_reference_answers_are_scored(ray_cluster, tmp_path):
