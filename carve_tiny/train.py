@@ -82,6 +82,12 @@ class Row:
     targets: torch.Tensor  # [576, len(PATCH_HEADS)] per-patch auxiliary targets
 
 
+def occupied(targets):
+    """Patches with an object or the text under them, from `patch_targets` rows (numpy or torch): those
+    where any head but the cell has a class other than 0."""
+    return (targets[:, :3] > 0).any(1) | (targets[:, 4:] > 0).any(1)
+
+
 def patch_targets(scene: Scene, mask, cell_target: str = "every-patch") -> torch.Tensor:
     """Per-patch classes from the render's object mask: the object covering >= 15 % of a patch gives
     its colour / shape / size (and its first such patch is its "anchor"); patches in the text's box
@@ -107,9 +113,8 @@ def patch_targets(scene: Scene, mask, cell_target: str = "every-patch") -> torch
             targets[where, 4] = 1 + WORDS.index(scene.text)
         else:
             targets[where, 5], targets[where, 6] = 1 + int(scene.text[0]), 1 + int(scene.text[1])
-    if patch_heads(cell_target)["cell"] == 10:
-        something = (targets[:, :3] > 0).any(1) | (targets[:, 4:7] > 0).any(1)
-        targets[:, 3] = np.where(something, targets[:, 3] + 1, 0)
+    if patch_heads(cell_target)["cell"] == 10:  # "objects": 1 + cell where something is, 0 elsewhere
+        targets[:, 3] = np.where(occupied(targets), targets[:, 3] + 1, 0)
     return torch.from_numpy(targets)
 
 
@@ -169,8 +174,7 @@ def collate(rows: list[Row], device="cpu", hide_background: float = 0.0, rng: ra
         start = rows[0].ids.index(IMAGE)
         generator = torch.Generator().manual_seed((rng or random).randrange(2**31))
         for i, r in enumerate(rows):
-            background = (r.targets[:, :3] == 0).all(1) & (r.targets[:, 4:] == 0).all(1)
-            hidden = background & (torch.rand(IMAGE_TOKENS, generator=generator) < hide_background)
+            hidden = ~occupied(r.targets) & (torch.rand(IMAGE_TOKENS, generator=generator) < hide_background)
             mask[i, :, start + hidden.nonzero().flatten()] = False
     mask[:, :, 0] = True  # padding rows attend to <s> (no fully masked row)
     prefix = int((branch[0] == 0).sum())

@@ -192,12 +192,17 @@ def _output_uri(output: str) -> str:
 
 # -- the job ----------------------------------------------------------------------------------------------
 
-def read_output(output: str) -> pa.Table:
-    """Every row written so far (an empty table if nothing is)."""
+# what resuming needs of the rows written so far: their ids and the setting that wrote them
+RESUME_COLUMNS = ["id", "model", "method", "keep"]
+
+
+def read_output(output: str, columns: list[str] | None = None) -> pa.Table:
+    """Every row written so far (an empty table if nothing is), all columns or only `columns`."""
     fs, root = pafs.FileSystem.from_uri(_output_uri(output))
     if fs.get_file_info(root).type == pafs.FileType.NotFound:
-        return OUTPUT.empty_table()
-    return pads.dataset(root, filesystem=fs, format="parquet", schema=OUTPUT).to_table()
+        empty = OUTPUT.empty_table()
+        return empty if columns is None else empty.select(columns)
+    return pads.dataset(root, filesystem=fs, format="parquet", schema=OUTPUT).to_table(columns=columns)
 
 
 class SettingsMismatch(ValueError):
@@ -207,7 +212,7 @@ class SettingsMismatch(ValueError):
 def check_resumable(job: CaptionJob, written: pa.Table | None = None) -> None:
     """A rerun resumes an output only with the model, method and budget that wrote it: skipping its
     ids would otherwise leave one output (and its summary) describing two different runs."""
-    written = read_output(job.output) if written is None else written
+    written = read_output(job.output, RESUME_COLUMNS) if written is None else written
     settings = zip(*(written.column(c).to_pylist() for c in ("model", "method", "keep")))
     wanted = (job.engine.model_name, job.engine.method, job.engine.budget)
     other = sorted({s for s in settings if s != wanted}, key=str)
@@ -222,7 +227,7 @@ def check_resumable(job: CaptionJob, written: pa.Table | None = None) -> None:
 def run(job: CaptionJob) -> dict:
     """Run the pipeline on the connected Ray cluster; returns (and writes) the run summary."""
     fs, root = pafs.FileSystem.from_uri(_output_uri(job.output))
-    written = read_output(job.output)
+    written = read_output(job.output, RESUME_COLUMNS)
     check_resumable(job, written)
     fs.create_dir(root, recursive=True)
     done = frozenset(written.column("id").to_pylist())
@@ -272,7 +277,7 @@ def summarize(table: pa.Table, job: CaptionJob, written: int, seconds: float, sk
         "output": job.output,
         "model": job.engine.model,
         "method": job.engine.method,
-        "keep": None if job.engine.method == "none" else job.engine.keep,
+        "keep": job.engine.budget,
         "rows_total": len(rows),
         "rows_ok": len(ok),
         "rows_failed": len(rows) - len(ok),
