@@ -4,11 +4,12 @@
     ray job submit --working-dir . -- python jobs/caption_corpus.py --input s3://bucket/corpus \\
         --output s3://bucket/captions --model llava-hf/llava-1.5-7b-hf --num-gpus 1 --max-actors 8
 
-Inputs: Parquet (id; image bytes or image_path; optional prompt; optional reference answer), folders of
-images, WebDataset .tar. Output: one Parquet row per input row (caption or error; with an answer, whether
-the caption matches it) plus _summary.json (with an accuracy when answers were given). Rerunning into the same
-output resumes: ids already written are skipped. A rerun with another model, method or budget into an
-output that holds rows is refused (exit status 2) rather than mixing settings in one output.
+Inputs: Parquet shards (id or key; image bytes, jpg, or image_path; optional prompt and reference answer;
+img2dataset's layout works as it is), folders of images, WebDataset .tar shards. Output: one Parquet row per
+input row (caption, or error_code + error_message; source_file + source_row; carried columns as source_<name>)
+plus _summary.json. A rerun into the same output resumes: finished shards are skipped, unfinished ones
+re-checked. A rerun with another model, method, budget or --carry is refused (exit status 2). Shards that
+cannot be read are skipped and listed in the summary (exit status 0, or 3 with --strict); a rerun retries them.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ sys.path.insert(0, str(ROOT))  # run from a checkout or a Ray working_dir withou
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import ray  # noqa: E402
-from transformers import AutoConfig, AutoProcessor  # noqa: E402
 
-from pipeline.batch import CaptionJob, SettingsMismatch, check_resumable, run  # noqa: E402
-from pipeline.engine import METHODS, EngineConfig  # noqa: E402
 from monitoring.push import push_summary  # noqa: E402
+from pipeline.batch import CaptionJob, run  # noqa: E402
+from pipeline.engine import METHODS, EngineConfig  # noqa: E402
+from pipeline.output import Output, SettingsMismatch  # noqa: E402
 from pipeline.sources import FORMATS  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "models" / "carve-tiny"
@@ -40,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", action="append", help=f"corpus path or URI, repeatable (default: {DEFAULT_INPUT})")
     p.add_argument("--input-format", choices=FORMATS, default="auto")
+    p.add_argument("--carry", default="", help="source columns to copy to the output as source_<name>, comma-separated "
+                   "(e.g. url,caption,key,json; in WebDataset: member suffixes, key, caption = .txt, or .json fields)")
     p.add_argument("--output", default="out/captions", help="output folder or URI (default: %(default)s)")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="local folder or hub id (default: bundled carve-tiny)")
     p.add_argument("--keep", type=int, default=64, help="visual tokens kept per image (default: %(default)s)")
@@ -47,33 +50,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-carve", action="store_true", help="run the stock model (same as --method none)")
     p.add_argument("--layer", type=int, default=2, help="the cut sits before decoder layer K (default: 2)")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="refuse longer prompts (prompt_too_long); default: what the context window leaves")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--batch-size", type=int, default=8, help="rows per generate() call")
     p.add_argument("--min-actors", type=int, default=1)
     p.add_argument("--max-actors", type=int, default=1)
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor (0 on CPU machines)")
     p.add_argument("--actor-cpus", type=float, default=1.0)
-    p.add_argument("--rows-per-file", type=int, default=1000)
+    p.add_argument("--rows-per-file", type=int, default=CaptionJob.rows_per_file,
+                   help="rows per written bundle; a part file holds one shard's share of it")
     p.add_argument("--max-image-bytes", type=int, default=CaptionJob.max_image_bytes)
     p.add_argument("--max-image-pixels", type=int, default=CaptionJob.max_image_pixels)
     p.add_argument("--address", default=None,
                    help="Ray address ('auto': a running local cluster; default: the job's cluster, else a new local one)")
     p.add_argument("--pushgateway", default=None, help="push the run summary to this Prometheus Pushgateway (host:port)")
+    p.add_argument("--progress-every", type=float, default=CaptionJob.progress_every_s,
+                   help="seconds between progress lines on stderr (0: none; default: %(default)s)")
+    p.add_argument("--strict", action="store_true", help="exit 3 when any shard could not be read (after writing the rest)")
     return p.parse_args(argv)
 
 
 def build_job(args: argparse.Namespace) -> CaptionJob:
     method = "none" if args.no_carve else args.method
     engine = EngineConfig(model=args.model, keep=args.keep, method=method, layer=args.layer,
-                          max_new_tokens=args.max_new_tokens, dtype=args.dtype)
-    vision = AutoConfig.from_pretrained(args.model).vision_config
-    mean = getattr(AutoProcessor.from_pretrained(args.model).image_processor, "image_mean", None) or [0.5] * 3
+                          max_new_tokens=args.max_new_tokens, dtype=args.dtype, max_prompt_tokens=args.max_prompt_tokens)
     return CaptionJob(
         inputs=args.input or [str(DEFAULT_INPUT)], output=args.output, engine=engine, input_format=args.input_format,
+        carry=tuple(c.strip() for c in args.carry.split(",") if c.strip()),
         batch_size=args.batch_size, min_actors=args.min_actors, max_actors=args.max_actors,
         num_gpus=args.num_gpus, actor_cpus=args.actor_cpus, rows_per_file=args.rows_per_file,
         max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
-        image_size=vision.image_size, pad_color=tuple(int(round(255 * m)) for m in mean[:3]),
+        progress_every_s=args.progress_every,
     )
 
 
@@ -87,7 +95,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     job = build_job(args)
     try:
-        check_resumable(job)  # before starting Ray: a mismatched output is refused at once
+        Output(job.output).claim(job.settings())  # before starting Ray: a mismatched output is refused at once
     except SettingsMismatch as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -97,7 +105,9 @@ def main(argv=None) -> int:
     if args.pushgateway:
         push_summary(summary, args.pushgateway)
     print(json.dumps(summary, indent=2))
-    return 0
+    for shard in summary["failed_shards"]:
+        print(f"failed shard: {shard['source']}: {shard['error_code']}: {shard['error_message']}", file=sys.stderr)
+    return 3 if args.strict and summary["units_failed"] else 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ The Ray Data actors (`pipeline.batch`) and the Ray Serve replicas (`pipeline.ser
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, replace
 
@@ -14,6 +15,8 @@ from PIL import Image
 
 import tokencarve
 from tokencarve import CarveConfig, load_llava
+
+from .images import RowError, square
 
 DEFAULT_PROMPT = "Describe the image."
 LLAVA_15_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
@@ -30,6 +33,9 @@ class EngineConfig:
     device: str = "auto"  # "auto": cuda if available
     dtype: str = "auto"  # "auto": bfloat16 on cuda, float32 on cpu
     prompt_template: str = LLAVA_15_TEMPLATE
+    # prompt tokens a row may use (the template's included); None: what the context window leaves
+    # after the image's tokens and max_new_tokens. Longer prompts are refused before any model work.
+    max_prompt_tokens: int | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -38,6 +44,8 @@ class EngineConfig:
             raise ValueError("max_new_tokens must be >= 1")
         if "{prompt}" not in self.prompt_template or "<image>" not in self.prompt_template:
             raise ValueError("prompt_template needs an <image> placeholder and a {prompt} field")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError("max_prompt_tokens must be >= 1")
         if self.method != "none":
             CarveConfig(keep=self.keep, layer=self.layer, mode=self.method)  # validates keep/layer early
 
@@ -56,6 +64,56 @@ class EngineConfig:
         if self.method == "none":  # keep beyond any image: bit-identical to stock, figures still measured
             return CarveConfig(keep=1_000_000, layer=self.layer)
         return CarveConfig(keep=self.keep, layer=self.layer, mode=self.method)
+
+
+class ModelInputs:
+    """How an input becomes what the model sees, read from its config and processor (no weights):
+    every image is padded to a square with the processor's mean colour and resized to the vision
+    tower's side (LLaVA-1.5's `pad`), and a prompt must fit the context window. The batch job's
+    CPU stage, Serve and the engine itself all go through one of these, so they see the same pixels
+    and refuse the same prompts."""
+
+    def __init__(self, config: EngineConfig, processor, model_config):
+        self.template = config.prompt_template
+        self.tokenizer = processor.tokenizer
+        self.image_size = model_config.vision_config.image_size
+        mean = getattr(processor.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
+        self.pad_color = tuple(int(round(255 * m)) for m in mean[:3])
+        self.image_tokens = tokencarve.tokens_per_image(model_config)
+        self.context_window = model_config.text_config.max_position_embeddings
+        self.max_prompt_tokens = config.max_prompt_tokens
+        self.max_new_tokens = config.max_new_tokens
+        self.prompt_tokens = functools.lru_cache(maxsize=1024)(self._prompt_tokens)  # corpora repeat prompts
+
+    @classmethod
+    def load(cls, config: EngineConfig) -> ModelInputs:
+        from transformers import AutoConfig, AutoProcessor
+
+        return cls(config, AutoProcessor.from_pretrained(config.model), AutoConfig.from_pretrained(config.model))
+
+    def image(self, image: Image.Image) -> Image.Image:
+        return square(image, self.image_size, self.pad_color)
+
+    def prompt_limit(self, max_new_tokens: int | None = None) -> int:
+        """The most prompt tokens (template included, image tokens not) a row may have."""
+        room = self.context_window - self.image_tokens - (max_new_tokens or self.max_new_tokens)
+        return min(room, self.max_prompt_tokens) if self.max_prompt_tokens else room
+
+    def prompt_error(self, prompt: str | None, max_new_tokens: int | None = None) -> RowError | None:
+        """Why a prompt cannot be run, or None. Costs one tokenizer call, no forward."""
+        if prompt is not None and "<image>" in prompt:
+            return RowError("invalid_prompt", "the prompt contains the image placeholder <image>")
+        limit = self.prompt_limit(max_new_tokens)
+        tokens = self.prompt_tokens(prompt)
+        if tokens > limit:
+            return RowError("prompt_too_long", f"the prompt is {tokens} tokens (template included); the limit is {limit} "
+                                               f"(context {self.context_window} - {self.image_tokens} image tokens - "
+                                               f"{max_new_tokens or self.max_new_tokens} new tokens, or --max-prompt-tokens)")
+        return None
+
+    def _prompt_tokens(self, prompt: str | None) -> int:
+        text = self.template.format(prompt=prompt or DEFAULT_PROMPT)
+        return len(self.tokenizer(text).input_ids) - 1  # the <image> placeholder counts as the image's tokens
 
 
 @dataclass
@@ -105,10 +163,7 @@ class CaptionEngine:
         self.config = config
         self.model, self.processor = load_llava(config.model, config.device, config.dtype)
         tokencarve.apply(self.model, config.carve_config)
-        vision = self.model.config.vision_config
-        self.image_size = vision.image_size
-        mean = getattr(self.processor.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
-        self.pad_color = tuple(int(round(255 * m)) for m in mean[:3])  # LLaVA pads with the mean colour
+        self.inputs = ModelInputs(config, self.processor, self.model.config)
         self.model_name = config.model_name
         self._timer = _ForwardTimer(self.model)
         self.last_timing: BatchTiming | None = None
@@ -122,8 +177,8 @@ class CaptionEngine:
         keep: int | None = None,
         method: str | None = None,
     ) -> list[Caption]:
-        """Caption (or answer) one batch; images are RGB (any size), prompts may be None.
-        `keep` / `method` override the engine's budget for this batch only."""
+        """Caption (or answer) one batch; images are RGB (any size: squared here), prompts may be None
+        and must fit (`inputs.prompt_error`). `keep` / `method` override the budget for this batch only."""
         carver = self.model.tokencarve
         default = carver.config
         carver.reconfigure(replace(self.config, keep=keep or self.config.keep, method=method or self.config.method).carve_config)
@@ -134,6 +189,7 @@ class CaptionEngine:
 
     def _generate(self, images, prompts, max_new_tokens) -> list[Caption]:
         texts = [self.config.prompt_template.format(prompt=p or DEFAULT_PROMPT) for p in prompts]
+        images = [self.inputs.image(image) for image in images]  # a no-op on rows the job already squared
         inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.model.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         self._timer.durations = []

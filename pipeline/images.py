@@ -1,7 +1,7 @@
 """Decode and validate untrusted image bytes: every input becomes an RGB square or a clear reason.
 
 Used by the batch pipeline's CPU stage and by the Serve endpoint, so that both accept and reject
-exactly the same inputs. Nothing here raises for bad data: callers get an `ImageError` value.
+exactly the same inputs. Nothing here raises for bad data: callers get a `RowError` value.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ MAX_IMAGE_PIXELS = 64_000_000  # 64 MP; Pillow's decompression-bomb guard trips 
 
 
 @dataclass(frozen=True)
-class ImageError:
-    """Why an input could not be turned into an image. `code` is stable and low-cardinality
-    (a metrics label); `message` is for people."""
+class RowError:
+    """Why one input row gets no caption (an image that cannot be used, a prompt too long, ...).
+    `code` is stable and low-cardinality (a metrics label, the output's `error_code`); `message` is
+    for people (`error_message`)."""
 
     code: str
     message: str
@@ -35,32 +36,32 @@ def decode_image(
     *,
     max_bytes: int = MAX_IMAGE_BYTES,
     max_pixels: int = MAX_IMAGE_PIXELS,
-) -> Image.Image | ImageError:
+) -> Image.Image | RowError:
     """Bytes of any format Pillow reads -> an RGB image (first frame, EXIF orientation applied)."""
     if data is None:
-        return ImageError("missing_image", "the row has no image")
+        return RowError("missing_image", "the row has no image")
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        return ImageError("wrong_type", f"expected encoded image bytes, got {type(data).__name__}")
+        return RowError("wrong_type", f"expected encoded image bytes, got {type(data).__name__}")
     if len(data) == 0:
-        return ImageError("empty_image", "the image has zero bytes")
+        return RowError("empty_image", "the image has zero bytes")
     if len(data) > max_bytes:
-        return ImageError("image_too_large", f"{len(data)} bytes is over the limit of {max_bytes}")
+        return RowError("image_too_large", f"{len(data)} bytes is over the limit of {max_bytes}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(bytes(data)))
             width, height = image.size
             if width * height > max_pixels:
-                return ImageError("too_many_pixels", f"{width}x{height} is over the limit of {max_pixels} pixels")
+                return RowError("too_many_pixels", f"{width}x{height} is over the limit of {max_pixels} pixels")
             image.seek(0)  # animated images: the first frame
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        return ImageError("decompression_bomb", str(err))
+        return RowError("decompression_bomb", str(err))
     except OSError as err:
         reason = "truncated_image" if "truncated" in str(err).lower() else "undecodable_image"
-        return ImageError(reason, str(err) or type(err).__name__)
+        return RowError(reason, str(err) or type(err).__name__)
     except Exception as err:  # Pillow raises many types on hostile input (SyntaxError, ValueError, ...)
-        return ImageError("undecodable_image", f"{type(err).__name__}: {err}")
+        return RowError("undecodable_image", f"{type(err).__name__}: {err}")
     return to_rgb(image)
 
 

@@ -23,7 +23,6 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -34,7 +33,7 @@ from ray.serve.config import AutoscalingConfig, BackpressureConfig
 from monitoring.metrics import MetricsRecorder
 
 from .engine import METHODS, CaptionEngine, EngineConfig
-from .images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, ImageError, decode_image
+from .images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, RowError, decode_image
 
 # Error code -> HTTP status (anything else about the image is a 400).
 TOO_LARGE = {"image_too_large", "too_many_pixels", "decompression_bomb"}
@@ -46,10 +45,11 @@ class ServeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = "models/carve-tiny"
     keep: int = Field(64, ge=1)
-    method: Literal["none", "tokencarve", "information", "attention"] = "tokencarve"
+    method: str = "tokencarve"  # one of pipeline.engine.METHODS (checked by EngineConfig)
     layer: int = Field(2, ge=1)
     max_new_tokens: int = Field(64, ge=1)  # the default per request
     max_new_tokens_limit: int = Field(512, ge=1)  # the most a request may ask for
+    max_prompt_tokens: int | None = Field(None, ge=1)  # None: what the context window leaves (413 beyond)
     min_keep: int = Field(16, ge=1)  # bounds for a per-request budget
     max_keep: int = Field(576, ge=1)
     dtype: str = "auto"
@@ -74,7 +74,7 @@ class CaptionRequest(BaseModel):
     prompt: str | None = None
     max_new_tokens: int | None = Field(None, ge=1)
     keep: int | None = Field(None, ge=1)
-    method: Literal["none", "tokencarve", "information", "attention"] | None = None
+    method: str | None = None  # checked against pipeline.engine.METHODS in _work
 
 
 class HTTPError(Exception):
@@ -155,7 +155,8 @@ class CaptionServer:
         self.settings = ServeSettings(**settings)
         s = self.settings
         self.engine = CaptionEngine(EngineConfig(model=s.model, keep=s.keep, method=s.method, layer=s.layer,
-                                                 max_new_tokens=s.max_new_tokens, dtype=s.dtype))
+                                                 max_new_tokens=s.max_new_tokens, dtype=s.dtype,
+                                                 max_prompt_tokens=s.max_prompt_tokens))
         self.metrics = MetricsRecorder(self.engine.model_name, s.method, s.keep)
         self.model_thread = ThreadPoolExecutor(max_workers=1)  # one generate() at a time per replica
         self.caption_batch.set_max_batch_size(s.max_batch_size)
@@ -275,7 +276,7 @@ class CaptionServer:
 
     def _decode(self, data: bytes):
         image = decode_image(data, max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_image_pixels)
-        if isinstance(image, ImageError):
+        if isinstance(image, RowError):
             raise HTTPError(413 if image.code in TOO_LARGE else 400, image.code, image.message)
         return image
 
@@ -290,6 +291,10 @@ class CaptionServer:
         method = method or s.method
         if method not in METHODS:
             raise HTTPError(422, "invalid_request", f"method must be one of {METHODS}")
+        # the batch job's check: a tokenizer call, before the request joins a batch
+        refused = self.engine.inputs.prompt_error(prompt, max_new_tokens)
+        if refused is not None:
+            raise HTTPError(413 if refused.code == "prompt_too_long" else 422, refused.code, refused.message)
         return _Work(image, prompt, max_new_tokens, keep, method)
 
 

@@ -3,6 +3,17 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Credentials for the loopback S3 server, set before Ray starts so its workers inherit them
+# (pyarrow's S3 filesystem reads them from the environment, never from a URI).
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -13,6 +24,45 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.2):
+    """Poll `condition` until it returns something truthy (returned) or `timeout` seconds pass (fail)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API (moto's standalone server) on loopback; yields the URI query that points
+    pyarrow at it (`s3://bucket/key?endpoint_override=...&scheme=http`) and a pyarrow filesystem."""
+    import pyarrow.fs as pafs
+
+    binary = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
+    if binary is None:
+        pytest.fail("moto_server is not installed (pip install 'moto[server]', part of the test extra)")
+    port = free_port()
+    server = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
+                           allow_bucket_creation=True, connect_timeout=5, request_timeout=30)
+
+    def answers():
+        try:
+            fs.get_file_info("probe-bucket")
+            return True
+        except OSError:
+            return server.poll() is not None and pytest.fail("moto_server exited")
+
+    wait_until(answers, 60, "the S3 server to answer")
+    yield f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1", fs
+    server.terminate()
+    server.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,11 @@
 One sample at a time, no padding, eager attention, a full SVD, Python loops over tokens, and a
 hand-written Llama decoder that keeps every layer's keys and values in explicit tensors. Nothing
 here is shared with the library: agreement between the two is the point of the tests.
+
+The same code covers every LLaVA family: each image's token count is read off the features the
+model itself produced (`image_outputs`), the decoder is written once for Llama / Mistral / Qwen2
+(q/k/v biases live in the projections, grouped-query heads are repeated, the output head is
+whatever lm_head is, tied to the embeddings or not).
 """
 
 from __future__ import annotations
@@ -22,6 +27,11 @@ def borda(score: list[float]) -> list[int]:
     for rank, i in enumerate(order):
         points[i] = n - rank
     return points
+
+
+def budget(keep, n: int) -> int:
+    """A count, or a fraction of n rounded up (0.1 of 2880 is 288: float noise above it is ignored)."""
+    return keep if isinstance(keep, int) else math.ceil(keep * n - 1e-9)
 
 
 def select(H: torch.Tensor, attention: torch.Tensor, keep: int, weight: float = 0.5, mode: str = "tokencarve"):
@@ -115,26 +125,39 @@ class ReferenceRun:
     next_position: int
 
 
+def image_features(out) -> list[torch.Tensor]:
+    """Each image's [N_i, D] features, as the model wrote them into the prompt."""
+    encoded = getattr(out, "image_outputs", None)
+    features = encoded.pooler_output if encoded is not None else out.image_hidden_states
+    return list(features)  # a [images, N, D] tensor (LLaVA-1.5 on transformers 5.23) or a list per image
+
+
 @torch.no_grad()
-def reference_prefill(eager_model, input_ids: list[int], pixel_values, keep: int, cut: int = 2,
-                      weight: float = 0.5, mode: str = "tokencarve") -> ReferenceRun:
-    """Carve one unpadded prompt and run the language model by hand on the kept tokens."""
+def reference_prefill(eager_model, input_ids: list[int], pixel_values, keep, cut: int = 2,
+                      weight: float = 0.5, mode: str = "tokencarve", **image_inputs) -> ReferenceRun:
+    """Carve one unpadded prompt and run the language model by hand on the kept tokens.
+    `keep` is a count or a fraction per image; image_inputs: image_sizes (NeXT, OneVision), batch_num_images."""
     lm = eager_model.model.language_model
     theta = lm.config.rope_parameters["rope_theta"]
     ids = torch.tensor([input_ids])
-    out = eager_model(input_ids=ids, pixel_values=pixel_values, output_hidden_states=True, output_attentions=True)
+    out = eager_model(input_ids=ids, pixel_values=pixel_values, output_hidden_states=True, output_attentions=True,
+                      **image_inputs)
     entering_cut = out.hidden_states[cut][0]  # the residual stream entering layer K
     last_row = out.attentions[cut - 1][0, :, -1, :].float().mean(0)  # last token, heads averaged
 
-    n = eager_model.config.vision_config.image_size // eager_model.config.vision_config.patch_size
-    n = n * n
+    features = image_features(out)
     image_positions = [i for i, t in enumerate(input_ids) if t == eager_model.config.image_token_id]
-    images = [image_positions[i : i + n] for i in range(0, len(image_positions), n)]
+    images, start = [], 0
+    for f in features:  # the model fills image tokens in order, image after image
+        images.append(image_positions[start : start + len(f)])
+        start += len(f)
+    assert start == len(image_positions)
     kept_sequence = [i for i, t in enumerate(input_ids) if t != eager_model.config.image_token_id]
     values = {i: entering_cut[i] for i in kept_sequence}
     kept_per_image = []
     for positions in images:
-        kept, image_values = select(entering_cut[positions], last_row[positions], keep, weight, mode)
+        kept, image_values = select(entering_cut[positions], last_row[positions], budget(keep, len(positions)),
+                                    weight, mode)
         kept_per_image.append(kept)
         kept_sequence += [positions[k] for k in kept]
         values.update({positions[k]: v for k, v in image_values.items()})
@@ -142,9 +165,7 @@ def reference_prefill(eager_model, input_ids: list[int], pixel_values, keep: int
 
     # Layers < K: full-context keys/values, restricted to the kept positions (no merging).
     h = lm.embed_tokens(ids)[0]
-    features = out.image_hidden_states  # one tensor (transformers 5.23) or a list per image (5.24)
-    features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
-    h[torch.tensor(image_positions)] = features.reshape(-1, h.shape[-1])
+    h[torch.tensor(image_positions)] = torch.cat(features).reshape(-1, h.shape[-1])
     all_positions = torch.arange(len(input_ids))
     caches = []
     for layer in lm.layers[:cut]:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import ImageError, decode_image, square
+from pipeline.images import RowError, decode_image, square
 
 from .bad_images import broken_images, valid_images
 
@@ -24,7 +24,7 @@ def test_valid_images_decode_to_rgb(name, data):
 def test_broken_images_get_a_reason(name):
     data, code = broken_images()[name]
     error = decode_image(data, max_bytes=LIMIT, max_pixels=50_000_000)
-    assert isinstance(error, ImageError) and error.code == code, error
+    assert isinstance(error, RowError) and error.code == code, error
     assert str(error).startswith(code + ": ")
 
 

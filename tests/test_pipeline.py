@@ -17,10 +17,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.output import Output
 from pipeline.batch import CaptionJob, SettingsMismatch, read_output, run
 from pipeline.engine import EngineConfig
 
 from .bad_images import broken_images, encode, gradient, valid_images
+from .conftest import wait_until
+
+pytestmark = pytest.mark.slow  # a real Ray cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT = 2 * 1024 * 1024
@@ -89,15 +93,17 @@ def test_every_input_row_gives_exactly_one_output_row(ray_cluster, tiny_model_di
     table = read_output(str(tmp_path / "out"))
     ids = table.column("id").to_pylist()
     assert sorted(ids) == sorted(expected)  # every row, once
+    sources = list(zip(table.column("source_file").to_pylist(), table.column("source_row").to_pylist()))
+    assert len(set(sources)) == len(sources) and all(f and r >= 0 for f, r in sources)
     for row in table.to_pylist():
         code = expected[row["id"]]
         if code is None:
-            assert row["error"] is None and row["caption"], row
+            assert row["error_code"] is None and row["error_message"] is None and row["caption"], row
             assert row["visual_tokens_in"] == 576 and row["visual_tokens_kept"] == 32
             assert row["kv_bytes_held"] < row["kv_bytes_uncompressed"]
             assert row["generated_tokens"] == 4 and row["method"] == "tokencarve" and row["keep"] == 32
         else:
-            assert row["error"].startswith(code + ":"), row
+            assert row["error_code"] == code and row["error_message"], row
             assert row["caption"] is None
     ok = sum(code is None for code in expected.values())
     assert summary["rows_total"] == len(expected) and summary["rows_ok"] == ok
@@ -116,7 +122,7 @@ def test_every_input_row_gives_exactly_one_output_row(ray_cluster, tiny_model_di
     before = sorted(p.name for p in (tmp_path / "out").iterdir())
     other_budget = job(tiny_model_dir, tmp_path / "corpus", tmp_path / "out")
     other_budget.engine = EngineConfig(model=tiny_model_dir, keep=16, max_new_tokens=4)
-    with pytest.raises(SettingsMismatch, match="keep=32; this run is model=.* method=tokencarve keep=16"):
+    with pytest.raises(SettingsMismatch, match="keep=32 carry=\\[\\]; this run is model=.* method=tokencarve keep=16"):
         run(other_budget)
     other_budget.engine = EngineConfig(model=tiny_model_dir, method="none", max_new_tokens=4)
     with pytest.raises(SettingsMismatch, match="method=none keep=None"):
@@ -124,18 +130,17 @@ def test_every_input_row_gives_exactly_one_output_row(ray_cluster, tiny_model_di
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
 
 
+@pytest.mark.filterwarnings("ignore")
 def test_job_refuses_to_mix_settings_in_one_output(tiny_model_dir, tmp_path, capsys):
     """The job checks before starting Ray: exit status 2, the reason on stderr, nothing written."""
     spec = importlib.util.spec_from_file_location("caption_corpus", ROOT / "jobs" / "caption_corpus.py")
     caption_corpus = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(caption_corpus)
     output = tmp_path / "out"
-    output.mkdir()
-    row = {name: None for name in read_output(str(output)).schema.names}
-    row.update(id="row-1", model=Path(tiny_model_dir).name, method="tokencarve", keep=64, caption="a scene")
-    pq.write_table(pa.Table.from_pylist([row], schema=read_output(str(output)).schema), output / "part-x.parquet")
+    Output(str(output)).claim({"model": Path(tiny_model_dir).name, "method": "tokencarve", "keep": 64, "carry": []})
+    before = sorted(p.name for p in output.iterdir())
     code = caption_corpus.main(["--output", str(output), "--model", tiny_model_dir, "--keep", "128"])
-    assert code == 2 and sorted(p.name for p in output.iterdir()) == ["part-x.parquet"]
+    assert code == 2 and sorted(p.name for p in output.iterdir()) == before
     assert "already holds rows written with model=" in capsys.readouterr().err
 
 
@@ -166,7 +171,7 @@ def test_no_carve_runs_the_stock_model(ray_cluster, tiny_model_dir, tmp_path):
     stock.inputs = [str(tmp_path / "corpus" / "images")]
     stock.engine = EngineConfig(model=tiny_model_dir, method="none", max_new_tokens=4)
     run(stock)
-    rows = [r for r in read_output(str(tmp_path / "out")).to_pylist() if r["error"] is None]
+    rows = [r for r in read_output(str(tmp_path / "out")).to_pylist() if r["error_code"] is None]
     assert rows and all(r["visual_tokens_kept"] == r["visual_tokens_in"] == 576 and r["keep"] is None for r in rows)
     assert all(r["kv_bytes_held"] == r["kv_bytes_uncompressed"] for r in rows)
 
@@ -182,12 +187,13 @@ def test_killed_job_resumes_without_losing_or_duplicating_rows(ray_cluster, tiny
                "--rows-per-file", "2", "--address", ray_cluster]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list(output.glob("part-*.parquet"))) < 2:
-        time.sleep(0.2)
+    wait_until(lambda: len(list(output.glob("*/part-*.parquet"))) >= 2, 300, "the first parts")
     os.killpg(first.pid, signal.SIGKILL)  # the driver dies mid-run; Ray then stops its tasks
     first.wait()
-    time.sleep(5)
+    # Ray cancels the dead driver's tasks; wait until no part appears for a while before counting
+    counts = []
+    wait_until(lambda: counts.append(len(list(output.glob("*/part-*.parquet")))) or counts[-3:] == [counts[-1]] * 3,
+               120, "the killed run's tasks to stop writing", interval=1.0)
     partial = read_output(str(output)).column("id").to_pylist()
     assert 0 < len(partial) < len(rows) and len(partial) == len(set(partial))
 
@@ -197,3 +203,4 @@ def test_killed_job_resumes_without_losing_or_duplicating_rows(ray_cluster, tiny
     ids = read_output(str(output)).column("id").to_pylist()
     assert sorted(ids) == [r["id"] for r in rows]  # every id exactly once
     assert summary["rows_skipped_as_done"] == len(partial) and summary["rows_this_run"] == len(rows) - len(partial)
+    assert summary["units_done"] == 1

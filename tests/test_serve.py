@@ -79,6 +79,8 @@ def test_every_valid_image_kind_is_captioned(server, name):
     (dict(json={"image": b64(PNG), "method": "magic"}), 422, "invalid_request"),
     (dict(json={"image": b64(PNG), "unexpected": 1}), 422, "invalid_request"),
     (dict(content=b"{not json", headers={"content-type": "application/json"}), 400, "bad_json"),
+    (dict(json={"image": b64(PNG), "prompt": "Describe every detail. " * 50_000}), 413, "prompt_too_long"),
+    (dict(json={"image": b64(PNG), "prompt": "Compare <image> with this."}), 422, "invalid_prompt"),
 ])
 def test_bad_requests_get_clear_json_errors_and_the_replica_survives(server, request_kwargs, status, code):
     reply = httpx.post(f"{server}/v1/caption", timeout=60, **request_kwargs)

@@ -2,27 +2,31 @@
 
     import tokencarve
     model = tokencarve.apply(model, tokencarve.CarveConfig(keep=128))   # in place
-    model.generate(**inputs)                                            # prefill carves 576 -> 128
+    model.generate(**inputs)                                            # prefill carves 576 -> 128 per image
     model.tokencarve.last_stats                                         # tokens and KV bytes kept
     tokencarve.remove(model)                                            # stock model again
 """
 
-from .adapter import CarveConfig, CarveStats, ImageCarve, TokenCarver, tokens_per_image
+from .adapter import CarveConfig, CarveStats, ImageCarve, TokenCarver
 from .baselines import BASELINES, METHODS, reduce_tokens
 from .core import MODES, CarveResult, carve_tokens, information_scores, stage_sizes
+from .families import FAMILIES, Family, family_of, tokens_per_image
 from .loading import load_llava
 
 __all__ = [
     "BASELINES",
+    "FAMILIES",
     "METHODS",
     "MODES",
     "CarveConfig",
     "CarveResult",
     "CarveStats",
+    "Family",
     "ImageCarve",
     "TokenCarver",
     "apply",
     "carve_tokens",
+    "family_of",
     "information_scores",
     "is_applied",
     "load_llava",
@@ -34,7 +38,8 @@ __all__ = [
 
 
 def apply(model, config: CarveConfig | None = None):
-    """Make `model` (a LlavaForConditionalGeneration) carve its visual tokens; returns the model.
+    """Make `model` (a Llava-, LlavaNext- or LlavaOnevisionForConditionalGeneration) carve its visual
+    tokens; returns the model.
 
     The model is changed in place (hooks only, no weights touched); `model.tokencarve` is the
     `TokenCarver` holding the config and the figures of the last forward (`last_stats`).

@@ -1,9 +1,10 @@
-"""TokenCarve on a stock Hugging Face `LlavaForConditionalGeneration`, through forward hooks.
+"""TokenCarve on a stock Hugging Face LLaVA (1.5, NeXT or OneVision), through forward hooks.
 
 No modeling code is copied or edited: `apply` registers PyTorch hooks on modules the model
 already has and `remove` takes them off again (the PEFT pattern: wrap, then unload).
 
-    LlavaModel          pre-hook: learn which positions hold image tokens (from input_ids)
+    LlavaModel          pre-hook: learn which positions hold image tokens (from input_ids) and how
+                                  many each image has (tokencarve.families: what differs per family)
     language_model      pre-hook: decide whether this forward carves; at decode time, translate
                                   generate()'s uncompressed 2-D mask to the compressed cache
     layer K-1           pre-hook: keep its input and rotary tables (for the attention row)
@@ -21,40 +22,56 @@ original rotary positions; generate() continues positions from the original leng
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
-from transformers import LlavaForConditionalGeneration
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.masking_utils import create_causal_mask
 
 from .attention import last_token_attention
 from .baselines import METHODS, reduce_tokens
+from .core import CarveResult
+from .families import ImageSpans, family_of, image_spans
 
 
 @dataclass(frozen=True)
 class CarveConfig:
-    """keep: visual tokens left per image (576 -> keep); layer: K, the cut sits before decoder
+    """keep: the budget per image, visual tokens left as a count (576 -> 128 with keep=128) or as a
+    fraction of that image's tokens (keep=0.1: ceil(0.1 N), see `budget`); layer: K, the cut sits before decoder
     layer K (after K layers); attention_weight: w in the rank fusion; mode: TokenCarve's "tokencarve"
     (the paper's method, default), "information" or "attention" (core.MODES), or a baseline for
     comparisons, "fastv", "random" or "pool" (see tokencarve.baselines); seed: the random baseline's."""
 
-    keep: int = 64
+    keep: int | float = 64
     layer: int = 2
     attention_weight: float = 0.5
     mode: str = "tokencarve"
     seed: int = 0
 
     def __post_init__(self):
-        if not isinstance(self.keep, int) or self.keep < 1:
-            raise ValueError(f"CarveConfig.keep must be an integer >= 1, got {self.keep!r}")
+        fraction = isinstance(self.keep, float) and 0.0 < self.keep < 1.0
+        if not (fraction or isinstance(self.keep, int) and not isinstance(self.keep, bool) and self.keep >= 1):
+            raise ValueError("CarveConfig.keep must be an integer >= 1 (tokens per image) or a float in (0, 1) "
+                             f"(a fraction of each image's tokens), got {self.keep!r}")
         if not isinstance(self.layer, int) or self.layer < 1:
             raise ValueError(f"CarveConfig.layer must be an integer >= 1 (the cut needs layer K-1), got {self.layer!r}")
         if not 0.0 <= self.attention_weight <= 1.0:
             raise ValueError(f"CarveConfig.attention_weight must lie in [0, 1], got {self.attention_weight!r}")
         if self.mode not in METHODS:
             raise ValueError(f"CarveConfig.mode must be one of {METHODS}, got {self.mode!r}")
+
+    def budget(self, num_tokens: int) -> int:
+        """Tokens to keep of an image with `num_tokens` visual tokens (>= num_tokens: left uncarved).
+
+        A fraction is read as the decimal written (0.1 is exactly 1/10, not the binary float just
+        above it) and rounded up: ceil(keep * N), so at least 1 token, and 0.1 of 2,880 is 288.
+        """
+        if isinstance(self.keep, int):
+            return self.keep
+        return math.ceil(Fraction(repr(self.keep)) * num_tokens)
 
 
 @dataclass
@@ -116,51 +133,41 @@ class _Prefill:
     position_ids: torch.Tensor  # [B, L]
     stats: CarveStats
     carve: bool  # False: figures only, the forward runs exactly as stock
+    spans: ImageSpans | None = None  # each image's token positions (None: no image in the batch)
     cut_input: torch.Tensor | None = None
     cut_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     overrides: dict | None = None
 
 
-def tokens_per_image(config) -> int:
-    """Visual tokens one image contributes (576 for LLaVA-1.5: (336 / 14)^2, CLS dropped)."""
-    vision = config.vision_config
-    if getattr(vision, "image_size", None) and getattr(vision, "patch_size", None):
-        extra = 1 if config.vision_feature_select_strategy == "full" else 0
-        return (vision.image_size // vision.patch_size) ** 2 + extra
-    return config.image_seq_length
-
-
 class TokenCarver:
     """The hooks and state that make one loaded LLaVA model carve its visual tokens."""
 
-    def __init__(self, model: LlavaForConditionalGeneration, config: CarveConfig):
-        if not isinstance(model, LlavaForConditionalGeneration):
-            raise TypeError(
-                "TokenCarve supports transformers' LlavaForConditionalGeneration (llava-hf LLaVA-1.5 "
-                f"family); got {type(model).__name__}"
-            )
-        layers = model.model.language_model.layers
+    def __init__(self, model, config: CarveConfig):
+        self.family = family_of(model)
+        self.language_model = self.family.language_model(model)
+        layers = self.language_model.layers
         if not 1 <= config.layer < len(layers):
             raise ValueError(
                 f"CarveConfig.layer={config.layer} is out of range: the language model has {len(layers)} "
                 f"decoder layers, so the cut must sit before a layer in 1..{len(layers) - 1}"
             )
-        for name in ("input_layernorm", "self_attn"):
-            if not hasattr(layers[config.layer - 1], name):
-                raise TypeError(f"decoder layer {type(layers[0]).__name__} has no {name}: not a Llama-style layer")
+        _check_decoder(self.language_model, config.layer)
         self.model = model
+        # LLaVA-1.5's fixed N (576); None for NeXT / OneVision, whose images vary in size
+        self.tokens_per_image = self.family.fixed_tokens(model.config)
+        self._check_mode(config)
         self.config = config
-        self.language_model = model.model.language_model
-        self.tokens_per_image = tokens_per_image(model.config)
         self.last_stats: CarveStats | None = None
         # Diagnostics: keep each image's visual rows entering layer K in last_stats.images, also
         # for forwards that do not carve (keep >= N). Off by default: it copies [T, D] per image.
         self.record_hidden = False
         self._image_mask: torch.Tensor | None = None
+        self._count_images = None  # image mask -> N_i per image of the current forward (called at prefill only)
         self._prefill: _Prefill | None = None
         cut = config.layer
+        multimodal = self.family.multimodal_module(model)
         self._handles = [
-            model.model.register_forward_pre_hook(self._find_image_tokens, with_kwargs=True),
+            multimodal.register_forward_pre_hook(self._find_image_tokens, with_kwargs=True),
             self.language_model.register_forward_pre_hook(self._start_forward, with_kwargs=True),
             layers[cut - 1].register_forward_pre_hook(self._keep_cut_input, with_kwargs=True),
             layers[cut].register_forward_pre_hook(self._carve_at_cut, with_kwargs=True),
@@ -173,13 +180,21 @@ class TokenCarver:
         if config.layer != self.config.layer:
             raise ValueError(f"reconfigure cannot move the cut from layer {self.config.layer} to {config.layer}; "
                              "remove() and apply() instead")
+        self._check_mode(config)
         self.config = config
+
+    def _check_mode(self, config: CarveConfig) -> None:
+        # pooling needs the image's square token grid; NeXT / OneVision images are a base grid,
+        # tiles and newline tokens in one span, which no square grid describes
+        if config.mode == "pool" and self.tokens_per_image is None:
+            raise ValueError(f"mode='pool' needs LLaVA-1.5's square token grid; {self.family.name} images are "
+                             "base + tiles + newline tokens")
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._image_mask = self._prefill = None
+        self._image_mask = self._prefill = self._count_images = None
 
     # -- hooks -----------------------------------------------------------------------------------
 
@@ -194,9 +209,12 @@ class TokenCarver:
             self._image_mask = (embeds == image_embedding).all(-1)
         else:
             self._image_mask = None
+        # Counting each image's tokens reads image_sizes (a host sync): deferred to a prefill with images.
+        self._count_images = lambda mask: self.family.token_counts(module, kwargs, mask)
 
     def _start_forward(self, module, args, kwargs):
         image_mask, self._image_mask = self._image_mask, None
+        count_images, self._count_images = self._count_images, None
         self._prefill = None
         cache = _cache_in(kwargs)
         cached = cache.get_seq_length() if cache is not None else 0
@@ -221,9 +239,12 @@ class TokenCarver:
         positions = kwargs.get("position_ids")
         if positions is None:  # what LlamaModel would use: 0..L-1
             positions = torch.arange(length, device=device).unsqueeze(0)
-        carve = length > 1 and bool(image_mask.any()) and self.config.keep < self.tokens_per_image
+        spans = None
+        if bool(image_mask.any()):
+            spans = image_spans(image_mask, count_images(image_mask) if count_images is not None else None)
+        carve = length > 1 and spans is not None and any(self.config.budget(n) < n for n in spans.counts)
         stats = _uncarved_stats(image_mask, mask_2d)
-        self._prefill = _Prefill(image_mask, mask_2d.long(), positions.expand(batch, -1), stats, carve)
+        self._prefill = _Prefill(image_mask, mask_2d.long(), positions.expand(batch, -1), stats, carve, spans)
         self.last_stats = stats
         return None
 
@@ -236,7 +257,7 @@ class TokenCarver:
         if self._prefill is None:
             return None
         if not self._prefill.carve:
-            if self.record_hidden and bool(self._prefill.image_mask.any()):
+            if self.record_hidden and self._prefill.spans is not None:
                 self._record_uncarved(args[0] if args else kwargs["hidden_states"])
             return None
         hidden = args[0] if args else kwargs.pop("hidden_states")
@@ -268,28 +289,19 @@ class TokenCarver:
         """Carve every image of the batch and return the shortened hidden states entering layer K."""
         started = time.perf_counter()
         prefill, cfg = self._prefill, self.config
-        image_rows, image_positions = self._image_positions(prefill.image_mask)
         attention = last_token_attention(
             self.language_model.layers[cfg.layer - 1],
             prefill.cut_input,
             prefill.cut_position_embeddings,
             prefill.mask_2d,
         )
-        rows = image_rows.unsqueeze(1)
-        result = reduce_tokens(
-            hidden[rows, image_positions],
-            attention[rows, image_positions],
-            cfg.keep,
-            method=cfg.mode,
-            attention_weight=cfg.attention_weight,
-            seed=cfg.seed,
-        )
-        kept_positions = image_positions.gather(1, result.index)
-        rows = rows.expand_as(kept_positions)
-        hidden = hidden.index_put((rows, kept_positions), result.hidden)
         # Kept: real text tokens and the kept visual tokens. Padding goes too: the rows are re-padded.
         keep_mask = prefill.mask_2d.bool() & ~prefill.image_mask
-        keep_mask = keep_mask.index_put((rows, kept_positions), torch.tensor(True, device=hidden.device))
+        groups = self._reduce_images(hidden, attention)
+        for group in groups:
+            where = (group.rows, group.kept_positions)
+            hidden = hidden.index_put(where, group.result.hidden)
+            keep_mask = keep_mask.index_put(where, torch.tensor(True, device=hidden.device))
 
         # Repack each row's kept tokens right-aligned, left-padded to the longest row.
         length = keep_mask.shape[1]
@@ -317,41 +329,52 @@ class TokenCarver:
         }
         stats = prefill.stats
         stats.prompt_tokens_kept = mask_2d.sum(1).tolist()
-        removed_per_image = self.tokens_per_image - result.index.shape[1]
-        images_per_row = torch.bincount(image_rows, minlength=len(counts))
-        stats.visual_tokens_kept = (torch.tensor(stats.visual_tokens_in) - removed_per_image * images_per_row.cpu()).tolist()
-        stats.images = self._describe_images(image_rows, image_positions, result)
+        stats.images = self._describe_images(groups)
+        stats.visual_tokens_kept = list(stats.visual_tokens_in)
+        for image in stats.images:  # images differ in N and in what they keep: count each one
+            stats.visual_tokens_kept[image.sample] -= len(image.assignment) - len(image.index)
         if cache is not None:
             cache._tokencarve = _CacheNote(mask_2d, length, stats)
         stats.carve_seconds = time.perf_counter() - started
         return hidden
 
+    def _reduce_images(self, hidden, attention, *, keep_all: bool = False):
+        """Run the core on every image: one batched call per group of images with the same token
+        count N (one call for LLaVA-1.5, whose images all have 576, so its results are those of a
+        single batched call). Each image keeps `config.budget(N)` tokens (all N with keep_all)."""
+        spans, cfg = self._prefill.spans, self.config
+        groups = []
+        for images in spans.groups():
+            rows = torch.tensor([spans.rows[i] for i in images], device=hidden.device).unsqueeze(1)
+            positions = torch.stack([spans.positions[i] for i in images])
+            n = positions.shape[1]
+            result = reduce_tokens(
+                hidden[rows, positions],
+                attention[rows, positions] if attention is not None else hidden.new_zeros(positions.shape),
+                n if keep_all else cfg.budget(n),
+                method=cfg.mode,
+                attention_weight=cfg.attention_weight,
+                seed=cfg.seed,
+            )
+            kept_positions = positions.gather(1, result.index)
+            groups.append(_Group(rows.expand_as(kept_positions), kept_positions, result, images, positions))
+        return groups
+
     def _record_uncarved(self, hidden: torch.Tensor) -> None:
         """What `_carve` records, for a forward that keeps every visual token (the core's identity)."""
-        image_rows, image_positions = self._image_positions(self._prefill.image_mask)
-        visual = hidden[image_rows.unsqueeze(1), image_positions]
-        every = reduce_tokens(visual, visual.new_zeros(visual.shape[:2]), self.tokens_per_image)
-        self._prefill.stats.images = self._describe_images(image_rows, image_positions, every)
+        self._prefill.stats.images = self._describe_images(self._reduce_images(hidden, None, keep_all=True))
 
-    def _describe_images(self, image_rows, image_positions, result) -> list[ImageCarve]:
-        """One ImageCarve per image of the batch (on the CPU); its hidden rows only if recorded."""
-        return [
-            ImageCarve(int(r), int(p[0]), i.cpu(), a.cpu(), m.cpu(), h.detach().float().cpu() if self.record_hidden else None)
-            for r, p, i, a, m, h in zip(image_rows, image_positions, result.index, result.assignment, result.merged,
-                                        result.hidden)
-        ]
-
-    def _image_positions(self, image_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """([I] batch row, [I, N] sequence positions) of each image's N visual tokens."""
-        n = self.tokens_per_image
-        per_row = image_mask.sum(1)
-        if bool((per_row % n).any()):
-            raise ValueError(
-                f"image token counts per sample {per_row.tolist()} are not multiples of {n} tokens per image; "
-                "was the prompt built by this model's processor?"
-            )
-        rows, positions = image_mask.nonzero(as_tuple=True)  # row-major: each image's run is contiguous
-        return rows.view(-1, n)[:, 0], positions.view(-1, n)
+    def _describe_images(self, groups) -> list[ImageCarve]:
+        """One ImageCarve per image of the batch, in image order (on the CPU); hidden rows only if recorded."""
+        described = {}
+        for group in groups:
+            result = group.result
+            for slot, image in enumerate(group.images):
+                hidden = result.hidden[slot].detach().float().cpu() if self.record_hidden else None
+                described[image] = ImageCarve(int(group.rows[slot, 0]), int(group.positions[slot, 0]),
+                                              result.index[slot].cpu(), result.assignment[slot].cpu(),
+                                              result.merged[slot].cpu(), hidden)
+        return [described[image] for image in sorted(described)]
 
     def _decode_kwargs(self, kwargs: dict, cache, carved: _CacheNote) -> dict:
         """Map a forward on a carved cache onto it: 2-D mask over kept tokens, original positions."""
@@ -375,6 +398,37 @@ class TokenCarver:
             start = cached + carved.removed
             kwargs["position_ids"] = torch.arange(start, start + new_tokens, device=prefill_mask.device).unsqueeze(0)
         return kwargs
+
+
+@dataclass
+class _Group:
+    """One core call: images of the same token count N, carved together."""
+
+    rows: torch.Tensor  # [G, T] batch row of each image (repeated along T, for index_put)
+    kept_positions: torch.Tensor  # [G, T] sequence positions of the kept tokens
+    result: CarveResult  # the core's result for the G images
+    images: list[int]  # image numbers (row-major order of the batch)
+    positions: torch.Tensor  # [G, N] sequence positions of all the images' tokens
+
+
+def _check_decoder(language_model, cut: int) -> None:
+    """Refuse decoder stacks the cut cannot handle, at apply() time rather than mid-generation."""
+    layer = language_model.layers[cut - 1]
+    for name in ("input_layernorm", "self_attn"):
+        if not hasattr(layer, name):
+            raise TypeError(f"decoder layer {type(layer).__name__} has no {name}: not a Llama-style layer")
+    attention = layer.self_attn
+    if hasattr(attention, "q_norm") or hasattr(attention, "k_norm"):
+        # Qwen3 / OLMo-2 style query-key norms: the attention row would need them too
+        raise TypeError(f"{type(attention).__name__} normalises queries and keys; TokenCarve supports "
+                        "Llama / Mistral / Qwen2-style attention")
+    config = language_model.config
+    layer_types = getattr(config, "layer_types", None)
+    sliding = "sliding_attention" in layer_types if layer_types else getattr(config, "sliding_window", None) is not None
+    if sliding:
+        # the cut rebuilds a full causal mask and gathers full-length caches; a window would need both differently
+        raise ValueError(f"{type(language_model).__name__} uses sliding-window attention "
+                         f"(sliding_window={getattr(config, 'sliding_window', None)}); TokenCarve needs full attention")
 
 
 # transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache`

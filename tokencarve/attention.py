@@ -9,8 +9,10 @@ running SDPA / flash attention everywhere.
 
 from __future__ import annotations
 
+import sys
+
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama import modeling_llama
 
 
 def last_token_index(mask_2d: torch.Tensor) -> torch.Tensor:
@@ -27,7 +29,9 @@ def last_token_attention(
 ) -> torch.Tensor:
     """Head-averaged post-softmax attention of the last non-padding token to every position.
 
-    decoder_layer:       a Llama-style decoder layer (input_layernorm, self_attn.{q,k}_proj).
+    decoder_layer:       a Llama-style decoder layer (input_layernorm, self_attn.{q,k}_proj): Llama,
+                         Mistral, Qwen2. Projection biases (Qwen2) come with the modules; grouped-query
+                         attention (fewer key heads) is repeated as the model repeats it.
     layer_input:         [B, L, D] hidden states entering that layer.
     position_embeddings: the (cos, sin) rotary tables the layer receives.
     mask_2d:             [B, L] 1 for real tokens, 0 for padding.
@@ -42,11 +46,19 @@ def last_token_attention(
     query = attn.q_proj(normed[rows, last]).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
     keys = attn.k_proj(normed).view(batch, length, -1, attn.head_dim).transpose(1, 2)
     cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
-    query, _ = apply_rotary_pos_emb(query, query, cos[rows, last].unsqueeze(1), sin[rows, last].unsqueeze(1))
-    _, keys = apply_rotary_pos_emb(keys, keys, cos, sin)
+    rotate = _rotary_of(attn)
+    query, _ = rotate(query, query, cos[rows, last].unsqueeze(1), sin[rows, last].unsqueeze(1))
+    _, keys = rotate(keys, keys, cos, sin)
     keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)  # grouped-query attention
 
     scores = (query @ keys.mT).squeeze(2).float() * attn.scaling  # [B, heads, L]
     visible = mask_2d.bool() & (torch.arange(length, device=mask_2d.device) <= last.unsqueeze(1))
     scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
     return scores.softmax(dim=-1).mean(dim=1)
+
+
+def _rotary_of(attention: torch.nn.Module):
+    """The rotary function of the attention's own modeling file (Llama's, Mistral's, Qwen2's copy),
+    so that a model family with its own variant gets its own; Llama's where a file has none."""
+    module = sys.modules.get(type(attention).__module__)
+    return getattr(module, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)
