@@ -74,7 +74,7 @@ def bench_model(model, batch: int, new_tokens: int, repeats: int) -> list[dict]:
 
 
 def tokencarve_kv_uncompressed(model, inputs) -> int:
-    tokencarve.apply(model, CarveConfig(keep=10_000))
+    tokencarve.apply(model, CarveConfig(keep=None))
     with torch.no_grad():
         model(**inputs, use_cache=True)
     kv = model.tokencarve.last_stats.kv_cache_bytes

@@ -102,7 +102,7 @@ def kv_bytes(model) -> int:
 
 
 def bench_setting(model, keep, device, dtype, new_tokens, repeats, batches) -> dict:
-    tokencarve.apply(model, CarveConfig(keep=keep if keep is not None else 1_000_000))
+    tokencarve.apply(model, CarveConfig(keep=keep))
     row = {"keep": keep or 576}
     with torch.inference_mode():
         for batch in (1, 8):
@@ -177,7 +177,7 @@ def profile_prefill(model, device, dtype, keep, path: Path) -> None:
     """Where one batch-8 prefill spends its time (torch.profiler's kernel table), to check against the bound."""
     from torch.profiler import ProfilerActivity, profile
 
-    tokencarve.apply(model, CarveConfig(keep=keep if keep is not None else 1_000_000))
+    tokencarve.apply(model, CarveConfig(keep=keep))
     inputs = inputs_for(8, device, dtype)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     with torch.inference_mode():

@@ -48,6 +48,10 @@ GRID = SIZE // PATCH  # 24
 # the auxiliary per-patch targets: name -> number of classes (class 0 = "none" where there is one)
 PATCH_HEADS = {"colour": 1 + len(COLOURS), "shape": 1 + len(SHAPES), "size": 1 + len(SIZES), "cell": 9,
                "word": 1 + len(WORDS), "tens": 11, "units": 11, "anchor": 2}
+# column of each head in the [patches, heads] target matrix (the probe's heads, in the same order)
+COLUMN = {name: column for column, name in enumerate(PATCH_HEADS)}
+# the heads that say something is under a patch (an object or the text); the cell head says where it is
+CONTENT_COLUMNS = [column for name, column in COLUMN.items() if name != "cell"]
 # What the probe's "cell" head learns: "every-patch", the grid cell of every patch (9 classes), or
 # "objects", the cell of the object or text under a patch and class 0 on the background (10 classes),
 # so the background's features need not carry a cell code that a loose attention mixes in.
@@ -85,7 +89,7 @@ class Row:
 def occupied(targets):
     """Patches with an object or the text under them, from `patch_targets` rows (numpy or torch): those
     where any head but the cell has a class other than 0."""
-    return (targets[:, :3] > 0).any(1) | (targets[:, 4:] > 0).any(1)
+    return (targets[:, CONTENT_COLUMNS] > 0).any(1)
 
 
 def patch_targets(scene: Scene, mask, cell_target: str = "every-patch") -> torch.Tensor:
@@ -96,25 +100,27 @@ def patch_targets(scene: Scene, mask, cell_target: str = "every-patch") -> torch
     m = np.asarray(mask).reshape(GRID, PATCH, GRID, PATCH).transpose(0, 2, 1, 3).reshape(GRID * GRID, PATCH * PATCH)
     targets = np.zeros((GRID * GRID, len(PATCH_HEADS)), dtype=np.int64)
     rows, cols = np.divmod(np.arange(GRID * GRID), GRID)
-    targets[:, 3] = (rows // (GRID // 3)) * 3 + cols // (GRID // 3)
+    cell = COLUMN["cell"]
+    targets[:, cell] = (rows // (GRID // 3)) * 3 + cols // (GRID // 3)
     if scene.things:
         counts = np.stack([(m == k + 1).sum(1) for k in range(len(scene.things))], 1)
         best, covered = counts.argmax(1), counts.max(1) >= 0.15 * PATCH * PATCH
         for k, thing in enumerate(scene.things):
             where = covered & (best == k)
-            targets[where, 0] = 1 + list(COLOURS).index(thing.colour)
-            targets[where, 1] = 1 + SHAPES.index(thing.shape)
-            targets[where, 2] = 1 + SIZES.index(thing.size)
+            targets[where, COLUMN["colour"]] = 1 + list(COLOURS).index(thing.colour)
+            targets[where, COLUMN["shape"]] = 1 + SHAPES.index(thing.shape)
+            targets[where, COLUMN["size"]] = 1 + SIZES.index(thing.size)
             if where.any():  # one "anchor" patch per object (its first patch in reading order), for counting
-                targets[where.nonzero()[0][0], 7] = 1
+                targets[where.nonzero()[0][0], COLUMN["anchor"]] = 1
     if scene.text is not None:
         where = (m == 255).sum(1) >= 0.15 * PATCH * PATCH
         if scene.text in WORDS:
-            targets[where, 4] = 1 + WORDS.index(scene.text)
+            targets[where, COLUMN["word"]] = 1 + WORDS.index(scene.text)
         else:
-            targets[where, 5], targets[where, 6] = 1 + int(scene.text[0]), 1 + int(scene.text[1])
+            targets[where, COLUMN["tens"]] = 1 + int(scene.text[0])
+            targets[where, COLUMN["units"]] = 1 + int(scene.text[1])
     if patch_heads(cell_target)["cell"] == 10:  # "objects": 1 + cell where something is, 0 elsewhere
-        targets[:, 3] = np.where(occupied(targets), targets[:, 3] + 1, 0)
+        targets[:, cell] = np.where(occupied(targets), targets[:, cell] + 1, 0)
     return torch.from_numpy(targets)
 
 
@@ -223,9 +229,10 @@ class PatchProbe(torch.nn.Module):
         logits = self.linear(features).flatten(0, 1).split(list(self.heads.values()), dim=-1)
         targets = targets.flatten(0, 1)
         total = 0.0
-        for h, (name, head) in enumerate(zip(self.heads, logits)):
-            losses = F.cross_entropy(head, targets[:, h], reduction="none")
-            present = targets[:, h] > 0
+        for name, head in zip(self.heads, logits):
+            target = targets[:, COLUMN[name]]
+            losses = F.cross_entropy(head, target, reduction="none")
+            present = target > 0
             if name in self.dense or not present.any():
                 total = total + losses.mean()
             else:
@@ -238,10 +245,11 @@ class PatchProbe(torch.nn.Module):
         logits = self.linear(features).flatten(0, 1).split(list(self.heads.values()), dim=-1)
         targets = targets.flatten(0, 1)
         out = {}
-        for h, (name, head) in enumerate(zip(self.heads, logits)):
-            present = targets[:, h] > 0
+        for name, head in zip(self.heads, logits):
+            target = targets[:, COLUMN[name]]
+            present = target > 0
             if present.any():
-                out[name] = (head.argmax(-1)[present] == targets[present, h]).float().mean().item()
+                out[name] = (head.argmax(-1)[present] == target[present]).float().mean().item()
         return out
 
 

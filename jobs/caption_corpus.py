@@ -37,6 +37,14 @@ DEFAULT_MODEL = ROOT / "models" / "carve-tiny"
 DEFAULT_INPUT = ROOT / "data" / "sample"
 
 
+def budget(text: str) -> int | float:
+    """--keep 128 (tokens per image) or --keep 0.1 (a fraction of each image's tokens)."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", action="append", help=f"corpus path or URI, repeatable (default: {DEFAULT_INPUT})")
@@ -45,7 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(e.g. url,caption,key,json; in WebDataset: member suffixes, key, caption = .txt, or .json fields)")
     p.add_argument("--output", default="out/captions", help="output folder or URI (default: %(default)s)")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="local folder or hub id (default: bundled carve-tiny)")
-    p.add_argument("--keep", type=int, default=64, help="visual tokens kept per image (default: %(default)s)")
+    p.add_argument("--keep", type=budget, default=64,
+                   help="visual tokens kept per image, or a fraction of each image's tokens (0.1) (default: %(default)s)")
     p.add_argument("--method", choices=METHODS, default="tokencarve")
     p.add_argument("--no-carve", action="store_true", help="run the stock model (same as --method none)")
     p.add_argument("--layer", type=int, default=2, help="the cut sits before decoder layer K (default: 2)")

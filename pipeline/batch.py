@@ -97,7 +97,8 @@ def _model_inputs(config: EngineConfig) -> ModelInputs:
 def prepared_schema(carry: tuple[str, ...]) -> pa.Schema:
     return pa.schema([
         ("unit", pa.string()), ("source_file", pa.string()), ("source_row", pa.int64()), ("id", pa.string()),
-        ("prompt", pa.string()), ("answer", pa.string()), ("pixels", pa.binary()),
+        ("prompt", pa.string()), ("answer", pa.string()),
+        ("pixels", pa.binary()), ("width", pa.int32()), ("height", pa.int32()),  # RGB, as the model will see it
         *[(carried_name(c), pa.string()) for c in carry],
         ("unit_end", pa.string()),  # JSON on the one row that closes a unit; null on rows to caption
     ])
@@ -124,12 +125,12 @@ def prepare_unit(unit: Unit, job: CaptionJob) -> Iterator[pa.Table]:
             if len(done):
                 table = table.filter(pa.array(~np.isin(table.column("source_row").to_numpy(), done)))
             for row in table.to_pylist():
-                pixels, error = _prepare_row(row, inputs, job)
+                image, error = _prepare_row(row, inputs, job)
                 if error is not None:
                     failed.append(_output_row(row, job, {"error_code": error.code, "error_message": error.message}))
                     failed_by_reason[error.code] = failed_by_reason.get(error.code, 0) + 1
                     continue
-                block.append(_prepared_row(row, unit, pixels, job.carry))
+                block.append(_prepared_row(row, unit, image, job.carry))
                 if len(block) == job.batch_size:
                     emitted += len(block)
                     yield pa.Table.from_pylist(block, schema=prepared_schema(job.carry))
@@ -151,8 +152,8 @@ def prepare_unit(unit: Unit, job: CaptionJob) -> Iterator[pa.Table]:
     yield pa.Table.from_pylist(block, schema=prepared_schema(job.carry))
 
 
-def _prepare_row(row: dict, inputs: ModelInputs, job: CaptionJob) -> tuple[bytes | None, RowError | None]:
-    """(the model's square RGB pixels, None), or (None, why the row gets no caption)."""
+def _prepare_row(row: dict, inputs: ModelInputs, job: CaptionJob) -> tuple[Image.Image | None, RowError | None]:
+    """(the image as the model will see it, None), or (None, why the row gets no caption)."""
     if row["error_code"] is not None:
         return None, RowError(row["error_code"], row["error_message"])
     if row["id"] is None:
@@ -167,7 +168,7 @@ def _prepare_row(row: dict, inputs: ModelInputs, job: CaptionJob) -> tuple[bytes
         data, max_bytes=job.max_image_bytes, max_pixels=job.max_image_pixels)
     if isinstance(image, RowError):
         return None, image
-    return inputs.image(image).tobytes(), None
+    return inputs.image(image), None
 
 
 def _read_path(path: str) -> bytes | RowError:
@@ -179,10 +180,11 @@ def _read_path(path: str) -> bytes | RowError:
         return RowError("unreadable_path", f"{path}: {err}")
 
 
-def _prepared_row(row: dict, unit: Unit, pixels: bytes, carry) -> dict:
+def _prepared_row(row: dict, unit: Unit, image: Image.Image, carry) -> dict:
     prepared = {k: row[k] for k in ("source_file", "source_row", "id", "prompt", "answer")}
     prepared.update({carried_name(c): row[carried_name(c)] for c in carry})
-    return prepared | {"unit": unit.key, "pixels": pixels, "unit_end": None}
+    return prepared | {"unit": unit.key, "pixels": image.tobytes(), "width": image.width, "height": image.height,
+                       "unit_end": None}
 
 
 def _repeated_ids(ids: list) -> dict:
@@ -238,8 +240,7 @@ class CaptionActor:
     def _caption(self, rows: list[dict]) -> list[dict]:
         if not rows:
             return []
-        side = self.engine.inputs.image_size
-        images = [Image.frombytes("RGB", (side, side), r["pixels"]) for r in rows]
+        images = [Image.frombytes("RGB", (r["width"], r["height"]), r["pixels"]) for r in rows]
         prompts = [r["prompt"] for r in rows]
         try:
             return self._caption_batch(images, prompts)

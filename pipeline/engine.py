@@ -15,24 +15,26 @@ from PIL import Image
 
 import tokencarve
 from tokencarve import CarveConfig, load_llava
+from tokencarve.loading import chat_prompt
 
 from .images import RowError, square
 
 DEFAULT_PROMPT = "Describe the image."
-LLAVA_15_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 METHODS = ("none", *tokencarve.METHODS)  # "none": the stock model; the baselines are there for A/B runs
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     model: str  # a local folder or a hub id
-    keep: int = 64  # visual tokens per image; ignored for method "none"
+    keep: int | float = 64  # visual tokens per image, or a fraction of each image's (0.1); ignored for "none"
     method: str = "tokencarve"
     layer: int = 2
     max_new_tokens: int = 64
     device: str = "auto"  # "auto": cuda if available
     dtype: str = "auto"  # "auto": bfloat16 on cuda, float32 on cpu
-    prompt_template: str = LLAVA_15_TEMPLATE
+    # "...<image>...{prompt}...": a fixed template; None: the checkpoint's own chat template (LLaVA-1.5's
+    # USER/ASSISTANT form when it has none), as the evaluation harness uses
+    prompt_template: str | None = None
     # prompt tokens a row may use (the template's included); None: what the context window leaves
     # after the image's tokens and max_new_tokens. Longer prompts are refused before any model work.
     max_prompt_tokens: int | None = None
@@ -42,7 +44,8 @@ class EngineConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
-        if "{prompt}" not in self.prompt_template or "<image>" not in self.prompt_template:
+        if self.prompt_template is not None and ("{prompt}" not in self.prompt_template
+                                                 or "<image>" not in self.prompt_template):
             raise ValueError("prompt_template needs an <image> placeholder and a {prompt} field")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError("max_prompt_tokens must be >= 1")
@@ -55,31 +58,37 @@ class EngineConfig:
         return self.model.rstrip("/").split("/")[-1]
 
     @property
-    def budget(self) -> int | None:
-        """What output rows record as `keep`: the visual tokens per image, None for the stock model."""
+    def budget(self) -> int | float | None:
+        """What output rows record as `keep`: the budget per image, None for the stock model."""
         return None if self.method == "none" else self.keep
 
     @property
     def carve_config(self) -> CarveConfig:
-        if self.method == "none":  # keep beyond any image: bit-identical to stock, figures still measured
-            return CarveConfig(keep=1_000_000, layer=self.layer)
-        return CarveConfig(keep=self.keep, layer=self.layer, mode=self.method)
+        """keep=None for the stock model: bit-identical to it, the figures still measured."""
+        return CarveConfig(keep=self.budget, layer=self.layer, mode="tokencarve" if self.method == "none" else self.method)
 
 
 class ModelInputs:
-    """How an input becomes what the model sees, read from its config and processor (no weights):
-    every image is padded to a square with the processor's mean colour and resized to the vision
-    tower's side (LLaVA-1.5's `pad`), and a prompt must fit the context window. The batch job's
-    CPU stage, Serve and the engine itself all go through one of these, so they see the same pixels
-    and refuse the same prompts."""
+    """How an input becomes what the model sees, read from its config and processor (no weights).
+
+    Images: LLaVA-1.5 pads every image to a square with the processor's mean colour and resizes it
+    to the vision tower's side (its `pad`); LLaVA-NeXT / OneVision take any resolution (their
+    processor tiles it), so an image is only shrunk to fit the largest tiling grid, aspect kept.
+    Prompts: the checkpoint's chat template, and a prompt must fit the context window next to the
+    largest image's tokens and the answer. The batch job's CPU stage, Serve and the engine itself
+    all go through one of these, so they see the same pixels and refuse the same prompts."""
 
     def __init__(self, config: EngineConfig, processor, model_config):
-        self.template = config.prompt_template
+        self.processor = processor
+        self.template = config.prompt_template  # None: the checkpoint's chat template (tokencarve.loading.chat_prompt)
         self.tokenizer = processor.tokenizer
         self.image_size = model_config.vision_config.image_size
+        pinpoints = getattr(model_config, "image_grid_pinpoints", None)
+        self.square = not pinpoints  # LLaVA-1.5's pad; else the largest grid bounds an any-resolution image
+        self.max_side = max(max(p) for p in pinpoints) if pinpoints else self.image_size
         mean = getattr(processor.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
         self.pad_color = tuple(int(round(255 * m)) for m in mean[:3])
-        self.image_tokens = tokencarve.tokens_per_image(model_config)
+        self.image_tokens = tokencarve.max_tokens_per_image(model_config)
         self.context_window = model_config.text_config.max_position_embeddings
         self.max_prompt_tokens = config.max_prompt_tokens
         self.max_new_tokens = config.max_new_tokens
@@ -92,7 +101,19 @@ class ModelInputs:
         return cls(config, AutoProcessor.from_pretrained(config.model), AutoConfig.from_pretrained(config.model))
 
     def image(self, image: Image.Image) -> Image.Image:
-        return square(image, self.image_size, self.pad_color)
+        if self.square:
+            return square(image, self.image_size, self.pad_color)
+        if max(image.size) <= self.max_side:
+            return image
+        scale = self.max_side / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        return image.resize(size, Image.Resampling.BICUBIC)
+
+    def prompt_text(self, prompt: str | None) -> str:
+        """The model's input text for one image and one question."""
+        if self.template is None:
+            return chat_prompt(self.processor, prompt or DEFAULT_PROMPT)
+        return self.template.format(prompt=prompt or DEFAULT_PROMPT)
 
     def prompt_limit(self, max_new_tokens: int | None = None) -> int:
         """The most prompt tokens (template included, image tokens not) a row may have."""
@@ -112,7 +133,7 @@ class ModelInputs:
         return None
 
     def _prompt_tokens(self, prompt: str | None) -> int:
-        text = self.template.format(prompt=prompt or DEFAULT_PROMPT)
+        text = self.prompt_text(prompt)
         return len(self.tokenizer(text).input_ids) - 1  # the <image> placeholder counts as the image's tokens
 
 
@@ -188,7 +209,7 @@ class CaptionEngine:
             carver.reconfigure(default)
 
     def _generate(self, images, prompts, max_new_tokens) -> list[Caption]:
-        texts = [self.config.prompt_template.format(prompt=p or DEFAULT_PROMPT) for p in prompts]
+        texts = [self.inputs.prompt_text(p) for p in prompts]
         images = [self.inputs.image(image) for image in images]  # a no-op on rows the job already squared
         inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.model.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)

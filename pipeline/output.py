@@ -37,7 +37,8 @@ OUTPUT_FIELDS = [
     ("id", pa.string()), ("caption", pa.string()),
     # null when the row has a caption; else a low-cardinality reason and a message for people
     ("error_code", pa.string()), ("error_message", pa.string()),
-    ("prompt", pa.string()), ("model", pa.string()), ("method", pa.string()), ("keep", pa.int32()),
+    ("prompt", pa.string()), ("model", pa.string()), ("method", pa.string()),
+    ("keep", pa.float64()),  # the budget per image: tokens (64.0) or a fraction of them (0.1); null: stock
     ("visual_tokens_in", pa.int32()), ("visual_tokens_kept", pa.int32()),
     ("kv_bytes_held", pa.int64()), ("kv_bytes_uncompressed", pa.int64()),
     ("generated_tokens", pa.int32()), ("prompt_tokens", pa.int32()), ("latency_s", pa.float64()),

@@ -9,6 +9,10 @@ Endpoints
     POST /v1/chat/completions   OpenAI chat format with one `image_url` data URI (non-streaming)
     GET  /healthz               200 once the model is loaded (Serve routes to a replica only then)
 
+API keys (pipeline.auth): with TOKENCARVE_API_KEY set in the replica's environment, or `api_key_file`
+in the settings, every /v1/* route needs `Authorization: Bearer <key>` (401 otherwise); /healthz
+stays open. With neither, the endpoint is open, and the replica's log says so.
+
 Concurrent requests are grouped by `@serve.batch` and share one generate() call; the blocking model
 call runs on a worker thread so the replica's event loop keeps accepting requests. Overload is
 refused by Serve itself (max_queued_requests) with 503 and a Retry-After header.
@@ -32,6 +36,7 @@ from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
 from monitoring.metrics import MetricsRecorder
 
+from .auth import ENV_VAR, load_api_keys, log_api_keys
 from .engine import METHODS, CaptionEngine, EngineConfig
 from .images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, RowError, decode_image
 
@@ -44,14 +49,14 @@ class ServeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model: str = "models/carve-tiny"
-    keep: int = Field(64, ge=1)
+    keep: int | float = Field(64, gt=0)  # tokens per image, or a fraction of each image's tokens (0.1)
     method: str = "tokencarve"  # one of pipeline.engine.METHODS (checked by EngineConfig)
     layer: int = Field(2, ge=1)
     max_new_tokens: int = Field(64, ge=1)  # the default per request
     max_new_tokens_limit: int = Field(512, ge=1)  # the most a request may ask for
     max_prompt_tokens: int | None = Field(None, ge=1)  # None: what the context window leaves (413 beyond)
     min_keep: int = Field(16, ge=1)  # bounds for a per-request budget
-    max_keep: int = Field(576, ge=1)
+    max_keep: int = Field(8192, ge=1)  # (LLaVA-1.5 has 576 tokens an image, NeXT up to 2,928, OneVision 7,371)
     dtype: str = "auto"
     max_image_bytes: int = MAX_IMAGE_BYTES
     max_image_pixels: int = MAX_IMAGE_PIXELS
@@ -66,6 +71,9 @@ class ServeSettings(BaseModel):
     max_ongoing_requests: int = Field(16, ge=1)  # >= max_batch_size, or batches never fill
     max_queued_requests: int = 64  # per caller; beyond it: 503 + Retry-After
     retry_after_s: float = 2.0
+    # A file on every node that runs a replica (e.g. a mounted secret): one key per line. The keys
+    # themselves are never a setting (pipeline.auth says why); TOKENCARVE_API_KEY is the other source.
+    api_key_file: str | None = None
 
 
 class CaptionRequest(BaseModel):
@@ -73,14 +81,14 @@ class CaptionRequest(BaseModel):
     image: str | bytes
     prompt: str | None = None
     max_new_tokens: int | None = Field(None, ge=1)
-    keep: int | None = Field(None, ge=1)
+    keep: int | float | None = Field(None, gt=0)
     method: str | None = None  # checked against pipeline.engine.METHODS in _work
 
 
 class HTTPError(Exception):
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
 @dataclass
@@ -88,7 +96,7 @@ class _Work:
     image: object
     prompt: str | None
     max_new_tokens: int
-    keep: int
+    keep: int | float
     method: str
 
 
@@ -145,7 +153,9 @@ api = FastAPI(title="TokenCarve captioning", version="1")
 
 @api.exception_handler(HTTPError)
 async def _http_error(request: Request, err: HTTPError) -> JSONResponse:
-    return JSONResponse({"error": {"code": err.code, "message": err.message}}, status_code=err.status)
+    # "type" as OpenAI spells it, so that OpenAI clients map the status to their own error classes
+    body = {"error": {"code": err.code, "message": err.message, "type": "invalid_request_error"}}
+    return JSONResponse(body, status_code=err.status, headers=err.headers)
 
 
 @serve.deployment
@@ -154,6 +164,9 @@ class CaptionServer:
     def __init__(self, settings: dict):
         self.settings = ServeSettings(**settings)
         s = self.settings
+        # read here, in the replica's own environment and file system (pipeline.auth says why)
+        self.api_keys = load_api_keys(s.api_key_file)
+        log_api_keys(self.api_keys)
         self.engine = CaptionEngine(EngineConfig(model=s.model, keep=s.keep, method=s.method, layer=s.layer,
                                                  max_new_tokens=s.max_new_tokens, dtype=s.dtype,
                                                  max_prompt_tokens=s.max_prompt_tokens))
@@ -167,18 +180,28 @@ class CaptionServer:
         s = self.settings
         return {"status": "ok", "model": self.engine.model_name, "method": s.method, "keep": s.keep}
 
+    # Every /v1/* route starts with `self._guard(request)` (a test walks the routes to check it).
+
     @api.post("/v1/caption")
     async def caption(self, request: Request) -> dict:
-        with self._count_failures():
+        with self._guard(request):
             return await self._caption(request)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> dict:
-        with self._count_failures():
+        with self._guard(request):
             return await self._chat_completions(request)
 
     @contextmanager
-    def _count_failures(self):
+    def _guard(self, request: Request):
+        """The API key check, then the request, counting its failures by reason. A refused key is
+        not counted as a failed image: nothing was read, and anyone could inflate the figure."""
+        authorization = request.headers.get("authorization")
+        if not self.api_keys.accepts(authorization):
+            # RFC 6750: a request without credentials gets the bare challenge, a wrong key the error too
+            challenge = 'Bearer realm="tokencarve"' + (', error="invalid_token"' if authorization else "")
+            raise HTTPError(401, "invalid_api_key", "a valid API key is required: send 'Authorization: Bearer <key>'",
+                            headers={"WWW-Authenticate": challenge})
         try:
             yield
         except HTTPError as err:
@@ -286,8 +309,10 @@ class CaptionServer:
         if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= s.max_new_tokens_limit:
             raise HTTPError(422, "invalid_request", f"max_new_tokens must be an integer in 1..{s.max_new_tokens_limit}")
         keep = keep or s.keep
-        if not isinstance(keep, int) or not s.min_keep <= keep <= s.max_keep:
-            raise HTTPError(422, "invalid_request", f"keep must be an integer in {s.min_keep}..{s.max_keep}")
+        fraction = isinstance(keep, float) and 0 < keep < 1
+        if not fraction and (isinstance(keep, bool) or not isinstance(keep, int) or not s.min_keep <= keep <= s.max_keep):
+            raise HTTPError(422, "invalid_request",
+                            f"keep must be an integer in {s.min_keep}..{s.max_keep} or a fraction in (0, 1)")
         method = method or s.method
         if method not in METHODS:
             raise HTTPError(422, "invalid_request", f"method must be one of {METHODS}")
@@ -300,10 +325,18 @@ class CaptionServer:
 
 def build_app(args: dict) -> serve.Application:
     """The app builder for `serve run pipeline.serve:build_app key=value ...` and config files."""
+    if {"api_key", "api_keys"} & set(args):
+        raise ValueError(f"API keys are not taken as settings (they would show in ps, shell history and Serve's "
+                         f"stored config): set {ENV_VAR} where the replicas run, or name a file with api_key_file")
     settings = ServeSettings(**args)
+    return deployment(settings).bind(settings.model_dump())
+
+
+def deployment(settings: ServeSettings) -> serve.Deployment:
+    """The CaptionServer deployment with the settings' scaling, batching and backpressure options."""
     if settings.max_ongoing_requests < settings.max_batch_size:
         raise ValueError("max_ongoing_requests must be >= max_batch_size, or batches never fill")
-    deployment = CaptionServer.options(
+    return CaptionServer.options(
         autoscaling_config=AutoscalingConfig(
             min_replicas=settings.min_replicas, max_replicas=settings.max_replicas,
             target_ongoing_requests=settings.target_ongoing_requests,
@@ -313,4 +346,3 @@ def build_app(args: dict) -> serve.Application:
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=settings.retry_after_s),
         ray_actor_options={"num_gpus": settings.num_gpus, "num_cpus": settings.num_cpus},
     )
-    return deployment.bind(settings.model_dump())

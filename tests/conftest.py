@@ -26,15 +26,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(condition, timeout: float, what: str, interval: float = 0.2):
-    """Poll `condition` until it returns something truthy (returned) or `timeout` seconds pass (fail)."""
+def wait_until(condition, timeout: float, what: str, interval: float = 0.2, detail=None):
+    """Poll `condition` until it returns something truthy (returned) or `timeout` seconds pass (fail;
+    `detail()`, when given, adds what the failure message should show, e.g. a server's log tail)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
         time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+    extra = f"\n{detail()}" if detail is not None else ""
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}{extra}")
 
 
 @pytest.fixture(scope="session")
@@ -88,3 +90,58 @@ def tiny_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llava-processor")
     save_tiny_llava_with_processor(path)
     return str(path)
+
+
+# ---------------------------------------------------------------- tiny models
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_path(tmp_path_factory):
+    """A random tiny LLaVA-1.5 (4 decoder layers, 576 tokens per image), saved; no processor."""
+    from .tiny_llava import save_tiny_llava
+
+    path = tmp_path_factory.mktemp("tiny-llava")
+    save_tiny_llava(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sdpa_model(tiny_llava_path):
+    """The tiny LLaVA with SDPA attention, shared: patch it only through `carved`, which undoes it."""
+    from .tiny_llava import load
+
+    return load(tiny_llava_path, "sdpa")
+
+
+@pytest.fixture(scope="session")
+def eager_model(tiny_llava_path):
+    from .tiny_llava import load
+
+    return load(tiny_llava_path, "eager")
+
+
+@pytest.fixture
+def carved(sdpa_model):
+    """Yields a function that applies a config (cut at tiny_llava.CUT) to the shared model; removed afterwards."""
+    import tokencarve
+
+    from .tiny_llava import CUT
+
+    def _apply(**config):
+        return tokencarve.apply(sdpa_model, tokencarve.CarveConfig(layer=CUT, **config))
+
+    yield _apply
+    if tokencarve.is_applied(sdpa_model):
+        tokencarve.remove(sdpa_model)
+
+
+@pytest.fixture(scope="session")
+def bundled():
+    """The bundled trained carve-tiny (models/carve-tiny) and its processor, loaded once."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    torch.set_num_threads(1)
+    path = Path(__file__).resolve().parent.parent / "models" / "carve-tiny"
+    return LlavaForConditionalGeneration.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+

@@ -11,64 +11,10 @@ import tokencarve
 from tokencarve import CarveConfig
 
 from . import reference
-from .tiny_llava import IMAGE_TOKEN, TOKENS_PER_IMAGE, left_padded, load, pixels, prompt, save_tiny_llava
+from .tiny_llava import CUT, PROMPTS, TOKENS_PER_IMAGE, batch, generate, left_padded, load, pixels, prompt, single
 
 N = TOKENS_PER_IMAGE
-CUT = 2
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llava")
-    save_tiny_llava(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def sdpa_model(model_path):
-    return load(model_path, "sdpa")
-
-
-@pytest.fixture(scope="module")
-def eager_model(model_path):
-    return load(model_path, "eager")
-
-
-@pytest.fixture
-def carved(sdpa_model):
-    """Yields a function that applies a config to the shared model; removed again afterwards."""
-
-    def _apply(**config):
-        return tokencarve.apply(sdpa_model, CarveConfig(layer=CUT, **config))
-
-    yield _apply
-    if tokencarve.is_applied(sdpa_model):
-        tokencarve.remove(sdpa_model)
-
-
-# Three prompts of different lengths, left-padded into one batch.
-PROMPTS = [prompt(5, 9, seed=1), prompt(17, 3, seed=2), prompt(2, 14, seed=3)]
-
-
-def batch(prompts=PROMPTS, seed=0):
-    ids, mask = left_padded(prompts)
-    images = sum(p.count(IMAGE_TOKEN) for p in prompts) // N
-    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels(images, seed))
-
-
-def generate(model, inputs, steps=12, **kwargs):
-    """Generated tokens [B, steps] and the raw logits of every step [B, steps, V] (greedy by default)."""
-    kwargs.setdefault("do_sample", False)
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=steps, return_dict_in_generate=True, output_logits=True, **kwargs)
-    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1)
-
-
-def single(inputs, row):
-    """Row `row` of a left-padded batch, unpadded, with its own image."""
-    real = inputs["attention_mask"][row].bool()
-    return dict(input_ids=inputs["input_ids"][row, real][None], attention_mask=torch.ones(1, int(real.sum()), dtype=torch.long),
-                pixel_values=inputs["pixel_values"][row : row + 1])
+# fixtures from conftest.py: tiny_llava_path, sdpa_model, eager_model, carved (cut at CUT)
 
 
 # 1. Exactness ------------------------------------------------------------------------------------
@@ -225,8 +171,8 @@ def test_budget_applies_per_image_and_text_only_prompts_pass_through(sdpa_model,
 
 # 5. remove() and configuration errors --------------------------------------------------------------
 
-def test_remove_restores_stock_behaviour_exactly(model_path):
-    model = load(model_path)
+def test_remove_restores_stock_behaviour_exactly(tiny_llava_path):
+    model = load(tiny_llava_path)
     inputs = batch()
     with torch.no_grad():
         stock = model(**inputs).logits
@@ -260,8 +206,8 @@ def test_bad_configuration_is_refused(kwargs, message):
         CarveConfig(**kwargs)
 
 
-def test_apply_refuses_bad_layers_other_models_and_double_application(model_path):
-    model = load(model_path)
+def test_apply_refuses_bad_layers_other_models_and_double_application(tiny_llava_path):
+    model = load(tiny_llava_path)
     with pytest.raises(ValueError, match="out of range: the language model has 4 decoder layers"):
         tokencarve.apply(model, CarveConfig(layer=4))
     text_only = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
@@ -276,12 +222,32 @@ def test_apply_refuses_bad_layers_other_models_and_double_application(model_path
         tokencarve.remove(model)
 
 
-def test_eager_attention_model_carves_the_same_tokens(model_path, sdpa_model, carved):
+def test_eager_attention_model_carves_the_same_tokens(tiny_llava_path, sdpa_model, carved):
     carved(keep=64)
     inputs = batch()
     sdpa_tokens, _ = generate(sdpa_model, inputs)
     sdpa_index = [image.index for image in sdpa_model.tokencarve.last_stats.images]
-    eager = tokencarve.apply(load(model_path, "eager"), CarveConfig(keep=64, layer=CUT))
+    eager = tokencarve.apply(load(tiny_llava_path, "eager"), CarveConfig(keep=64, layer=CUT))
     eager_tokens, _ = generate(eager, inputs)
     assert all(torch.equal(a, b.index) for a, b in zip(sdpa_index, eager.tokencarve.last_stats.images))
     assert torch.equal(eager_tokens, sdpa_tokens)
+
+
+def test_using_is_a_temporary_config_restored_on_exit_and_on_error(sdpa_model, carved):
+    carver = carved(keep=64).tokencarve
+    inputs = batch()
+    with carver.using(CarveConfig(layer=CUT, keep=16, mode="fastv")) as inside:
+        assert inside is carver and carver.config.keep == 16
+        generate(sdpa_model, inputs, steps=1)
+        assert carver.last_stats.visual_tokens_kept == [16, 16, 16]
+    assert carver.config == CarveConfig(layer=CUT, keep=64)
+    with pytest.raises(RuntimeError, match="inside"):
+        with carver.using(CarveConfig(layer=CUT, keep=32)):
+            raise RuntimeError("an error inside")
+    assert carver.config == CarveConfig(layer=CUT, keep=64)
+    with pytest.raises(ValueError, match="cannot move the cut"):
+        with carver.using(CarveConfig(layer=CUT + 1, keep=32)):
+            pass
+    assert carver.config == CarveConfig(layer=CUT, keep=64)
+    generate(sdpa_model, inputs, steps=1)
+    assert carver.last_stats.visual_tokens_kept == [64, 64, 64]

@@ -10,7 +10,8 @@ import tokencarve
 from tokencarve import CarveConfig, baselines
 from tokencarve.core import carve_tokens
 
-from .test_adapter import CUT, PROMPTS, N, batch, carved, generate, model_path, sdpa_model, single  # noqa: F401  (fixtures)
+from .tiny_llava import CUT, PROMPTS, batch, generate, single
+from .tiny_llava import TOKENS_PER_IMAGE as N
 
 
 def _tensors(batch_size=3, tokens=576, dim=16, seed=0):
@@ -88,7 +89,7 @@ def test_reduce_tokens_dispatches_and_keeps_tokencarve_exact():
 
 
 @pytest.mark.parametrize("method", ["fastv", "pool"])
-def test_baselines_through_the_adapter_are_batch_invariant(sdpa_model, carved, method):  # noqa: F811
+def test_baselines_through_the_adapter_are_batch_invariant(sdpa_model, carved, method):
     carved(keep=48, mode=method)
     inputs = batch()
     tokens, _ = generate(sdpa_model, inputs, steps=10)
@@ -102,7 +103,7 @@ def test_baselines_through_the_adapter_are_batch_invariant(sdpa_model, carved, m
         assert torch.equal(alone_tokens[0], tokens[row])
 
 
-def test_fastv_through_the_adapter_keeps_the_attention_modes_top_tokens(sdpa_model, carved):  # noqa: F811
+def test_fastv_through_the_adapter_keeps_the_attention_modes_top_tokens(sdpa_model, carved):
     """Same attention row, same ranking: FastV's kept set is the attention-only ranking's top `keep`,
     which contains the attention mode's stage-I group A (its top 0.75 keep)."""
     inputs = batch()

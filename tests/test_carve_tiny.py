@@ -125,11 +125,11 @@ def test_patch_targets_follow_the_mask():
     image, mask = scenes.render(scene, random.Random(0), with_masks=True)
     targets = train.patch_targets(scene, mask)
     assert targets.shape == (576, len(train.PATCH_HEADS))
-    shapes = targets[:, list(train.PATCH_HEADS).index("shape")]
+    shapes = targets[:, train.COLUMN["shape"]]
     assert set(shapes.tolist()) == {0} | {1 + scenes.SHAPES.index(t.shape) for t in scene.things}
-    tens, units = (targets[:, list(train.PATCH_HEADS).index(h)] for h in ("tens", "units"))
+    tens, units = (targets[:, train.COLUMN[h]] for h in ("tens", "units"))
     assert set(tens.tolist()) == {0, 1 + 4} and set(units.tolist()) == {0, 1 + 2}  # "42"
-    cell = list(train.PATCH_HEADS).index("cell")
+    cell = train.COLUMN["cell"]
     rows, cols = torch.arange(576) // 24, torch.arange(576) % 24
     assert torch.equal(targets[:, cell], rows // 8 * 3 + cols // 8)  # every patch: its grid cell
 
@@ -139,8 +139,9 @@ def test_cell_target_objects_labels_only_what_is_there():
     scene = _scene()
     _, mask = scenes.render(scene, random.Random(0), with_masks=True)
     every, objects = (train.patch_targets(scene, mask, target) for target in train.CELL_TARGETS)
-    cell = list(train.PATCH_HEADS).index("cell")
-    something = (every[:, :3] > 0).any(1) | (every[:, 4:7] > 0).any(1)
+    cell = train.COLUMN["cell"]
+    what = [train.COLUMN[h] for h in ("colour", "shape", "size", "word", "tens", "units")]  # the anchor: a subset
+    something = (every[:, what] > 0).any(1)
     assert something.any() and not something.all()
     assert torch.equal(objects[:, cell], torch.where(something, every[:, cell] + 1, 0))
     assert set(objects[something, cell].tolist()) == {1 + t.cell for t in scene.things} | {1 + scene.text_cell}
@@ -153,6 +154,7 @@ def test_cell_target_objects_labels_only_what_is_there():
         train.patch_heads("some")
 
 
+@pytest.mark.slow  # trains (two short runs)
 def test_training_is_a_function_of_the_seed(tmp_path):
     """Two short runs of the training CLI with the bundled recipe's defaults and the same seed save
     identical weights; the saved folder loads through the public API and records the recipe."""
@@ -178,17 +180,7 @@ def test_score_normalisation():
     assert not correct("4 2", "42")
 
 
-# ---------------------------------------------------------------- tokenizer, processor and prompt
-
-
-@pytest.fixture(scope="module")
-def bundled():
-    torch.set_num_threads(1)
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    processor = AutoProcessor.from_pretrained(MODEL)
-    llava = LlavaForConditionalGeneration.from_pretrained(MODEL).eval()
-    return llava, processor
+# ---------------------------------------------------------------- tokenizer, processor and prompt (`bundled`: conftest.py)
 
 
 def test_tokenizer_round_trips_answers(bundled):

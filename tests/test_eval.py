@@ -102,15 +102,7 @@ def test_llava_jsonl_question_files(tmp_path):
         question_files.read_llava_jsonl(tmp_path / "q.jsonl", tmp_path / "a.jsonl", tmp_path)
 
 
-# ---------------------------------------------------------------- end to end on the bundled model
-
-
-@pytest.fixture(scope="module")
-def bundled():
-    torch.set_num_threads(1)
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    return LlavaForConditionalGeneration.from_pretrained(MODEL).eval(), AutoProcessor.from_pretrained(MODEL)
+# ---------------------------------------------------------------- end to end on the bundled model (`bundled`: conftest.py)
 
 
 def test_harness_end_to_end_two_methods_two_budgets(tmp_path):

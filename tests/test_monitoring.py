@@ -4,7 +4,6 @@ Serve app run on the tiny model: every dashboard query returns data, every metri
 from __future__ import annotations
 
 import base64
-import json
 import os
 import shutil
 import subprocess
@@ -16,17 +15,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
 from monitoring.dashboards import OUTPUT, expressions, render
 from monitoring.metrics import METRICS
-from monitoring.push import push_summary
+from monitoring.push import SUMMARY_GAUGES, push_summary
 from pipeline.batch import CaptionJob, run
 from pipeline.engine import EngineConfig
 from pipeline.serve import build_app
 
 from .bad_images import encode, gradient
-from .conftest import free_port
+from .conftest import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 # Budgets no other test uses: other tests' traffic in the same Ray session is told apart by label.
@@ -67,16 +67,22 @@ def prometheus(ray_cluster, tmp_path_factory):
          f"--web.listen-address=127.0.0.1:{port}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    try:
+        wait_until(lambda: ready(url, process), 60, "Prometheus to be ready")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def ready(url: str, process: subprocess.Popen) -> bool:
+    """A server's /-/ready answers 200 (Prometheus and the Pushgateway both have it); fails if it died."""
+    if process.poll() is not None:
+        pytest.fail(f"{process.args[0]} exited with status {process.returncode}")
+    try:
+        return httpx.get(f"{url}/-/ready", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def query(url: str, expr: str) -> list:
@@ -91,12 +97,8 @@ def value(url: str, expr: str) -> float:
 
 
 def wait_for(url: str, expr: str, minimum: float, seconds: float = 90) -> float:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if (current := value(url, expr)) >= minimum:
-            return current
-        time.sleep(1)
-    pytest.fail(f"{expr} did not reach {minimum} (last {value(url, expr)})")
+    return wait_until(lambda: (current := value(url, expr)) >= minimum and current, seconds,
+                      f"{expr} to reach {minimum}", interval=1)
 
 
 @pytest.fixture(scope="module")
@@ -119,17 +121,21 @@ def traffic(prometheus, ray_cluster, tiny_model_dir, tmp_path_factory):
     wait_for(prometheus, f"sum(ray_tokencarve_images_processed_total{OURS})", 7)
     wait_for(prometheus, f"sum(ray_tokencarve_images_failed_total{OURS})", 2)
     wait_for(prometheus, "sum(ray_serve_deployment_replica_healthy)", 1)
-    time.sleep(3)  # a few more scrapes, so that rate() has two samples of every series
+    # a few more scrapes, so that rate() has two samples of every series of ours
+    ours = f'{{__name__=~"ray_tokencarve_.+",keep=~"{KEEP_BATCH}|{KEEP_SERVE}"}}'
+    wait_for(prometheus, f"min(count_over_time({ours}[10m]))", 3)
     yield prometheus
     serve.shutdown()
 
 
+@pytest.mark.slow
 def test_prometheus_scrapes_ray_on_loopback_only(traffic):
     targets = httpx.get(f"{traffic}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
     assert targets and all(t["labels"]["instance"].startswith("127.0.0.1:") for t in targets)
     assert any(t["health"] == "up" for t in targets)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("expr", expressions())
 def test_every_dashboard_query_returns_data(traffic, expr):
     for placeholder, replacement in SUBSTITUTIONS.items():
@@ -137,6 +143,7 @@ def test_every_dashboard_query_returns_data(traffic, expr):
     assert query(traffic, expr), f"no data for {expr}"
 
 
+@pytest.mark.slow
 def test_every_metric_is_exported_with_sane_values(traffic):
     names = set(httpx.get(f"{traffic}/api/v1/label/__name__/values", timeout=10).json()["data"])
     for spec in METRICS.values():
@@ -155,6 +162,7 @@ def test_every_metric_is_exported_with_sane_values(traffic):
     assert value(traffic, f"sum(ray_tokencarve_carve_seconds_sum{OURS})") > 0
 
 
+@pytest.mark.slow
 def test_dashboard_renders_to_png_from_real_data(traffic, tmp_path):
     """The picture for people without Grafana; DASHBOARD_PNG=docs/dashboard.png keeps a copy."""
     from monitoring.dashboards import PANELS
@@ -166,25 +174,23 @@ def test_dashboard_renders_to_png_from_real_data(traffic, tmp_path):
     assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_run_summary_reaches_a_real_pushgateway(tmp_path):
     port = free_port()
     gateway = subprocess.Popen([binary("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{port}"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/-/ready", timeout=2).raise_for_status()
-                break
-            except httpx.HTTPError:
-                time.sleep(0.3)
+        wait_until(lambda: ready(f"http://127.0.0.1:{port}", gateway), 30, "the Pushgateway to be ready")
         summary = {"model": "/x/carve-tiny", "method": "tokencarve", "keep": 64, "rows_ok": 9, "rows_failed": 1,
                    "rows_this_run": 10, "rows_per_s": 2.5, "visual_tokens_kept_pct": 11.1, "kv_bytes_saved": 1234,
                    "kv_saved_pct": 80.0, "seconds": 4.0}
         push_summary(summary, f"127.0.0.1:{port}")
         scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         assert 'tokencarve_job_rows_ok{instance="",job="tokencarve_caption_corpus",keep="64",method="tokencarve",model="carve-tiny"} 9' in scraped
-        assert "tokencarve_job_kv_bytes_saved" in scraped and json.dumps(summary)
+        # every summary figure, with its labels, as the gateway serves it to Prometheus
+        pushed = {s.name: s.value for family in text_string_to_metric_families(scraped) for s in family.samples
+                  if s.name.startswith("tokencarve_job_") and s.labels.get("model") == "carve-tiny"}
+        assert pushed == {f"tokencarve_job_{key}": float(summary[key]) for key in SUMMARY_GAUGES}
     finally:
         gateway.terminate()
         gateway.wait(timeout=30)

@@ -1,4 +1,5 @@
-"""The Ray Serve app over real HTTP on a local Ray cluster: good and bad requests, batching, overload."""
+"""The Ray Serve app over real HTTP on a local Ray cluster: good and bad requests, batching, overload,
+every method on both routes, API keys (settings and key parsing without Ray: test_serve_settings.py)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import openai
 import pytest
 from ray import serve
 
-from pipeline.serve import build_app
+from pipeline.auth import ENV_VAR
+from pipeline.engine import METHODS
+from pipeline.serve import ServeSettings, build_app, deployment
 
-from .conftest import free_port
 from .bad_images import broken_images, encode, gradient, valid_images
+from .conftest import free_port
 
+pytestmark = pytest.mark.slow  # a real Ray cluster and Serve app
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +128,7 @@ def test_openai_chat_completions_shape(server):
 def test_overload_is_refused_with_503_and_retry_after(ray_cluster, tiny_model_dir, server):
     serve.run(build_app({"model": tiny_model_dir, "max_new_tokens": 200, "max_new_tokens_limit": 200,
                          "max_batch_size": 1, "max_replicas": 1, "max_ongoing_requests": 1,
-                         "max_queued_requests": 1, "retry_after_s": 3}),
+                         "max_queued_requests": 1, "retry_after_s": 3, "num_cpus": 0.5}),
               name="tight", route_prefix="/tight")
 
     def one(_):
@@ -156,17 +161,85 @@ def test_the_official_openai_client_works_unchanged(server):
     assert completion.model_extra["tokencarve"]["visual_tokens_kept"] == 32
 
 
-def test_the_checked_in_serve_config_is_valid():
-    """jobs/serve_config.yaml parses under Serve's own schema and its args build a valid app."""
-    from pathlib import Path
+def chat_request(method: str | None = None, keep: int = 32) -> dict:
+    options = {"keep": keep} | ({"method": method} if method else {})
+    return {"model": "carve-tiny", "max_tokens": 2, "tokencarve": options, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Describe the image ."},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(PNG)}}]}]}
 
-    import yaml
-    from ray.serve.schema import ServeDeploySchema
 
-    from pipeline.serve import ServeSettings
+@pytest.mark.parametrize("method", METHODS)
+def test_both_routes_accept_the_same_methods(server, method):
+    caption = httpx.post(f"{server}/v1/caption", json={"image": b64(PNG), "method": method, "max_new_tokens": 2},
+                         timeout=60)
+    assert caption.status_code == 200, caption.text
+    chat = httpx.post(f"{server}/v1/chat/completions", json=chat_request(method), timeout=60)
+    assert chat.status_code == 200, chat.text
+    assert caption.json()["method"] == chat.json()["tokencarve"]["method"] == method
+    kept = 576 if method == "none" else 32
+    assert chat.json()["tokencarve"]["visual_tokens_kept"] == kept
 
-    config = ServeDeploySchema(**yaml.safe_load((Path(__file__).parent.parent / "jobs" / "serve_config.yaml").read_text()))
-    app = config.applications[0]
-    assert app.import_path == "pipeline.serve:build_app"
-    settings = ServeSettings(**app.args)
-    assert settings.max_ongoing_requests >= settings.max_batch_size and settings.num_gpus == 1
+
+# ---------------------------------------------------------------- API keys
+
+ENV_KEYS = ("env-key-1", "env-key-2")
+FILE_KEY = "file-key-1"
+
+
+@pytest.fixture(scope="module")
+def locked(server, tiny_model_dir, tmp_path_factory):
+    """A second app that needs a key: two from TOKENCARVE_API_KEY in the replica's environment (given
+    here through the runtime env, as a test can; docs/SERVING.md says how an operator sets it) and
+    one from a key file."""
+    key_file = tmp_path_factory.mktemp("keys") / "api_keys"
+    key_file.write_text(f"# test keys\n{FILE_KEY}\n")
+    settings = ServeSettings(model=tiny_model_dir, keep=64, max_new_tokens=4, max_replicas=1, num_cpus=0.25,
+                             api_key_file=str(key_file))
+    options = {"num_cpus": 0.25, "runtime_env": {"env_vars": {ENV_VAR: ",".join(ENV_KEYS)}}}
+    serve.run(deployment(settings).options(ray_actor_options=options).bind(settings.model_dump()),
+              name="locked", route_prefix="/locked")
+    yield f"{server}/locked"
+    serve.delete("locked")
+
+
+def openai_chat(base_url: str, api_key: str, **request_options):
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=0, timeout=60)
+    request = chat_request()
+    return client.chat.completions.create(model=request["model"], messages=request["messages"], max_tokens=2,
+                                          extra_body={"tokencarve": request["tokencarve"]}, **request_options)
+
+
+@pytest.mark.parametrize("key", [*ENV_KEYS, FILE_KEY])
+def test_a_right_key_works_with_the_openai_client(locked, key):
+    completion = openai_chat(locked, key)
+    assert completion.choices[0].message.role == "assistant" and completion.usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize("api_key,request_options", [
+    ("wrong-key", {}),
+    (ENV_KEYS[0][:-1], {}),  # a prefix of a right key
+    ("unused", {"extra_headers": {"Authorization": openai.Omit()}}),  # no Authorization header at all
+], ids=["wrong", "prefix", "none"])
+def test_a_wrong_or_missing_key_gets_401_with_the_openai_client(locked, api_key, request_options):
+    with pytest.raises(openai.AuthenticationError) as refused:
+        openai_chat(locked, api_key, **request_options)
+    assert refused.value.status_code == 401
+    assert refused.value.body["code"] == "invalid_api_key" and refused.value.body["type"] == "invalid_request_error"
+
+
+def test_every_v1_route_is_closed_and_health_stays_open(locked):
+    served = httpx.get(f"{locked}/openapi.json", timeout=30).json()["paths"]  # what the app really serves
+    routes = [path for path in served if path.startswith("/v1/")]
+    assert sorted(routes) == ["/v1/caption", "/v1/chat/completions"]
+    for route in routes:  # also a route added later: the check is the route's first statement
+        reply = httpx.post(f"{locked}{route}", json={"image": b64(PNG)}, timeout=60)
+        assert reply.status_code == 401, (route, reply.text)
+        assert reply.json()["error"]["code"] == "invalid_api_key"
+        assert reply.headers["www-authenticate"] == 'Bearer realm="tokencarve"'
+    wrong = httpx.post(f"{locked}/v1/caption", json={"image": b64(PNG)}, headers={"Authorization": "Bearer nope"},
+                       timeout=60)
+    assert wrong.status_code == 401 and 'error="invalid_token"' in wrong.headers["www-authenticate"]
+    right = httpx.post(f"{locked}/v1/caption", json={"image": b64(PNG)}, timeout=60,
+                       headers={"Authorization": f"Bearer {FILE_KEY}"})
+    assert right.status_code == 200, right.text
+    assert httpx.get(f"{locked}/healthz", timeout=30).status_code == 200

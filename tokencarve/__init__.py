@@ -10,7 +10,7 @@
 from .adapter import CarveConfig, CarveStats, ImageCarve, TokenCarver
 from .baselines import BASELINES, METHODS, reduce_tokens
 from .core import MODES, CarveResult, carve_tokens, information_scores, stage_sizes
-from .families import FAMILIES, Family, family_of, tokens_per_image
+from .families import FAMILIES, Family, family_for_config, family_of, max_tokens_per_image, tokens_per_image
 from .loading import load_llava
 
 __all__ = [
@@ -26,10 +26,12 @@ __all__ = [
     "TokenCarver",
     "apply",
     "carve_tokens",
+    "family_for_config",
     "family_of",
     "information_scores",
     "is_applied",
     "load_llava",
+    "max_tokens_per_image",
     "reduce_tokens",
     "remove",
     "stage_sizes",

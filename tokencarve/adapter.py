@@ -24,6 +24,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -35,17 +36,19 @@ from .attention import last_token_attention
 from .baselines import METHODS, reduce_tokens
 from .core import CarveResult
 from .families import ImageSpans, family_of, image_spans
+from .repack import Repacked, repack
 
 
 @dataclass(frozen=True)
 class CarveConfig:
     """keep: the budget per image, visual tokens left as a count (576 -> 128 with keep=128) or as a
-    fraction of that image's tokens (keep=0.1: ceil(0.1 N), see `budget`); layer: K, the cut sits before decoder
+    fraction of that image's tokens (keep=0.1: ceil(0.1 N), see `budget`), or None for the stock model
+    (nothing carved, the figures still measured); layer: K, the cut sits before decoder
     layer K (after K layers); attention_weight: w in the rank fusion; mode: TokenCarve's "tokencarve"
     (the paper's method, default), "information" or "attention" (core.MODES), or a baseline for
     comparisons, "fastv", "random" or "pool" (see tokencarve.baselines); seed: the random baseline's."""
 
-    keep: int | float = 64
+    keep: int | float | None = 64
     layer: int = 2
     attention_weight: float = 0.5
     mode: str = "tokencarve"
@@ -53,9 +56,9 @@ class CarveConfig:
 
     def __post_init__(self):
         fraction = isinstance(self.keep, float) and 0.0 < self.keep < 1.0
-        if not (fraction or isinstance(self.keep, int) and not isinstance(self.keep, bool) and self.keep >= 1):
-            raise ValueError("CarveConfig.keep must be an integer >= 1 (tokens per image) or a float in (0, 1) "
-                             f"(a fraction of each image's tokens), got {self.keep!r}")
+        if not (self.keep is None or fraction or isinstance(self.keep, int) and not isinstance(self.keep, bool) and self.keep >= 1):
+            raise ValueError("CarveConfig.keep must be an integer >= 1 (tokens per image), a float in (0, 1) "
+                             f"(a fraction of each image's tokens) or None (the stock model), got {self.keep!r}")
         if not isinstance(self.layer, int) or self.layer < 1:
             raise ValueError(f"CarveConfig.layer must be an integer >= 1 (the cut needs layer K-1), got {self.layer!r}")
         if not 0.0 <= self.attention_weight <= 1.0:
@@ -69,6 +72,8 @@ class CarveConfig:
         A fraction is read as the decimal written (0.1 is exactly 1/10, not the binary float just
         above it) and rounded up: ceil(keep * N), so at least 1 token, and 0.1 of 2,880 is 288.
         """
+        if self.keep is None:
+            return num_tokens
         if isinstance(self.keep, int):
             return self.keep
         return math.ceil(Fraction(repr(self.keep)) * num_tokens)
@@ -183,6 +188,17 @@ class TokenCarver:
         self._check_mode(config)
         self.config = config
 
+    @contextmanager
+    def using(self, config: CarveConfig):
+        """`with model.tokencarve.using(CarveConfig(keep=32)):` a temporary config (checked as by
+        `reconfigure`: the cut's layer cannot move); the previous one is back on exit, also on an error."""
+        previous = self.config
+        self.reconfigure(config)
+        try:
+            yield self
+        finally:
+            self.config = previous  # was valid before; no re-check that could raise over the original error
+
     def _check_mode(self, config: CarveConfig) -> None:
         # pooling needs the image's square token grid; NeXT / OneVision images are a base grid,
         # tiles and newline tokens in one span, which no square grid describes
@@ -295,48 +311,37 @@ class TokenCarver:
             prefill.cut_position_embeddings,
             prefill.mask_2d,
         )
-        # Kept: real text tokens and the kept visual tokens. Padding goes too: the rows are re-padded.
-        keep_mask = prefill.mask_2d.bool() & ~prefill.image_mask
         groups = self._reduce_images(hidden, attention)
-        for group in groups:
-            where = (group.rows, group.kept_positions)
-            hidden = hidden.index_put(where, group.result.hidden)
-            keep_mask = keep_mask.index_put(where, torch.tensor(True, device=hidden.device))
-
-        # Repack each row's kept tokens right-aligned, left-padded to the longest row.
-        length = keep_mask.shape[1]
-        counts = keep_mask.sum(1)
-        new_length = int(counts.max())
-        order = torch.sort(keep_mask.to(torch.int8), dim=1, stable=True).indices[:, length - new_length :]
-        real_slot = torch.arange(new_length, device=hidden.device) >= (new_length - counts).unsqueeze(1)
-        hidden = hidden.gather(1, order.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        mask_2d = prefill.mask_2d.gather(1, order) * real_slot
-        positions = prefill.position_ids.gather(1, order)
+        hidden, keep_mask = _place_kept_tokens(hidden, groups, prefill)
+        packed = repack(hidden, keep_mask, prefill.mask_2d, prefill.position_ids)
         if cache is not None:
-            _shrink_cache(cache, order, num_layers=cfg.layer)
-
-        causal_mask = create_causal_mask(
-            config=self.language_model.config,
-            inputs_embeds=hidden,
-            attention_mask=mask_2d,
-            position_ids=positions,
-            **{_MASK_CACHE_ARGUMENT: None},  # layers >= K start empty: mask the kept tokens among themselves
-        )
-        prefill.overrides = {
-            "attention_mask": causal_mask,
-            "position_ids": positions,
-            "position_embeddings": self.language_model.rotary_emb(hidden, position_ids=positions),
-        }
+            _shrink_cache(cache, packed.order, num_layers=cfg.layer)
+        prefill.overrides = self._layer_overrides(packed)
         stats = prefill.stats
-        stats.prompt_tokens_kept = mask_2d.sum(1).tolist()
+        stats.prompt_tokens_kept = packed.mask_2d.sum(1).tolist()
         stats.images = self._describe_images(groups)
         stats.visual_tokens_kept = list(stats.visual_tokens_in)
         for image in stats.images:  # images differ in N and in what they keep: count each one
             stats.visual_tokens_kept[image.sample] -= len(image.assignment) - len(image.index)
         if cache is not None:
-            cache._tokencarve = _CacheNote(mask_2d, length, stats)
+            cache._tokencarve = _CacheNote(packed.mask_2d, keep_mask.shape[1], stats)
         stats.carve_seconds = time.perf_counter() - started
-        return hidden
+        return packed.hidden
+
+    def _layer_overrides(self, packed: Repacked) -> dict:
+        """What layers >= K get instead of the uncompressed mask, positions and rotary tables."""
+        causal_mask = create_causal_mask(
+            config=self.language_model.config,
+            inputs_embeds=packed.hidden,
+            attention_mask=packed.mask_2d,
+            position_ids=packed.position_ids,
+            **{_MASK_CACHE_ARGUMENT: None},  # layers >= K start empty: mask the kept tokens among themselves
+        )
+        return {
+            "attention_mask": causal_mask,
+            "position_ids": packed.position_ids,
+            "position_embeddings": self.language_model.rotary_emb(packed.hidden, position_ids=packed.position_ids),
+        }
 
     def _reduce_images(self, hidden, attention, *, keep_all: bool = False):
         """Run the core on every image: one batched call per group of images with the same token
@@ -409,6 +414,18 @@ class _Group:
     result: CarveResult  # the core's result for the G images
     images: list[int]  # image numbers (row-major order of the batch)
     positions: torch.Tensor  # [G, N] sequence positions of all the images' tokens
+
+
+def _place_kept_tokens(hidden: torch.Tensor, groups: list[_Group], prefill: _Prefill
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write each image's carved tokens (merged values) at their positions; the [B, L] mask of what
+    stays: real text tokens and the kept visual tokens. Padding goes too: `repack` re-pads the rows."""
+    keep_mask = prefill.mask_2d.bool() & ~prefill.image_mask
+    for group in groups:
+        where = (group.rows, group.kept_positions)
+        hidden = hidden.index_put(where, group.result.hidden)
+        keep_mask = keep_mask.index_put(where, torch.tensor(True, device=hidden.device))
+    return hidden, keep_mask
 
 
 def _check_decoder(language_model, cut: int) -> None:

@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .core import MODES, CarveResult, _gather_rows, carve_tokens
+from .core import MODES, CarveResult, carve_tokens, gather_rows, slot_assignment
 
 BASELINES = ("fastv", "random", "pool")
 
@@ -29,10 +29,8 @@ def _pruned(hidden: torch.Tensor, index: torch.Tensor) -> CarveResult:
     """Keep the tokens at `index` ([B, T], any order) unchanged and prune the rest."""
     index = index.sort(dim=1).values
     batch, num_tokens, _ = hidden.shape
-    slots = torch.arange(index.shape[1], device=hidden.device).expand_as(index)
-    assignment = torch.full((batch, num_tokens), -1, dtype=torch.long, device=hidden.device).scatter(1, index, slots)
     merged = torch.zeros(batch, num_tokens, dtype=torch.bool, device=hidden.device)
-    return CarveResult(_gather_rows(hidden, index), index, assignment, merged)
+    return CarveResult(gather_rows(hidden, index), index, slot_assignment(index, num_tokens), merged)
 
 
 def fastv_tokens(hidden: torch.Tensor, attention: torch.Tensor, keep: int) -> CarveResult:

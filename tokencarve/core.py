@@ -100,9 +100,16 @@ def fused_scores(
     raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
 
 
-def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x[b, index[b, i]] for x [B, N, D] and index [B, K] -> [B, K, D]."""
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def slot_assignment(index: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """[B, N]: the output slot of each kept token (`index` [B, T], slot t holds index[:, t]), -1 elsewhere.
+    CarveResult.assignment before merged tokens are given their target's slot."""
+    slots = torch.arange(index.shape[1], device=index.device).expand_as(index)
+    return torch.full((index.shape[0], num_tokens), -1, dtype=torch.long, device=index.device).scatter(1, index, slots)
 
 
 def carve_tokens(
@@ -141,15 +148,15 @@ def carve_tokens(
     num_merges = min(group_a.shape[1], num_merges)
     merged_b = torch.zeros(group_b.shape, dtype=torch.bool, device=device)
     target_a = torch.zeros(group_b.shape, dtype=torch.long, device=device)
-    a_values = _gather_rows(values, group_a)
+    a_values = gather_rows(values, group_a)
     if num_merges > 0:
         unit = F.normalize(values, dim=-1)
-        similarity = _gather_rows(unit, group_b) @ _gather_rows(unit, group_a).mT  # [B, |B|, |A|]
+        similarity = gather_rows(unit, group_b) @ gather_rows(unit, group_a).mT  # [B, |B|, |A|]
         best_similarity, target_a = similarity.max(dim=-1)
         most_similar = torch.sort(best_similarity, dim=-1, descending=True, stable=True).indices
         merged_b.scatter_(1, most_similar[:, :num_merges], True)
         # Each A token becomes the plain mean of itself and every B token merged into it.
-        b_values = _gather_rows(values, group_b) * merged_b.unsqueeze(-1)
+        b_values = gather_rows(values, group_b) * merged_b.unsqueeze(-1)
         sums = a_values.scatter_add(1, target_a.unsqueeze(-1).expand_as(b_values), b_values)
         counts = torch.ones(group_a.shape, device=device).scatter_add(1, target_a, merged_b.float())
         a_values = sums / counts.unsqueeze(-1)
@@ -160,10 +167,9 @@ def carve_tokens(
     kept.scatter_(1, group_a, True)
     kept.scatter_(1, group_b, ~merged_b)
     index = kept.nonzero()[:, 1].view(batch, -1)
-    out_hidden = _gather_rows(carved, index).to(hidden.dtype)
+    out_hidden = gather_rows(carved, index).to(hidden.dtype)
 
-    slots = torch.arange(index.shape[1], device=device).expand_as(index)
-    assignment = torch.full((batch, num_tokens), -1, dtype=torch.long, device=device).scatter(1, index, slots)
+    assignment = slot_assignment(index, num_tokens)
     merged = torch.zeros_like(kept).scatter(1, group_b, merged_b)
     if num_merges > 0:  # merged tokens are carried by their target's slot
         target_slot = assignment.gather(1, group_a.gather(1, target_a))

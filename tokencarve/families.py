@@ -71,6 +71,33 @@ def tokens_per_image(config) -> int:
     return config.image_seq_length
 
 
+def max_tokens_per_image(config) -> int:
+    """An upper bound on the visual tokens one image can have (what a prompt budget must leave room
+    for): LLaVA-1.5's fixed count; for NeXT / OneVision the base grid, the most tiles any grid
+    pinpoint gives (OneVision: at most its `anyres_max_<n>` tiles' worth), and a newline per token row."""
+    base = tokens_per_image(config)
+    pinpoints = getattr(config, "image_grid_pinpoints", None)
+    if not pinpoints:
+        return base
+    tile = config.vision_config.image_size
+    side = tile // config.vision_config.patch_size
+    tiles = max((height // tile) * (width // tile) for height, width in pinpoints)
+    rows = max(height // tile for height, _ in pinpoints) * side
+    ratio = str(getattr(config, "vision_aspect_ratio", "") or "")
+    if ratio.startswith("anyres_max_"):
+        tiles = min(tiles, int(ratio.rsplit("_", 1)[1]))
+    return base + tiles * side * side + rows + 1
+
+
+def family_for_config(config) -> Family:
+    """The family of a checkpoint, from its config (before any weights are loaded)."""
+    for family in FAMILIES:
+        if isinstance(config, family.model_class.config_class):
+            return family
+    names = ", ".join(f.model_class.config_class.__name__ for f in FAMILIES)
+    raise TypeError(f"TokenCarve supports checkpoints with a {names}; got {type(config).__name__}")
+
+
 def _fixed_counts(module, kwargs, image_mask: torch.Tensor) -> list[int]:
     """LLaVA-1.5: N tokens per image, whatever the pixels."""
     n = tokens_per_image(module.config)

@@ -24,18 +24,28 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+LLAVA_15_PROMPT = "USER: <image>\n{question} ASSISTANT:"
+
+
 def chat_prompt(processor, question: str) -> str:
-    """The single-image, single-turn prompt for `question`, by the checkpoint's own chat template."""
+    """The single-image, single-turn prompt for `question`, by the checkpoint's own chat template
+    (LLaVA-1.5's USER / ASSISTANT form for a processor that has none)."""
+    if not getattr(processor, "chat_template", None):
+        return LLAVA_15_PROMPT.format(question=question)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
 def load_llava(path: str, device: str = "auto", dtype: str = "auto"):
-    """(model in eval mode on `device`, processor padding on the left) from a local folder or hub id."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    """(model in eval mode on `device`, processor padding on the left) from a local folder or hub id:
+    a LLaVA-1.5, LLaVA-NeXT or LLaVA-OneVision checkpoint (the class read from its config)."""
+    from transformers import AutoConfig, AutoProcessor
+
+    from .families import family_for_config
 
     device = resolve_device(device)
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=resolve_dtype(dtype, device))
+    family = family_for_config(AutoConfig.from_pretrained(path))
+    model = family.model_class.from_pretrained(path, dtype=resolve_dtype(dtype, device))
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"  # batched generate() continues every row from its last token
     return model.to(device).eval(), processor

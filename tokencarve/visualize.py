@@ -91,20 +91,18 @@ def carve_picture(model, processor, image: Image.Image, prompt: str, config: Car
     if applied_here:
         tokencarve.apply(model, config)
     carver = model.tokencarve
-    before = carver.config, carver.record_hidden
+    record_hidden = carver.record_hidden
     try:
-        carver.reconfigure(config)
-        carver.record_hidden = True  # so that an image with nothing to cut (keep >= N) is described too
-        inputs = processor(images=[image], text=[chat_prompt(processor, prompt)], return_tensors="pt").to(model.device)
-        with torch.inference_mode():
-            model(**inputs)
-        carve = carver.last_stats.images[0]
-    finally:  # leave a model that was already patched as it was
+        with carver.using(config):  # a model that was already patched gets its own config back
+            carver.record_hidden = True  # so that an image with nothing to cut (keep >= N) is described too
+            inputs = processor(images=[image], text=[chat_prompt(processor, prompt)], return_tensors="pt").to(model.device)
+            with torch.inference_mode():
+                model(**inputs)
+            carve = carver.last_stats.images[0]
+    finally:
+        carver.record_hidden = record_hidden
         if applied_here:
             tokencarve.remove(model)
-        else:
-            carver.reconfigure(before[0])
-            carver.record_hidden = before[1]
     view = model_view(inputs["pixel_values"][0], processor.image_processor.image_mean, processor.image_processor.image_std)
     return render(view, carve, scale), carve
 

@@ -54,6 +54,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def budget(text: str) -> int | float:
+    """A budget: tokens per image (128) or a fraction of each image's tokens (0.1)."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 def main(argv=None) -> dict:
     from tqdm.auto import tqdm
 
@@ -66,7 +74,7 @@ def main(argv=None) -> dict:
         questions = read_llava_jsonl(args.questions, args.annotations, args.image_folder, args.task, args.limit)
     model, processor = load_llava(args.model, args.device, args.dtype)
     evaluator = Evaluator(model, processor, args.layer, args.batch_size, args.max_new_tokens, args.seed)
-    grid = settings(args.methods.split(","), [int(b) for b in args.budgets.split(",")], evaluator.tokens_per_image)
+    grid = settings(args.methods.split(","), [budget(b) for b in args.budgets.split(",")], evaluator.tokens_per_image)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 

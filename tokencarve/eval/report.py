@@ -25,7 +25,7 @@ def overall_table(results: list[dict]) -> str:
     lines = ["| method | " + " | ".join(f"{b} tokens" for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
     for (method, keep), summary in table.items():
         if method == "none":
-            lines.insert(2, f"| none (all {keep}) | " + " | ".join([_percent(summary["overall"])] * len(budgets)) + " |")
+            lines.insert(2, "| none (every token) | " + " | ".join([_percent(summary["overall"])] * len(budgets)) + " |")
     for method in methods:
         cells = [_percent(table[(method, b)]["overall"]) if (method, b) in table else "" for b in budgets]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
@@ -71,7 +71,7 @@ def accuracy_plot(results: list[dict], path: str | Path, title: str = "") -> Non
         ax.plot(*zip(*points), LINE_STYLES.get(method, "o-"), color=COLOURS.get(method), label=method)
     for (method, keep), summary in table.items():
         if method == "none":
-            ax.axhline(100 * summary["overall"], color="black", linestyle="--", linewidth=1, label=f"none ({keep} tokens)")
+            ax.axhline(100 * summary["overall"], color="black", linestyle="--", linewidth=1, label="none (every token)")
     ax.set_xscale("log", base=2)
     budgets = sorted({k for m, k in table if m != "none"})
     ax.set_xticks(budgets, [str(b) for b in budgets])

@@ -26,7 +26,7 @@ BUDGETS = (576, 192, 128, 64, 32, 16)
 @dataclass(frozen=True)
 class Setting:
     method: str  # "none": the stock model
-    keep: int  # visual tokens per image entering layer K
+    keep: int | float | None  # visual tokens per image entering layer K, a fraction of them, or None (all)
 
     @property
     def name(self) -> str:
@@ -34,14 +34,17 @@ class Setting:
 
 
 def settings(methods, budgets, tokens_per_image: int) -> list[Setting]:
-    """The grid; a budget >= the image's tokens is the stock model, run once as "none"."""
-    grid = [Setting("none", tokens_per_image)] if "none" in methods or any(b >= tokens_per_image for b in budgets) else []
+    """The grid; a count >= the most tokens an image can have is the stock model, run once as "none"."""
+    def stock(b):
+        return isinstance(b, int) and b >= tokens_per_image
+
+    grid = [Setting("none", None)] if "none" in methods or any(stock(b) for b in budgets) else []
     for method in methods:
         if method == "none":
             continue
         if method not in tokencarve.METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-        grid += [Setting(method, b) for b in budgets if b < tokens_per_image]
+        grid += [Setting(method, b) for b in budgets if not stock(b)]
     return grid
 
 
@@ -61,15 +64,15 @@ class Evaluator:
     def __init__(self, model, processor, layer: int = 2, batch_size: int = 16, max_new_tokens: int = 48, seed: int = 0):
         self.model, self.processor = model, processor
         self.layer, self.batch_size, self.max_new_tokens, self.seed = layer, batch_size, max_new_tokens, seed
-        self.tokens_per_image = tokencarve.tokens_per_image(model.config)
+        self.tokens_per_image = tokencarve.max_tokens_per_image(model.config)  # 576 for LLaVA-1.5
         if not tokencarve.is_applied(model):
-            tokencarve.apply(model, CarveConfig(keep=self.tokens_per_image, layer=layer))
+            tokencarve.apply(model, CarveConfig(keep=None, layer=layer))
         model.tokencarve.record_hidden = True
         processor.tokenizer.padding_side = "left"  # what generate() needs
 
     def configure(self, setting: Setting) -> None:
         method = "tokencarve" if setting.method == "none" else setting.method
-        keep = self.tokens_per_image if setting.method == "none" else setting.keep
+        keep = None if setting.method == "none" else setting.keep
         self.model.tokencarve.reconfigure(CarveConfig(keep=keep, layer=self.layer, mode=method, seed=self.seed))
 
     @torch.inference_mode()
