@@ -143,12 +143,14 @@ def main() -> None:
             lines.append(f"| {size:,} | {phase} | {r['seconds']:.1f} | {rate:,.0f} | {r['driver_peak_kb'] / 1024:.0f} MiB "
                          f"| {r['worker_peak_kb'] / 1024:.0f} MiB | {r['workers']} |")
     if len(results) >= 2:
-        (small, a, ar), (large, b, br) = results[-2], results[-1]
-        lines += ["", f"Slope from {small:,} to {large:,} rows (peak bytes per added row):", ""]
-        for name, key in (("driver", "driver_peak_kb"), ("workers", "worker_peak_kb")):
-            first_slope = (b[key] - a[key]) * 1024 / (large - small)
-            resume_slope = (br[key] - ar[key]) * 1024 / (large - small)
-            lines.append(f"- {name}: first run {first_slope:+.2f} B/row, resume {resume_slope:+.2f} B/row")
+        lines += ["", "Slope between consecutive sizes (peak bytes per added row; a per-row structure would show as a "
+                      "constant positive slope):", ""]
+        for (small, a, ar), (large, b, br) in zip(results, results[1:]):
+            slopes = [f"{name} {(y[key] - x[key]) * 1024 / (large - small):+.2f} B/row"
+                      for name, x, y in (("first run: driver", a, b), ("workers", a, b),
+                                         ("resume: driver", ar, br), ("workers", ar, br))
+                      for key in ["driver_peak_kb" if name.endswith("driver") else "worker_peak_kb"]]
+            lines.append(f"- {small:,} -> {large:,}: " + ", ".join(slopes))
     lines.append("")
     lines.append("(The rows/s of a resume counts every row of the output: skipped and re-checked.)")
     text = "\n".join(lines) + "\n"

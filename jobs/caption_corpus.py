@@ -29,7 +29,7 @@ import ray  # noqa: E402
 
 from monitoring.push import push_summary  # noqa: E402
 from pipeline.batch import CaptionJob, run  # noqa: E402
-from pipeline.engine import METHODS, EngineConfig  # noqa: E402
+from pipeline.engine import IMAGE_POLICIES, METHODS, EngineConfig  # noqa: E402
 from pipeline.output import Output, SettingsMismatch  # noqa: E402
 from pipeline.sources import FORMATS  # noqa: E402
 
@@ -57,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="visual tokens kept per image, or a fraction of each image's tokens (0.1) (default: %(default)s)")
     p.add_argument("--method", choices=METHODS, default="tokencarve")
     p.add_argument("--no-carve", action="store_true", help="run the stock model (same as --method none)")
+    p.add_argument("--image-policy", choices=IMAGE_POLICIES, default="auto",
+                   help="auto: LLaVA-1.5's pad to a square (NeXT / OneVision: any resolution); processor: "
+                        "the processor's own resize and centre crop")
     p.add_argument("--layer", type=int, default=2, help="the cut sits before decoder layer K (default: 2)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--max-prompt-tokens", type=int, default=None,
@@ -83,7 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_job(args: argparse.Namespace) -> CaptionJob:
     method = "none" if args.no_carve else args.method
     engine = EngineConfig(model=args.model, keep=args.keep, method=method, layer=args.layer,
-                          max_new_tokens=args.max_new_tokens, dtype=args.dtype, max_prompt_tokens=args.max_prompt_tokens)
+                          max_new_tokens=args.max_new_tokens, dtype=args.dtype, max_prompt_tokens=args.max_prompt_tokens,
+                          image_policy=args.image_policy)
     return CaptionJob(
         inputs=args.input or [str(DEFAULT_INPUT)], output=args.output, engine=engine, input_format=args.input_format,
         carry=tuple(c.strip() for c in args.carry.split(",") if c.strip()),

@@ -62,6 +62,7 @@ class CaptionJob:
     num_gpus: float = 0.0  # per actor
     actor_cpus: float = 1.0
     rows_per_file: int = 4096  # rows per written bundle (a part holds one unit's share of it)
+    merge_rows: int = 200_000  # a finished unit of at most this many rows is merged into one part
     max_image_bytes: int = MAX_IMAGE_BYTES
     max_image_pixels: int = MAX_IMAGE_PIXELS
     progress_every_s: float = 30.0  # seconds between progress lines on stderr (0: none)
@@ -328,14 +329,17 @@ class UnitTracker:
 
 
 def finish_unit(output: Output, end: dict, job: CaptionJob) -> None:
-    """Check the unit's rows on storage (each source row once, all of them there), total its numeric
-    columns and write its record: done, or failed with the shard's reason (a rerun re-checks it)."""
+    """Check the unit's rows on storage (each source row once, all of them there), merge its parts
+    into one, total its numeric columns and write its record: done, or failed with the shard's
+    reason (a rerun re-checks it)."""
     table = output.unit_rows(end["unit"], TOTALS_COLUMNS)
     table = table if table is not None else output_schema(job.carry).empty_table().select(TOTALS_COLUMNS)
-    rows = table.column("source_row").to_numpy()
-    distinct = len(np.unique(rows))
-    if distinct < len(rows):  # a row written twice (a task re-run on a lost node): keep one copy
-        dedupe_unit(output, end["unit"], job.run_id)
+    distinct = len(np.unique(table.column("source_row").to_numpy()))
+    parts = len(output.unit_parts(end["unit"]))
+    # A row written twice (a task re-run after a lost node) must go; many small parts (a write bundle
+    # holds every unit in flight, so it splits into small per-unit parts) are merged while small enough.
+    if distinct < len(table) or 1 < parts and len(table) <= job.merge_rows:
+        merge_unit(output, end["unit"], job.run_id)
         table = output.unit_rows(end["unit"], TOTALS_COLUMNS)
     code, message = end["error_code"], end["error_message"]
     if code is None and distinct != end["rows"]:
@@ -348,8 +352,10 @@ def finish_unit(output: Output, end: dict, job: CaptionJob) -> None:
     })
 
 
-def dedupe_unit(output: Output, unit: str, run: str) -> None:
-    """Rewrite a unit's parts as one part holding each source row once."""
+def merge_unit(output: Output, unit: str, run: str) -> None:
+    """Rewrite a unit's parts as one part holding each source row once. Safe to interrupt: the
+    merged part is complete before any old one is deleted, and a part left over from an interrupted
+    merge is a duplicate the next finish of the unit removes (before its record is written)."""
     old = output.unit_parts(unit)
     table = output.unit_rows(unit, None)
     _, first = np.unique(table.column("source_row").to_numpy(), return_index=True)

@@ -20,6 +20,7 @@ from tokencarve.loading import chat_prompt
 from .images import RowError, square
 
 DEFAULT_PROMPT = "Describe the image."
+IMAGE_POLICIES = ("auto", "processor")
 METHODS = ("none", *tokencarve.METHODS)  # "none": the stock model; the baselines are there for A/B runs
 
 
@@ -38,6 +39,9 @@ class EngineConfig:
     # prompt tokens a row may use (the template's included); None: what the context window leaves
     # after the image's tokens and max_new_tokens. Longer prompts are refused before any model work.
     max_prompt_tokens: int | None = None
+    # "auto": LLaVA-1.5's pad-to-square (any-resolution families: shrunk to their largest grid);
+    # "processor": the image as it is, for the processor's own resize and centre crop
+    image_policy: str = "auto"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -47,6 +51,8 @@ class EngineConfig:
         if self.prompt_template is not None and ("{prompt}" not in self.prompt_template
                                                  or "<image>" not in self.prompt_template):
             raise ValueError("prompt_template needs an <image> placeholder and a {prompt} field")
+        if self.image_policy not in IMAGE_POLICIES:
+            raise ValueError(f"image_policy must be one of {IMAGE_POLICIES}, got {self.image_policy!r}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError("max_prompt_tokens must be >= 1")
         if self.method != "none":
@@ -84,6 +90,7 @@ class ModelInputs:
         self.tokenizer = processor.tokenizer
         self.image_size = model_config.vision_config.image_size
         pinpoints = getattr(model_config, "image_grid_pinpoints", None)
+        self.policy = config.image_policy
         self.square = not pinpoints  # LLaVA-1.5's pad; else the largest grid bounds an any-resolution image
         self.max_side = max(max(p) for p in pinpoints) if pinpoints else self.image_size
         mean = getattr(processor.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
@@ -101,6 +108,8 @@ class ModelInputs:
         return cls(config, AutoProcessor.from_pretrained(config.model), AutoConfig.from_pretrained(config.model))
 
     def image(self, image: Image.Image) -> Image.Image:
+        if self.policy == "processor":
+            return image
         if self.square:
             return square(image, self.image_size, self.pad_color)
         if max(image.size) <= self.max_side:

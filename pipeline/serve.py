@@ -55,6 +55,7 @@ class ServeSettings(BaseModel):
     max_new_tokens: int = Field(64, ge=1)  # the default per request
     max_new_tokens_limit: int = Field(512, ge=1)  # the most a request may ask for
     max_prompt_tokens: int | None = Field(None, ge=1)  # None: what the context window leaves (413 beyond)
+    image_policy: str = "auto"  # as the batch job's --image-policy (pipeline.engine.IMAGE_POLICIES)
     min_keep: int = Field(16, ge=1)  # bounds for a per-request budget
     max_keep: int = Field(8192, ge=1)  # (LLaVA-1.5 has 576 tokens an image, NeXT up to 2,928, OneVision 7,371)
     dtype: str = "auto"
@@ -169,7 +170,8 @@ class CaptionServer:
         log_api_keys(self.api_keys)
         self.engine = CaptionEngine(EngineConfig(model=s.model, keep=s.keep, method=s.method, layer=s.layer,
                                                  max_new_tokens=s.max_new_tokens, dtype=s.dtype,
-                                                 max_prompt_tokens=s.max_prompt_tokens))
+                                                 max_prompt_tokens=s.max_prompt_tokens,
+                                                 image_policy=s.image_policy))
         self.metrics = MetricsRecorder(self.engine.model_name, s.method, s.keep)
         self.model_thread = ThreadPoolExecutor(max_workers=1)  # one generate() at a time per replica
         self.caption_batch.set_max_batch_size(s.max_batch_size)

@@ -154,7 +154,8 @@ def test_a_crashed_worker_is_retried_and_loses_nothing(ray_cluster, tiny_model_d
                "--batch-size", "2", "--rows-per-file", "2", "--address", ray_cluster]
     job = subprocess.Popen(command, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
-    wait_until(lambda: len(list(output.glob("part-*.parquet"))) >= 2 or job.poll() is not None, 240,
+    # parts appear as batches finish (under <output>/<unit>/): kill the model worker after the second
+    wait_until(lambda: len(list(output.rglob("part-*.parquet"))) >= 2 or job.poll() is not None, 240,
                "the job's first two output files")
     assert job.poll() is None, job.communicate()[1][-3000:]
     # Ray names an actor's worker process after it (`ray::MapWorker(MapBatches(CaptionActor))...`)

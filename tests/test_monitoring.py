@@ -121,9 +121,10 @@ def traffic(prometheus, ray_cluster, tiny_model_dir, tmp_path_factory):
     wait_for(prometheus, f"sum(ray_tokencarve_images_processed_total{OURS})", 7)
     wait_for(prometheus, f"sum(ray_tokencarve_images_failed_total{OURS})", 2)
     wait_for(prometheus, "sum(ray_serve_deployment_replica_healthy)", 1)
-    # a few more scrapes, so that rate() has two samples of every series of ours
-    ours = f'{{__name__=~"ray_tokencarve_.+",keep=~"{KEEP_BATCH}|{KEEP_SERVE}"}}'
-    wait_for(prometheus, f"min(count_over_time({ours}[10m]))", 3)
+    # a few more scrapes, so that rate() has two samples of every series of ours: the Serve requests
+    # made the newest ones (keep=72, reason=bad_base64), so once these have 3 samples, all have
+    for name in ("images_processed", "images_failed"):
+        wait_for(prometheus, f"min(count_over_time(ray_tokencarve_{name}_total{OURS}[10m]))", 3)
     yield prometheus
     serve.shutdown()
 
