@@ -3,7 +3,8 @@
     python -m carve_tiny.evaluate --model models/carve-tiny --seed 1234 --per-task 100
 
 Questions come from a seed the model never trained on. Answers are generated greedily through the
-public path (`AutoProcessor` + `generate`, batched with left padding) and scored by exact match
+production engine (`tokencarve.engine.CaptionEngine`, the stock model: the batch job's preprocessing,
+prompt and batched generate) and scored by exact match
 after normalisation (tokencarve.eval.scoring, the harness's rules). Controls: "blank" gives every
 question an empty canvas, "shuffled" gives every question the image of another question (half the
 set further on, so another task's scene). A model that really looks falls to about the "prior" column on both: the accuracy of always
@@ -21,10 +22,11 @@ from collections import Counter
 import torch
 from PIL import Image
 
+import tokencarve
 from tokencarve import load_llava
+from tokencarve.engine import CaptionEngine, EngineConfig
 from tokencarve.eval.scoring import normalize, summarize
 
-from .model import TEMPLATE
 from .scenes import SIZE, TASKS, example
 
 CONTROLS = ("vanilla", "blank", "shuffled")
@@ -38,17 +40,15 @@ def question_set(seed: int, per_task: int) -> list[dict]:
     return [dict(zip(keys, example(rng, task, exist_yes=i % 2 == 0))) for task in TASKS for i in range(per_task)]
 
 
-@torch.inference_mode()
 def generate_answers(model, processor, images, prompts, batch_size: int = 16, max_new_tokens: int = 48) -> list[str]:
-    """Greedy answers, batched with left padding, through the processor and `generate`."""
-    processor.tokenizer.padding_side = "left"
-    answers = []
-    for start in range(0, len(images), batch_size):
-        texts = [TEMPLATE.format(prompt=p) for p in prompts[start : start + batch_size]]
-        inputs = processor(images=images[start : start + batch_size], text=texts, return_tensors="pt", padding=True)
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        answers += processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    return answers
+    """Greedy answers of the stock model (a loaded or just-trained one), through the engine in batches."""
+    config = EngineConfig(model=model.config.name_or_path or "carve-tiny", method="none", max_new_tokens=max_new_tokens)
+    engine = CaptionEngine(config, model=model, processor=processor)
+    try:
+        return [c.caption for start in range(0, len(images), batch_size)
+                for c in engine.caption(images[start:start + batch_size], prompts[start:start + batch_size])]
+    finally:
+        tokencarve.remove(model)  # the caller's model, as it was
 
 
 def control_images(questions: list[dict], control: str) -> list[Image.Image]:

@@ -29,7 +29,7 @@ import ray  # noqa: E402
 
 from monitoring.push import push_summary  # noqa: E402
 from pipeline.batch import CaptionJob, run  # noqa: E402
-from pipeline.engine import IMAGE_POLICIES, METHODS, EngineConfig  # noqa: E402
+from tokencarve.engine import IMAGE_POLICIES, METHODS, EngineConfig  # noqa: E402
 from pipeline.output import Output, SettingsMismatch  # noqa: E402
 from pipeline.sources import FORMATS  # noqa: E402
 

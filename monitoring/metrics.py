@@ -101,7 +101,7 @@ class MetricsRecorder:
         self.tags = {"model": model, "method": method, "keep": "none" if keep is None or method == "none" else str(keep)}
 
     def batch(self, captions, timing, method: str | None = None, keep: int | None = None) -> None:
-        """One generate() batch: `captions` are pipeline.engine.Caption, `timing` its BatchTiming;
+        """One generate() batch: `captions` are tokencarve.engine.Caption, `timing` its BatchTiming;
         method / keep: a per-request override of the recorder's labels."""
         m, tags = self._metrics, self.tags
         if method is not None:

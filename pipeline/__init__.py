@@ -1,7 +1,8 @@
-"""The Ray layer: a batch captioning pipeline (Ray Data) and a serving app, on one engine.
+"""The Ray layer: a batch captioning pipeline (Ray Data) and a serving app, on one engine
+(`tokencarve.engine.CaptionEngine`; images are validated by `tokencarve.images`).
 
-- `pipeline.engine`:  `CaptionEngine` loads a LLaVA once, applies TokenCarve, captions in batches.
-- `pipeline.images`:  decode and validate untrusted image bytes (shared by batch and serve).
-- `pipeline.sources`: read Parquet / image folders / WebDataset into one schema.
+- `pipeline.sources`: corpora as units (shards), read into one schema whatever the shard looks like.
+- `pipeline.output`:  the output's layout, per-shard records and totals.
 - `pipeline.batch`:   the Ray Data job behind `jobs/caption_corpus.py`.
+- `pipeline.serve`:   the Ray Serve app.
 """

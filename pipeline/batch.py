@@ -38,8 +38,8 @@ from PIL import Image
 from monitoring.metrics import MetricsRecorder
 from tokencarve.eval.scoring import correct
 
-from .engine import CaptionEngine, EngineConfig, ModelInputs
-from .images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, RowError, decode_image
+from tokencarve.engine import CaptionEngine, EngineConfig, ModelInputs
+from tokencarve.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, RowError, decode_image
 from .output import TOTALS_COLUMNS, Output, SettingsMismatch, Totals, output_schema
 from .sources import ShardError, Unit, carried_name, plan_units, read_unit, uri
 

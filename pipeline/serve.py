@@ -37,8 +37,8 @@ from ray.serve.config import AutoscalingConfig, BackpressureConfig
 from monitoring.metrics import MetricsRecorder
 
 from .auth import ENV_VAR, load_api_keys, log_api_keys
-from .engine import METHODS, CaptionEngine, EngineConfig
-from .images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, RowError, decode_image
+from tokencarve.engine import METHODS, CaptionEngine, EngineConfig
+from tokencarve.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, RowError, decode_image
 
 # Error code -> HTTP status (anything else about the image is a 400).
 TOO_LARGE = {"image_too_large", "too_many_pixels", "decompression_bomb"}
@@ -50,12 +50,12 @@ class ServeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = "models/carve-tiny"
     keep: int | float = Field(64, gt=0)  # tokens per image, or a fraction of each image's tokens (0.1)
-    method: str = "tokencarve"  # one of pipeline.engine.METHODS (checked by EngineConfig)
+    method: str = "tokencarve"  # one of tokencarve.engine.METHODS (checked by EngineConfig)
     layer: int = Field(2, ge=1)
     max_new_tokens: int = Field(64, ge=1)  # the default per request
     max_new_tokens_limit: int = Field(512, ge=1)  # the most a request may ask for
     max_prompt_tokens: int | None = Field(None, ge=1)  # None: what the context window leaves (413 beyond)
-    image_policy: str = "auto"  # as the batch job's --image-policy (pipeline.engine.IMAGE_POLICIES)
+    image_policy: str = "auto"  # as the batch job's --image-policy (tokencarve.engine.IMAGE_POLICIES)
     min_keep: int = Field(16, ge=1)  # bounds for a per-request budget
     max_keep: int = Field(8192, ge=1)  # (LLaVA-1.5 has 576 tokens an image, NeXT up to 2,928, OneVision 7,371)
     dtype: str = "auto"
@@ -83,7 +83,7 @@ class CaptionRequest(BaseModel):
     prompt: str | None = None
     max_new_tokens: int | None = Field(None, ge=1)
     keep: int | float | None = Field(None, gt=0)
-    method: str | None = None  # checked against pipeline.engine.METHODS in _work
+    method: str | None = None  # checked against tokencarve.engine.METHODS in _work
 
 
 class HTTPError(Exception):

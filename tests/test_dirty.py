@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.batch import CaptionJob, read_output, run
-from pipeline.engine import EngineConfig, ModelInputs
+from tokencarve.engine import EngineConfig, ModelInputs
 from pipeline.synthetic import img2dataset_samples, small_png, tar_bytes
 
 pytestmark = pytest.mark.slow  # a real Ray cluster

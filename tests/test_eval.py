@@ -18,6 +18,7 @@ import tokencarve
 from tokencarve import CarveConfig
 from tokencarve.eval import __main__ as cli
 from tokencarve.eval import questions as question_files
+from tokencarve.loading import chat_prompt
 from tokencarve.eval import runner, scoring
 from tokencarve.visualize import carve_picture, legend
 
@@ -125,21 +126,35 @@ def test_harness_end_to_end_two_methods_two_budgets(tmp_path):
     assert "| tokencarve |" in (out / "table.md").read_text()
 
 
+@torch.inference_mode()
+def plain_answers(model, processor, questions, batch_size: int, max_new_tokens: int) -> list[str]:
+    """The unpatched model through the plain processor + generate path (the sample's images are
+    already square, so no preprocessing choice is involved)."""
+    processor.tokenizer.padding_side = "left"
+    answers = []
+    for start in range(0, len(questions), batch_size):
+        batch = questions[start:start + batch_size]
+        texts = [chat_prompt(processor, q.prompt) for q in batch]
+        inputs = processor(images=[q.image for q in batch], text=texts, return_tensors="pt", padding=True)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        answers += [a.strip() for a in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+    return answers
+
+
 def test_the_harness_stock_setting_is_the_stock_model(bundled):
-    """The "none" setting (TokenCarve applied with nothing to cut) answers exactly as the unpatched
-    model does through the plain processor + generate path."""
-    from carve_tiny import evaluate
+    """The "none" setting (the engine, TokenCarve applied with keep=None) answers exactly as the
+    unpatched model does through the plain processor + generate path."""
+    from tokencarve.engine import CaptionEngine, EngineConfig
 
     model, processor = bundled
     qs = question_files.read_parquet(SAMPLE, limit=6)
-    stock = evaluate.generate_answers(model, processor, [q.image for q in qs], [q.prompt for q in qs], batch_size=3,
-                                      max_new_tokens=12)
-    evaluator = runner.Evaluator(model, processor, batch_size=3, max_new_tokens=12)
+    stock = plain_answers(model, processor, qs, batch_size=3, max_new_tokens=12)
+    engine = CaptionEngine(EngineConfig(model="carve-tiny", method="none", max_new_tokens=12), model=model, processor=processor)
     try:
-        result = evaluator.run(qs, runner.Setting("none", 576))
+        result = runner.Evaluator(engine, batch_size=3).run(qs, runner.Setting("none", None))
     finally:
         tokencarve.remove(model)
-    assert [r["prediction"] for r in result["records"]] == [s.strip() for s in stock]
+    assert [r["prediction"] for r in result["records"]] == stock
     assert result["summary"]["information"]["visual_tokens"] == 576
 
 

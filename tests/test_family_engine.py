@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from pipeline.batch import CaptionJob, read_output, run
-from pipeline.engine import CaptionEngine, EngineConfig, ModelInputs
+from tokencarve.engine import CaptionEngine, EngineConfig, ModelInputs
 from tokencarve.eval import __main__ as eval_cli
 
 from .conftest import free_port

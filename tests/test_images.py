@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import RowError, decode_image, square
+from tokencarve.images import RowError, decode_image, square
 
 from .bad_images import broken_images, valid_images
 

@@ -22,7 +22,7 @@ from monitoring.dashboards import OUTPUT, expressions, render
 from monitoring.metrics import METRICS
 from monitoring.push import SUMMARY_GAUGES, push_summary
 from pipeline.batch import CaptionJob, run
-from pipeline.engine import EngineConfig
+from tokencarve.engine import EngineConfig
 from pipeline.serve import build_app
 
 from .bad_images import encode, gradient

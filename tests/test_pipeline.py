@@ -19,7 +19,7 @@ import pytest
 
 from pipeline.output import Output
 from pipeline.batch import CaptionJob, SettingsMismatch, read_output, run
-from pipeline.engine import EngineConfig
+from tokencarve.engine import EngineConfig
 
 from .bad_images import broken_images, encode, gradient, valid_images
 from .conftest import wait_until

@@ -16,7 +16,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from pipeline.batch import CaptionJob, run
-from pipeline.engine import EngineConfig
+from tokencarve.engine import EngineConfig
 from pipeline.output import Output
 from pipeline.synthetic import img2dataset_samples, tar_bytes, write_parquet_corpus
 

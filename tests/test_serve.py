@@ -13,7 +13,7 @@ import pytest
 from ray import serve
 
 from pipeline.auth import ENV_VAR
-from pipeline.engine import METHODS
+from tokencarve.engine import METHODS
 from pipeline.serve import ServeSettings, build_app, deployment
 
 from .bad_images import broken_images, encode, gradient, valid_images

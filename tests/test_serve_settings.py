@@ -27,7 +27,7 @@ def test_the_checked_in_serve_config_is_valid():
 
 
 def test_one_method_list_for_library_job_and_serve():
-    # both /v1 routes check pipeline.engine.METHODS (test_serve.py sends every method to both)
+    # both /v1 routes check tokencarve.engine.METHODS (test_serve.py sends every method to both)
     assert engine.METHODS == ("none", *tokencarve.METHODS)
     assert {"fastv", "random", "pool"} <= set(engine.METHODS)
 

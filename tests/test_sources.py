@@ -154,7 +154,7 @@ def test_totals_add_up_and_parts_are_named_by_their_rows(tmp_path):
 def test_finishing_a_unit_merges_its_parts_and_drops_rows_written_twice(tmp_path):
     """What a task re-run on a lost node can leave: the same source row in two parts."""
     from pipeline.batch import CaptionJob, finish_unit
-    from pipeline.engine import EngineConfig
+    from tokencarve.engine import EngineConfig
 
     def rows(numbers):
         return pa.Table.from_pylist([{"id": f"r{n}", "error_code": "missing_image", "error_message": "none",

@@ -22,10 +22,14 @@ from PIL import Image
 @dataclass
 class Question:
     question_id: str
-    image: Image.Image
+    source: bytes | Path  # the encoded image or its file: decoded when a batch needs it, not up front
     prompt: str
     answer: str
     task: str
+
+    @property
+    def image(self) -> Image.Image:
+        return _open_rgb(self.source)
 
 
 def _open_rgb(data_or_path) -> Image.Image:
@@ -43,7 +47,7 @@ def read_parquet(path: str | Path, limit: int | None = None) -> list[Question]:
     for file in files:
         table = pq.read_table(file, columns=["id", "image", "prompt", "answer", "task"])
         for row in table.to_pylist():
-            questions.append(Question(str(row["id"]), _open_rgb(row["image"]), row["prompt"], row["answer"], row["task"]))
+            questions.append(Question(str(row["id"]), row["image"], row["prompt"], row["answer"], row["task"]))
             if limit is not None and len(questions) >= limit:
                 return questions
     return questions
@@ -71,6 +75,6 @@ def read_llava_jsonl(questions_file: str | Path, annotations_file: str | Path, i
         qid = str(line["question_id"])
         if qid not in answers:
             raise ValueError(f"question {qid!r} has no answer in {annotations_file}")
-        questions.append(Question(qid, _open_rgb(Path(image_folder) / line["image"]), line["text"], answers[qid],
+        questions.append(Question(qid, Path(image_folder) / line["image"], line["text"], answers[qid],
                                   task or line.get("category") or "vqa"))
     return questions

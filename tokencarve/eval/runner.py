@@ -1,8 +1,9 @@
-"""Run one model over a question set under every (method, budget) setting, through the adapter.
+"""Run one model over a question set under every (method, budget) setting, through the engine.
 
-Every setting uses the same model, prompts (the processor's chat template), batches, greedy
-decoding and token counting; only the adapter's config changes between settings (`reconfigure`),
-so baselines and TokenCarve cut at the same layer with the same RoPE and KV-cache handling.
+Every setting uses the same engine (`tokencarve.engine.CaptionEngine`, as the batch job and Serve):
+the same image preprocessing, prompts (the checkpoint's chat template), batches, greedy decoding
+and token counting; only the carver's config changes between batches (`TokenCarver.using`), so
+baselines and TokenCarve cut at the same layer with the same RoPE and KV-cache handling.
 """
 
 from __future__ import annotations
@@ -13,13 +14,11 @@ from dataclasses import dataclass
 import torch
 
 import tokencarve
-from tokencarve import CarveConfig
-from tokencarve.loading import chat_prompt
+from tokencarve.engine import METHODS, CaptionEngine
 
 from .questions import Question
 from .scoring import summarize
 
-METHODS = ("none", *tokencarve.METHODS)  # "none": the stock model
 BUDGETS = (576, 192, 128, 64, 32, 16)
 
 
@@ -59,42 +58,31 @@ def spectrum(hidden: torch.Tensor) -> dict[str, float]:
 
 
 class Evaluator:
-    """Holds a TokenCarve-patched model and answers question batches under any setting."""
+    """Answers question batches under any setting through the production engine (`CaptionEngine`:
+    the same image preprocessing, prompt template, batching and generation as the batch job and
+    Serve), so that "is this budget safe for my data?" measures the job a user will run."""
 
-    def __init__(self, model, processor, layer: int = 2, batch_size: int = 16, max_new_tokens: int = 48, seed: int = 0):
-        self.model, self.processor = model, processor
-        self.layer, self.batch_size, self.max_new_tokens, self.seed = layer, batch_size, max_new_tokens, seed
-        self.tokens_per_image = tokencarve.max_tokens_per_image(model.config)  # 576 for LLaVA-1.5
-        if not tokencarve.is_applied(model):
-            tokencarve.apply(model, CarveConfig(keep=None, layer=layer))
-        model.tokencarve.record_hidden = True
-        processor.tokenizer.padding_side = "left"  # what generate() needs
-
-    def configure(self, setting: Setting) -> None:
-        method = "tokencarve" if setting.method == "none" else setting.method
-        keep = None if setting.method == "none" else setting.keep
-        self.model.tokencarve.reconfigure(CarveConfig(keep=keep, layer=self.layer, mode=method, seed=self.seed))
+    def __init__(self, engine: CaptionEngine, batch_size: int = 16):
+        self.engine, self.batch_size = engine, batch_size
+        self.tokens_per_image = tokencarve.max_tokens_per_image(engine.model.config)  # 576 for LLaVA-1.5
+        engine.model.tokencarve.record_hidden = True  # each image's rows entering layer K, for its spectrum
 
     @torch.inference_mode()
-    def answer(self, questions: list[Question]) -> tuple[list[str], list[dict]]:
+    def answer(self, questions: list[Question], setting: Setting) -> tuple[list[str], list[dict]]:
         """Greedy answers to one batch, and the spectrum of each image's visual rows entering layer K."""
-        prompts = [chat_prompt(self.processor, q.prompt) for q in questions]
-        images = [q.image for q in questions]
-        inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True).to(self.model.device)
-        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-        texts = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        images = [q.image for q in questions]  # decoded per batch
+        captions = self.engine.caption(images, [q.prompt for q in questions], keep=setting.keep, method=setting.method)
         # the prefill's figures: generate() keeps them on the cache note after the decode steps
-        carves = self.model.tokencarve.last_stats.images
+        carves = self.engine.model.tokencarve.last_stats.images
         spectra = [dict(spectrum(carve.hidden), visual_tokens=int(carve.hidden.shape[0])) for carve in carves]
-        return [t.strip() for t in texts], spectra
+        return [c.caption for c in captions], spectra
 
     def run(self, questions: list[Question], setting: Setting, progress=None) -> dict:
         """Predictions, scores and mean spectrum figures of one setting."""
-        self.configure(setting)
         records, spectra = [], []
         for start in range(0, len(questions), self.batch_size):
             batch = questions[start : start + self.batch_size]
-            texts, batch_spectra = self.answer(batch)
+            texts, batch_spectra = self.answer(batch, setting)
             spectra += batch_spectra
             records += [{"question_id": q.question_id, "task": q.task, "prompt": q.prompt, "answer": q.answer,
                          "prediction": t} for q, t in zip(batch, texts)]

@@ -1,7 +1,9 @@
-"""One engine for batch and serving: load a LLaVA once, apply TokenCarve, caption in batches.
+"""One engine for batch, serving and evaluation: load a LLaVA once, apply TokenCarve, caption in batches.
 
-The Ray Data actors (`pipeline.batch`) and the Ray Serve replicas (`pipeline.serve`) both hold a
-`CaptionEngine`; neither knows how the model is loaded or patched.
+The Ray Data actors (`pipeline.batch`), the Ray Serve replicas (`pipeline.serve`) and the evaluation
+harness (`tokencarve.eval`) all hold a `CaptionEngine`: one way to turn an image and a prompt into
+what the model sees (`ModelInputs`), one batched generate(), one set of figures. None of them knows
+how the model is loaded or patched. No Ray here: the engine runs anywhere the model does.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class EngineConfig:
     # "auto": LLaVA-1.5's pad-to-square (any-resolution families: shrunk to their largest grid);
     # "processor": the image as it is, for the processor's own resize and centre crop
     image_policy: str = "auto"
+    seed: int = 0  # the random baseline's
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -71,7 +74,8 @@ class EngineConfig:
     @property
     def carve_config(self) -> CarveConfig:
         """keep=None for the stock model: bit-identical to it, the figures still measured."""
-        return CarveConfig(keep=self.budget, layer=self.layer, mode="tokencarve" if self.method == "none" else self.method)
+        return CarveConfig(keep=self.budget, layer=self.layer, mode="tokencarve" if self.method == "none" else self.method,
+                           seed=self.seed)
 
 
 class ModelInputs:
@@ -189,10 +193,16 @@ class _ForwardTimer:
 
 
 class CaptionEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, model=None, processor=None):
+        """Loads `config.model`, or takes an already loaded `model` and `processor` (a model just
+        trained, a test's); TokenCarve is applied unless the model already carries it."""
         self.config = config
-        self.model, self.processor = load_llava(config.model, config.device, config.dtype)
-        tokencarve.apply(self.model, config.carve_config)
+        if model is None:
+            model, processor = load_llava(config.model, config.device, config.dtype)
+        processor.tokenizer.padding_side = "left"  # batched generate() continues every row from its last token
+        self.model, self.processor = model, processor
+        if not tokencarve.is_applied(model):
+            tokencarve.apply(model, config.carve_config)
         self.inputs = ModelInputs(config, self.processor, self.model.config)
         self.model_name = config.model_name
         self._timer = _ForwardTimer(self.model)
@@ -204,18 +214,15 @@ class CaptionEngine:
         images: list[Image.Image],
         prompts: list[str | None],
         max_new_tokens: int | None = None,
-        keep: int | None = None,
+        keep: int | float | None = None,
         method: str | None = None,
     ) -> list[Caption]:
-        """Caption (or answer) one batch; images are RGB (any size: squared here), prompts may be None
-        and must fit (`inputs.prompt_error`). `keep` / `method` override the budget for this batch only."""
-        carver = self.model.tokencarve
-        default = carver.config
-        carver.reconfigure(replace(self.config, keep=keep or self.config.keep, method=method or self.config.method).carve_config)
-        try:
+        """Caption (or answer) one batch; images are RGB (any size: `inputs.image` makes them what the
+        model sees), prompts may be None and must fit (`inputs.prompt_error`). `keep` / `method`
+        override the budget for this batch only."""
+        setting = replace(self.config, keep=keep or self.config.keep, method=method or self.config.method)
+        with self.model.tokencarve.using(setting.carve_config):
             return self._generate(images, prompts, max_new_tokens)
-        finally:
-            carver.reconfigure(default)
 
     def _generate(self, images, prompts, max_new_tokens) -> list[Caption]:
         texts = [self.inputs.prompt_text(p) for p in prompts]
