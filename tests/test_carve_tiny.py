@@ -257,7 +257,7 @@ def test_processor_gives_576_image_tokens_per_image(bundled):
 
 def test_bundled_model_answers_the_sample_and_fails_blind(bundled):
     llava, processor = bundled
-    questions = [dict(vars(q), scene=None) for q in read_parquet(SAMPLE, limit=30)]  # 5 rows of each task
+    questions = [dict(vars(q), image=q.image, scene=None) for q in read_parquet(SAMPLE, limit=30)]  # 5 rows of each task
     prompts = [q["prompt"] for q in questions]
     vanilla = evaluate.generate_answers(llava, processor, [q["image"] for q in questions], prompts, batch_size=8)
     blank = evaluate.generate_answers(llava, processor, evaluate.control_images(questions, "blank"), prompts,
