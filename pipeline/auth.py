@@ -52,8 +52,9 @@ class ApiKeys:
 
 def parse_keys(text: str, *, separator: str | None) -> list[str]:
     """Keys in `text`: split on `separator` (None: one per line, blank lines and # comments ignored)."""
-    items = text.split(separator) if separator else [line for line in text.splitlines()
-                                                      if not line.strip().startswith("#")]
+    items = (
+        text.split(separator) if separator else [line for line in text.splitlines() if not line.strip().startswith("#")]
+    )
     keys = [item.strip() for item in items if item.strip()]
     for key in keys:
         if any(c.isspace() for c in key):  # a Bearer token cannot carry it; almost surely a paste error
@@ -87,5 +88,8 @@ def log_api_keys(api_keys: ApiKeys) -> None:
     if api_keys.required:
         LOG.info("API keys required on /v1/*: %d key(s) from %s", len(api_keys.keys), ", ".join(api_keys.sources))
     else:
-        LOG.warning("no API key configured (%s unset, no api_key_file): /v1/* is open to every client that "
-                    "can reach this endpoint", ENV_VAR)
+        LOG.warning(
+            "no API key configured (%s unset, no api_key_file): /v1/* is open to every client that "
+            "can reach this endpoint",
+            ENV_VAR,
+        )

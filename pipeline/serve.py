@@ -35,10 +35,10 @@ from ray import serve
 from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
 from monitoring.metrics import MetricsRecorder
-
-from .auth import ENV_VAR, load_api_keys, log_api_keys
 from tokencarve.engine import METHODS, CaptionEngine, EngineConfig
 from tokencarve.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, RowError, decode_image
+
+from .auth import ENV_VAR, load_api_keys, log_api_keys
 
 # Error code -> HTTP status (anything else about the image is a 400).
 TOO_LARGE = {"image_too_large", "too_many_pixels", "decompression_bomb"}

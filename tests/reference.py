@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 # -- selection (the spec's formulas, literally) ---------------------------------------------------
 
 def borda(score: list[float]) -> list[int]:

@@ -121,7 +121,8 @@ def test_cache_holds_only_kept_tokens_and_greedy_decode_matches_reference(sdpa_m
         assert layer.keys.shape[2] == layer.values.shape[2] == max(lengths)
     stats = sdpa_model.tokencarve.last_stats
     assert stats.prompt_tokens_kept == lengths
-    cache_bytes = sum(t.numel() * t.element_size() for l in out.past_key_values.layers for t in (l.keys, l.values))
+    cache_bytes = sum(t.numel() * t.element_size() for layer in out.past_key_values.layers
+                      for t in (layer.keys, layer.values))
     assert stats.kv_cache_bytes == cache_bytes
     per_token = cache_bytes // (len(PROMPTS) * max(lengths))
     assert stats.kv_bytes_held == [per_token * n for n in lengths]

@@ -43,11 +43,12 @@ HEAD_DEADLINE_S = 240  # a cold `ray start` on 2 busy cores can take minutes; a 
 def head_node(tmp_path):
     """A real Ray head started with `ray start --head` (token auth, as Ray 2.60 defaults to).
 
-    Ready means the job API answers (`ray job list`, what the test uses next), checked only once the
-    GCS port accepts connections. Its own stdout/stderr go to a file whose tail, with the dashboard's
-    log, is the failure message. Shutdown stops this head only (`ray stop` would stop every Ray on the
-    machine): its process group, then any process left that names its temp dir."""
-    gcs, dashboard = free_port(), free_port()
+    Ready means what `ray job submit` needs: the GCS port accepts connections, the head's dashboard
+    agent (which runs submitted jobs; without it a submit fails with "No available agent") listens,
+    and the job API answers `ray job list`. Its own stdout/stderr go to a file whose tail, with the
+    dashboard's and agent's logs, is the failure message. Shutdown stops this head only (`ray stop`
+    would stop every Ray on the machine): its process group, then any process left naming its temp dir."""
+    gcs, dashboard, agent = free_port(), free_port(), free_port()
     # Ray puts unix sockets under --temp-dir (a ~107-byte path limit): a short one of our own, which
     # also names every process of this head (for cleanup) and holds its logs
     temp_dir = Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))
@@ -57,25 +58,26 @@ def head_node(tmp_path):
         head = subprocess.Popen(
             [str(RAY_BIN), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
              "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
-             "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+             "--disable-usage-stats", f"--temp-dir={temp_dir}", f"--dashboard-agent-listen-port={agent}"],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        wait_until(lambda: head_ready(head, gcs, address, env), HEAD_DEADLINE_S,
-                   "the Ray head to answer `ray job list`", interval=1, detail=lambda: head_logs(log, temp_dir))
+        wait_until(lambda: head_ready(head, (gcs, agent), address, env), HEAD_DEADLINE_S,
+                   "the Ray head's GCS, job agent and job API", interval=1, detail=lambda: head_logs(log, temp_dir))
         yield address, env
     finally:
         stop_head(head, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def head_ready(head: subprocess.Popen, gcs: int, address: str, env: dict) -> bool:
+def head_ready(head: subprocess.Popen, ports: tuple[int, ...], address: str, env: dict) -> bool:
     if head.poll() is not None:
         pytest.fail(f"`ray start --head` exited with status {head.returncode}")
-    try:
-        socket.create_connection(("127.0.0.1", gcs), timeout=2).close()
-    except OSError:
-        return False  # the GCS is not listening yet: no point asking the job API
+    for port in ports:  # the agent registers itself with the GCS right after its HTTP server is up
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        except OSError:
+            return False  # not listening yet: no point asking the job API
     try:  # one probe may hang on a loaded machine; it must not eat the whole deadline
         probe = subprocess.run([str(RAY_BIN), "job", "list", "--address", address], env=env, capture_output=True,
                                timeout=60)
@@ -93,7 +95,7 @@ def tail(path: Path, lines: int = 40) -> str:
 
 def head_logs(log: Path, temp_dir: Path) -> str:
     parts = [f"--- ray start (tail of {log}):\n{tail(log)}"]
-    for name in ("dashboard.log", "gcs_server.out"):
+    for name in ("dashboard.log", "dashboard_agent.log", "gcs_server.out"):
         parts += [f"--- {path}:\n{tail(path, 20)}" for path in sorted(temp_dir.glob(f"session_*/logs/{name}"))[-1:]]
     return "\n".join(parts)
 

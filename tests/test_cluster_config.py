@@ -21,7 +21,10 @@ def test_cluster_yaml_passes_rays_own_validation():
     validate_config(prepare_config(config))  # what `ray up` runs, defaults filled in
     types = config["available_node_types"]
     assert "GPU" not in types[config["head_node_type"]]["resources"]
-    assert types["gpu_worker"]["resources"]["GPU"] == 1 and types["gpu_worker"]["max_workers"] > types["gpu_worker"]["min_workers"]
+    assert (
+        types["gpu_worker"]["resources"]["GPU"] == 1
+        and types["gpu_worker"]["max_workers"] > types["gpu_worker"]["min_workers"]
+    )
     assert any("--metrics-export-port" in c for c in config["head_start_ray_commands"])
     with pytest.raises(jsonschema.ValidationError):  # the validator is live: a typo is caught
         jsonschema.validate(dict(config, max_wrokers=3), schema)

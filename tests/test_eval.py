@@ -18,8 +18,8 @@ import tokencarve
 from tokencarve import CarveConfig
 from tokencarve.eval import __main__ as cli
 from tokencarve.eval import questions as question_files
-from tokencarve.loading import chat_prompt
 from tokencarve.eval import runner, scoring
+from tokencarve.loading import chat_prompt
 from tokencarve.visualize import carve_picture, legend
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,8 +22,8 @@ from monitoring.dashboards import OUTPUT, expressions, render
 from monitoring.metrics import METRICS
 from monitoring.push import SUMMARY_GAUGES, push_summary
 from pipeline.batch import CaptionJob, run
-from tokencarve.engine import EngineConfig
 from pipeline.serve import build_app
+from tokencarve.engine import EngineConfig
 
 from .bad_images import encode, gradient
 from .conftest import free_port, wait_until

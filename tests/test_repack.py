@@ -6,9 +6,7 @@ from tokencarve.repack import repack
 
 
 def test_kept_tokens_are_right_aligned_in_order_behind_left_padding():
-    keep = torch.tensor([[1, 0, 1, 1, 0],
-                         [0, 1, 0, 0, 0],
-                         [0, 0, 1, 1, 1]], dtype=torch.bool)
+    keep = torch.tensor([[1, 0, 1, 1, 0], [0, 1, 0, 0, 0], [0, 0, 1, 1, 1]], dtype=torch.bool)
     hidden = torch.arange(3 * 5 * 2, dtype=torch.float32).view(3, 5, 2)
     mask_2d = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
     positions = torch.tensor([[0, 1, 2, 3, 4], [0, 0, 1, 2, 3], [0, 0, 0, 1, 2]])

@@ -13,8 +13,8 @@ import pytest
 from ray import serve
 
 from pipeline.auth import ENV_VAR
-from tokencarve.engine import METHODS
 from pipeline.serve import ServeSettings, build_app, deployment
+from tokencarve.engine import METHODS
 
 from .bad_images import broken_images, encode, gradient, valid_images
 from .conftest import free_port

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 import tokencarve
-from pipeline import auth, engine
+from pipeline import auth
 from pipeline.serve import ServeSettings, build_app
+from tokencarve import engine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,20 +57,23 @@ def test_a_named_key_file_that_is_missing_or_empty_is_an_error(tmp_path):
         auth.load_api_keys(None, environ={auth.ENV_VAR: "two words"})
 
 
-@pytest.mark.parametrize("header,accepted", [
-    ("Bearer key-b", True),
-    ("bearer key-a", True),  # the scheme is case-insensitive (RFC 7235), the key is not
-    ("Bearer  key-a ", True),
-    ("Bearer KEY-A", False),
-    ("Bearer key-a-and-more", False),
-    ("Bearer key", False),
-    ("Basic key-a", False),
-    ("key-a", False),
-    ("Bearer ", False),
-    ("", False),
-    (None, False),
-    ("Bearer ключ", False),  # non-ASCII is compared as bytes, not refused with a TypeError
-])
+@pytest.mark.parametrize(
+    "header,accepted",
+    [
+        ("Bearer key-b", True),
+        ("bearer key-a", True),  # the scheme is case-insensitive (RFC 7235), the key is not
+        ("Bearer  key-a ", True),
+        ("Bearer KEY-A", False),
+        ("Bearer key-a-and-more", False),
+        ("Bearer key", False),
+        ("Basic key-a", False),
+        ("key-a", False),
+        ("Bearer ", False),
+        ("", False),
+        (None, False),
+        ("Bearer ключ", False),  # non-ASCII is compared as bytes, not refused with a TypeError
+    ],
+)
 def test_bearer_header_check(header, accepted):
     keys = auth.ApiKeys((b"key-a", b"key-b"), ("test",))
     assert keys.accepts(header) is accepted

@@ -30,8 +30,9 @@ class Repacked:
     position_ids: torch.Tensor
 
 
-def repack(hidden: torch.Tensor, keep_mask: torch.Tensor, mask_2d: torch.Tensor, position_ids: torch.Tensor
-           ) -> Repacked:
+def repack(
+    hidden: torch.Tensor, keep_mask: torch.Tensor, mask_2d: torch.Tensor, position_ids: torch.Tensor
+) -> Repacked:
     """Keep the positions where `keep_mask` ([B, L] bool) is True, right-aligned per row.
 
     A stable sort of the 0/1 mask puts each row's dropped positions first and its kept ones last,
