@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install system-deps demo test bench
+.PHONY: install system-deps demo test lint bench
 install: $(VENV)/.installed system-deps
 
 # Prometheus and its Pushgateway for the monitoring tests (Debian packages; needs root + apt-get).
@@ -30,6 +30,11 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# ruff: lint rules and formatting as pyproject.toml sets them (`ruff format .` fixes the latter)
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: install
 	$(PY) benchmarks/bench_core.py

@@ -60,11 +60,15 @@ def bench_model(model, batch: int, new_tokens: int, repeats: int) -> list[dict]:
             )
             model(**inputs, use_cache=True)
         stats = model.tokencarve.last_stats if keep is not None else None
-        rows.append(dict(
-            keep=keep or 576, prefill=prefill, generate=gen,
-            kv=stats.kv_cache_bytes if stats else None,
-            carve=stats.carve_seconds if stats else 0.0,
-        ))
+        rows.append(
+            dict(
+                keep=keep or 576,
+                prefill=prefill,
+                generate=gen,
+                kv=stats.kv_cache_bytes if stats else None,
+                carve=stats.carve_seconds if stats else 0.0,
+            )
+        )
         if keep is not None:
             tokencarve.remove(model)
     kv_stock = rows[1]["kv"] and tokencarve_kv_uncompressed(model, inputs)
@@ -94,12 +98,15 @@ def bench_carve_step(repeats: int) -> list[dict]:
     for batch, dim in [(1, 64), (8, 64), (1, 4096), (8, 4096)]:
         hidden = torch.randn(batch, 576, dim, generator=g)
         attention = torch.rand(batch, 576, generator=g).softmax(-1)
-        rows.append(dict(
-            batch=batch, dim=dim,
-            ours_scores=median_seconds(lambda: information_scores(hidden), repeats),
-            reference_scores=median_seconds(lambda: reference_information_scores(hidden), max(1, repeats // 2)),
-            ours_carve=median_seconds(lambda: carve_tokens(hidden, attention, 128), repeats),
-        ))
+        rows.append(
+            dict(
+                batch=batch,
+                dim=dim,
+                ours_scores=median_seconds(lambda: information_scores(hidden), repeats),
+                reference_scores=median_seconds(lambda: reference_information_scores(hidden), max(1, repeats // 2)),
+                ours_carve=median_seconds(lambda: carve_tokens(hidden, attention, 128), repeats),
+            )
+        )
     return rows
 
 
@@ -115,25 +122,35 @@ def main() -> None:
     model = LlavaForConditionalGeneration.from_pretrained(args.model).eval() if args.model else tiny_llava()
 
     print(f"# TokenCarve CPU benchmark, {date.today()}")
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
-          f"torch {torch.__version__}, transformers {transformers.__version__}; "
-          f"model: {args.model or 'random tiny LLaVA (CLIP 336/14, Llama 4x64)'}, fp32, SDPA")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
+        f"torch {torch.__version__}, transformers {transformers.__version__}; "
+        f"model: {args.model or 'random tiny LLaVA (CLIP 336/14, Llama 4x64)'}, fp32, SDPA"
+    )
     print(f"\n## Model: batch {args.batch}, 1 image + 40 text tokens each, {args.new_tokens} new tokens\n")
-    print("| visual tokens | prefill ms | vs stock | generate ms | vs stock | KV cache KiB | vs stock | carve step ms |")
+    print(
+        "| visual tokens | prefill ms | vs stock | generate ms | vs stock | KV cache KiB | vs stock | carve step ms |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     rows = bench_model(model, args.batch, args.new_tokens, args.repeats)
     stock = rows[0]
     for row in rows:
-        print(f"| {row['keep']} | {row['prefill'] * 1e3:.1f} | {row['prefill'] / stock['prefill']:.2f}x "
-              f"| {row['generate'] * 1e3:.1f} | {row['generate'] / stock['generate']:.2f}x "
-              f"| {row['kv'] / 1024:.0f} | {row['kv'] / stock['kv']:.2f}x | {row['carve'] * 1e3:.2f} |")
+        print(
+            f"| {row['keep']} | {row['prefill'] * 1e3:.1f} | {row['prefill'] / stock['prefill']:.2f}x "
+            f"| {row['generate'] * 1e3:.1f} | {row['generate'] / stock['generate']:.2f}x "
+            f"| {row['kv'] / 1024:.0f} | {row['kv'] / stock['kv']:.2f}x | {row['carve'] * 1e3:.2f} |"
+        )
 
     print("\n## Carve step alone: N = 576 tokens, keep 128 (information score: ours vs reference-style SVD)\n")
-    print("| batch | D | ours: Gram eigh (float64) ms | reference: full SVD (float32, full_matrices) ms | speedup | whole carve_tokens ms |")
+    print(
+        "| batch | D | ours: Gram eigh (float64) ms | reference: full SVD (float32, full_matrices) ms | speedup | whole carve_tokens ms |"
+    )
     print("|---|---|---|---|---|---|")
     for row in bench_carve_step(args.repeats):
-        print(f"| {row['batch']} | {row['dim']} | {row['ours_scores'] * 1e3:.2f} | {row['reference_scores'] * 1e3:.1f} "
-              f"| {row['reference_scores'] / row['ours_scores']:.1f}x | {row['ours_carve'] * 1e3:.2f} |")
+        print(
+            f"| {row['batch']} | {row['dim']} | {row['ours_scores'] * 1e3:.2f} | {row['reference_scores'] * 1e3:.1f} "
+            f"| {row['reference_scores'] / row['ours_scores']:.1f}x | {row['ours_carve'] * 1e3:.2f} |"
+        )
 
 
 if __name__ == "__main__":

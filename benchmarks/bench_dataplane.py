@@ -55,9 +55,26 @@ def child(args) -> None:
     from jobs.caption_corpus import build_job, parse_args
     from pipeline.batch import run
 
-    job = build_job(parse_args(["--input", args.input, "--output", args.output, "--model", str(ROOT / "models" / "carve-tiny"),
-                                "--keep", "64", "--max-new-tokens", "16", "--carry", "url,caption",
-                                "--progress-every", "0"]))
+    job = build_job(
+        parse_args(
+            [
+                "--input",
+                args.input,
+                "--output",
+                args.output,
+                "--model",
+                str(ROOT / "models" / "carve-tiny"),
+                "--keep",
+                "64",
+                "--max-new-tokens",
+                "16",
+                "--carry",
+                "url,caption",
+                "--progress-every",
+                "0",
+            ]
+        )
+    )
     ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)
     seen: dict[int, int] = {}
     stop = threading.Event()
@@ -75,12 +92,20 @@ def child(args) -> None:
     sampler.join()
     worker_peaks(seen)
     ray.shutdown()
-    print(json.dumps({
-        "seconds": seconds, "rows_total": summary["rows_total"], "rows_this_run": summary["rows_this_run"],
-        "rows_ok": summary["rows_ok"], "units": summary["units_total"],
-        "driver_peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-        "worker_peak_kb": max(seen.values(), default=0), "workers": len(seen),
-    }))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "rows_total": summary["rows_total"],
+                "rows_this_run": summary["rows_this_run"],
+                "rows_ok": summary["rows_ok"],
+                "units": summary["units_total"],
+                "driver_peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                "worker_peak_kb": max(seen.values(), default=0),
+                "workers": len(seen),
+            }
+        )
+    )
 
 
 def measure(corpus: str, output: str) -> dict:
@@ -140,16 +165,28 @@ def main() -> None:
     for size, first, resumed in results:
         for phase, r in (("first", first), ("resume", resumed)):
             rate = r["rows_this_run"] / r["seconds"] if phase == "first" else r["rows_total"] / r["seconds"]
-            lines.append(f"| {size:,} | {phase} | {r['seconds']:.1f} | {rate:,.0f} | {r['driver_peak_kb'] / 1024:.0f} MiB "
-                         f"| {r['worker_peak_kb'] / 1024:.0f} MiB | {r['workers']} |")
+            lines.append(
+                f"| {size:,} | {phase} | {r['seconds']:.1f} | {rate:,.0f} | {r['driver_peak_kb'] / 1024:.0f} MiB "
+                f"| {r['worker_peak_kb'] / 1024:.0f} MiB | {r['workers']} |"
+            )
     if len(results) >= 2:
-        lines += ["", "Slope between consecutive sizes (peak bytes per added row; a per-row structure would show as a "
-                      "constant positive slope):", ""]
+        lines += [
+            "",
+            "Slope between consecutive sizes (peak bytes per added row; a per-row structure would show as a "
+            "constant positive slope):",
+            "",
+        ]
         for (small, a, ar), (large, b, br) in zip(results, results[1:]):
-            slopes = [f"{name} {(y[key] - x[key]) * 1024 / (large - small):+.2f} B/row"
-                      for name, x, y in (("first run: driver", a, b), ("workers", a, b),
-                                         ("resume: driver", ar, br), ("workers", ar, br))
-                      for key in ["driver_peak_kb" if name.endswith("driver") else "worker_peak_kb"]]
+            slopes = [
+                f"{name} {(y[key] - x[key]) * 1024 / (large - small):+.2f} B/row"
+                for name, x, y in (
+                    ("first run: driver", a, b),
+                    ("workers", a, b),
+                    ("resume: driver", ar, br),
+                    ("workers", ar, br),
+                )
+                for key in ["driver_peak_kb" if name.endswith("driver") else "worker_peak_kb"]
+            ]
             lines.append(f"- {small:,} -> {large:,}: " + ", ".join(slopes))
     lines.append("")
     lines.append("(The rows/s of a resume counts every row of the output: skipped and re-checked.)")

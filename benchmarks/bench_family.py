@@ -65,7 +65,7 @@ def prompts(counts: list[int], text: torch.Tensor) -> dict:
     ids = torch.zeros(len(rows), length, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, r in enumerate(rows):
-        ids[i, length - len(r):], mask[i, length - len(r):] = r, 1
+        ids[i, length - len(r) :], mask[i, length - len(r) :] = r, 1
     return dict(input_ids=ids, attention_mask=mask)
 
 
@@ -76,8 +76,10 @@ def llava15_inputs(model, batch: int) -> dict:
 
 def anyres_inputs(model, processor, sizes, batch: int) -> dict:
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in
-              (sizes[i % len(sizes)] for i in range(batch))]
+    images = [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for w, h in (sizes[i % len(sizes)] for i in range(batch))
+    ]
     image_inputs = dict(processor(images, return_tensors="pt"))
     counts = image_token_counts(model, image_inputs)
     return dict(prompts(counts, text_ids(batch, 40, 128)), **image_inputs)
@@ -89,13 +91,23 @@ def bench(model, inputs, new_tokens: int, repeats: int) -> list[dict]:
         tokencarve.apply(model, CarveConfig(keep=keep if keep is not None else 10**9))  # 10**9: stock figures
         with torch.no_grad():
             prefill = median_seconds(lambda: model(**inputs, use_cache=True), repeats)
-            generate = median_seconds(lambda: model.generate(**inputs, max_new_tokens=new_tokens,
-                                                             min_new_tokens=new_tokens, do_sample=False), repeats)
+            generate = median_seconds(
+                lambda: model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False),
+                repeats,
+            )
             model(**inputs, use_cache=True)
         stats = model.tokencarve.last_stats
-        rows.append(dict(keep="stock" if keep is None else keep, prefill=prefill, generate=generate,
-                         visual_in=sum(stats.visual_tokens_in), visual_kept=sum(stats.visual_tokens_kept),
-                         kv=stats.kv_cache_bytes, carve=stats.carve_seconds))
+        rows.append(
+            dict(
+                keep="stock" if keep is None else keep,
+                prefill=prefill,
+                generate=generate,
+                visual_in=sum(stats.visual_tokens_in),
+                visual_kept=sum(stats.visual_tokens_kept),
+                kv=stats.kv_cache_bytes,
+                carve=stats.carve_seconds,
+            )
+        )
         tokencarve.remove(model)
     return rows
 
@@ -111,18 +123,28 @@ def main() -> None:
 
     families = [
         ("LLaVA-1.5 (Llama)", lambda: tiny_llava(), llava15_inputs),
-        ("LLaVA-NeXT (Mistral)", lambda: tiny_llava_next(tile=TILE),
-         lambda m, b: anyres_inputs(m, next_image_processor(TILE), SIZES, b)),
-        ("OneVision (Qwen2)", lambda: tiny_llava_onevision(tile=TILE, vision_aspect_ratio="anyres_max_9"),
-         lambda m, b: anyres_inputs(m, onevision_image_processor(TILE), ONEVISION_SIZES, b)),
+        (
+            "LLaVA-NeXT (Mistral)",
+            lambda: tiny_llava_next(tile=TILE),
+            lambda m, b: anyres_inputs(m, next_image_processor(TILE), SIZES, b),
+        ),
+        (
+            "OneVision (Qwen2)",
+            lambda: tiny_llava_onevision(tile=TILE, vision_aspect_ratio="anyres_max_9"),
+            lambda m, b: anyres_inputs(m, onevision_image_processor(TILE), ONEVISION_SIZES, b),
+        ),
     ]
     print(f"# TokenCarve on the LLaVA family, CPU, {date.today()}")
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
-          f"torch {torch.__version__}, transformers {transformers.__version__}; random tiny models (336 px tiles, "
-          f"decoder 4 x 64), fp32, SDPA; batch {args.batch} (mixed image sizes), 40 text tokens per prompt, "
-          f"{args.new_tokens} new tokens, median of {args.repeats}\n")
-    print("| family | keep | visual tokens in -> kept (batch) | prefill ms | vs stock | generate ms | vs stock "
-          "| KV cache KiB | vs stock | carve step ms |")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
+        f"torch {torch.__version__}, transformers {transformers.__version__}; random tiny models (336 px tiles, "
+        f"decoder 4 x 64), fp32, SDPA; batch {args.batch} (mixed image sizes), 40 text tokens per prompt, "
+        f"{args.new_tokens} new tokens, median of {args.repeats}\n"
+    )
+    print(
+        "| family | keep | visual tokens in -> kept (batch) | prefill ms | vs stock | generate ms | vs stock "
+        "| KV cache KiB | vs stock | carve step ms |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, build, make_inputs in families:
         model = build()
@@ -130,10 +152,13 @@ def main() -> None:
         rows = bench(model, inputs, args.new_tokens, args.repeats)
         stock = rows[0]
         for row in rows:
-            print(f"| {name} | {row['keep']} | {row['visual_in']} -> {row['visual_kept']} | {row['prefill'] * 1e3:.0f} "
-                  f"| {row['prefill'] / stock['prefill']:.2f}x | {row['generate'] * 1e3:.0f} "
-                  f"| {row['generate'] / stock['generate']:.2f}x | {row['kv'] / 1024:.0f} "
-                  f"| {row['kv'] / stock['kv']:.2f}x | {row['carve'] * 1e3:.1f} |", flush=True)
+            print(
+                f"| {name} | {row['keep']} | {row['visual_in']} -> {row['visual_kept']} | {row['prefill'] * 1e3:.0f} "
+                f"| {row['prefill'] / stock['prefill']:.2f}x | {row['generate'] * 1e3:.0f} "
+                f"| {row['generate'] / stock['generate']:.2f}x | {row['kv'] / 1024:.0f} "
+                f"| {row['kv'] / stock['kv']:.2f}x | {row['carve'] * 1e3:.1f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

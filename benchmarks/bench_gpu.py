@@ -33,17 +33,47 @@ TEXT_TOKENS = 60  # LLaVA-1.5's system prompt + a short question
 
 def llava_config(scale: str) -> LlavaConfig:
     if scale == "7b":
-        vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
-                                  num_hidden_layers=24, num_attention_heads=16, projection_dim=768)
-        text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                           num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                           eos_token_id=None, pad_token_id=0)
+        vision = CLIPVisionConfig(
+            image_size=336,
+            patch_size=14,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            projection_dim=768,
+        )
+        text = LlamaConfig(
+            vocab_size=32064,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=4096,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
     else:
-        vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=2, projection_dim=64)
-        text = LlamaConfig(vocab_size=32064, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
-                           eos_token_id=None, pad_token_id=0)
+        vision = CLIPVisionConfig(
+            image_size=336,
+            patch_size=14,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            projection_dim=64,
+        )
+        text = LlamaConfig(
+            vocab_size=32064,
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=4096,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
     return LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, vision_feature_layer=-2)
 
 
@@ -57,8 +87,11 @@ def inputs_for(batch: int, device: str, dtype) -> dict:
     g = torch.Generator().manual_seed(0)
     text = torch.randint(3, 32000, (batch, TEXT_TOKENS), generator=g)
     ids = torch.cat([text[:, :35], torch.full((batch, 576), IMAGE_TOKEN), text[:, 35:]], 1)
-    return dict(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
-                pixel_values=torch.randn(batch, 3, 336, 336, generator=g).to(device, dtype))
+    return dict(
+        input_ids=ids.to(device),
+        attention_mask=torch.ones_like(ids).to(device),
+        pixel_values=torch.randn(batch, 3, 336, 336, generator=g).to(device, dtype),
+    )
 
 
 def sync(device: str) -> None:
@@ -118,7 +151,9 @@ def bench_setting(model, keep, device, dtype, new_tokens, repeats, batches) -> d
         row["decode_tok_s"] = 8 * (new_tokens - 1) / decode if decode > 0 else float("nan")
         row["kv_bytes_b8"] = kv_bytes(model)
         row["carve_ms_b8"] = model.tokencarve.last_stats.carve_seconds * 1e3
-        row["best_batch"], row["captions_s"], row["peak_gib"], row["tried"] = best_throughput(model, device, dtype, new_tokens, batches)
+        row["best_batch"], row["captions_s"], row["peak_gib"], row["tried"] = best_throughput(
+            model, device, dtype, new_tokens, batches
+        )
     tokencarve.remove(model)
     row["flop_ratio"] = flop_ratio(model.config, keep, new_tokens)
     return row
@@ -134,8 +169,11 @@ def best_throughput(model, device, dtype, new_tokens, batches) -> tuple[int, flo
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             inputs = inputs_for(batch, device, dtype)
-            seconds = timed(lambda: model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                                   do_sample=False), device, 1)
+            seconds = timed(
+                lambda: model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False),
+                device,
+                1,
+            )
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else 0.0
             tried.append(f"{batch}: {batch / seconds:.1f}/s")
             if batch / seconds > best[1]:
@@ -164,12 +202,14 @@ def bench_carve_step(model, device, dtype, repeats) -> list[dict]:
             torch.linalg.svd(hidden.float(), full_matrices=True)
             (q @ k.transpose(-1, -2)).float().softmax(-1)  # eager attention materialises L x L per head
 
-        rows.append({
-            "batch": batch,
-            "ours_ms": timed(lambda: carve_tokens(hidden, attention, 128), device, repeats) * 1e3,
-            "ours_scores_ms": timed(lambda: information_scores(hidden), device, repeats) * 1e3,
-            "reference_ms": timed(reference, device, max(1, repeats // 2)) * 1e3,
-        })
+        rows.append(
+            {
+                "batch": batch,
+                "ours_ms": timed(lambda: carve_tokens(hidden, attention, 128), device, repeats) * 1e3,
+                "ours_scores_ms": timed(lambda: information_scores(hidden), device, repeats) * 1e3,
+                "reference_ms": timed(reference, device, max(1, repeats // 2)) * 1e3,
+            }
+        )
     return rows
 
 
@@ -198,7 +238,8 @@ def report(args, device, rows, carve_rows) -> str:
         f"Device: {gpu}; {date.today()}; torch {torch.__version__}, transformers {transformers.__version__}; "
         f"model: LLaVA-1.5 architecture at scale `{args.scale}`, {args.dtype}, SDPA; prompt {TEXT_TOKENS} text + 576 "
         f"visual tokens; {args.new_tokens} new tokens (min = max); command: `python benchmarks/bench_gpu.py "
-        f"--scale {args.scale}`", "",
+        f"--scale {args.scale}`",
+        "",
         "| visual tokens | prefill b1 ms | prefill b8 ms | vs stock | decode tok/s (b8) | vs stock | KV cache b8 MiB | vs stock "
         "| best batch | captions/s | vs stock | peak GiB | analytic LM FLOPs | carve step ms (b8) | share of prefill |",
         "|" + "---|" * 15,
@@ -209,12 +250,19 @@ def report(args, device, rows, carve_rows) -> str:
             f"| {r['decode_tok_s']:.0f} | {r['decode_tok_s'] / stock['decode_tok_s']:.2f}x | {r['kv_bytes_b8'] / 2**20:.0f} "
             f"| {r['kv_bytes_b8'] / stock['kv_bytes_b8']:.2f}x | {r['best_batch']} | {r['captions_s']:.2f} "
             f"| {r['captions_s'] / stock['captions_s']:.2f}x | {r['peak_gib']:.1f} | {r['flop_ratio']:.2f} "
-            f"(best {1 / r['flop_ratio']:.2f}x) | {r['carve_ms_b8']:.2f} | {100 * r['carve_ms_b8'] / 1e3 / r['prefill_b8']:.1f} % |")
+            f"(best {1 / r['flop_ratio']:.2f}x) | {r['carve_ms_b8']:.2f} | {100 * r['carve_ms_b8'] / 1e3 / r['prefill_b8']:.1f} % |"
+        )
     lines += ["", "| visual tokens | batches tried: captions/s |", "|---|---|"]
     lines += [f"| {r['keep']} | {r['tried']} |" for r in rows]
-    lines += ["", "| batch | ours: carve_tokens ms | ours: information score ms | reference: full SVD + eager attention ms |",
-              "|---|---|---|---|"]
-    lines += [f"| {c['batch']} | {c['ours_ms']:.2f} | {c['ours_scores_ms']:.2f} | {c['reference_ms']:.2f} |" for c in carve_rows]
+    lines += [
+        "",
+        "| batch | ours: carve_tokens ms | ours: information score ms | reference: full SVD + eager attention ms |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {c['batch']} | {c['ours_ms']:.2f} | {c['ours_scores_ms']:.2f} | {c['reference_ms']:.2f} |"
+        for c in carve_rows
+    ]
     return "\n".join(lines)
 
 
@@ -225,8 +273,10 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batches", default="8,16,32,64,128,256,512", help="batch sizes tried for the best throughput")
-    p.add_argument("--profile", help="also write torch.profiler kernel tables of a batch-8 prefill (stock, keep=128) "
-                   "into this folder")
+    p.add_argument(
+        "--profile",
+        help="also write torch.profiler kernel tables of a batch-8 prefill (stock, keep=128) into this folder",
+    )
     p.add_argument("--write", help="replace the GPU section of this Markdown file (e.g. docs/BENCHMARKS.md)")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -247,8 +297,11 @@ def main() -> None:
         section = f"<!-- gpu-benchmark:start -->\n{text}\n<!-- gpu-benchmark:end -->"
         old = path.read_text() if path.exists() else ""
         pattern = r"<!-- gpu-benchmark:start -->.*<!-- gpu-benchmark:end -->"
-        path.write_text(re.sub(pattern, lambda _: section, old, flags=re.S) if re.search(pattern, old, re.S)
-                        else old + "\n## LLaVA-1.5-7B on a GPU — `benchmarks/bench_gpu.py`\n\n" + section + "\n")
+        path.write_text(
+            re.sub(pattern, lambda _: section, old, flags=re.S)
+            if re.search(pattern, old, re.S)
+            else old + "\n## LLaVA-1.5-7B on a GPU — `benchmarks/bench_gpu.py`\n\n" + section + "\n"
+        )
 
 
 if __name__ == "__main__":

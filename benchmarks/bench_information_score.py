@@ -66,6 +66,7 @@ def with_library(library: str, fn):
             return fn(hidden)
         finally:
             torch.backends.cuda.preferred_linalg_library(previous)
+
     return run
 
 
@@ -113,8 +114,10 @@ def main() -> None:
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     routes = ROUTES if device == "cuda" else {k: v for k, v in ROUTES.items() if "magma" not in k and "stream" not in k}
-    print(f"| route | batch-{args.batch} ms | ms per image | max rel. error (noise / realistic) "
-          f"| top-{args.keep} agreement (noise / realistic) |\n|---|---|---|---|---|")
+    print(
+        f"| route | batch-{args.batch} ms | ms per image | max rel. error (noise / realistic) "
+        f"| top-{args.keep} agreement (noise / realistic) |\n|---|---|---|---|---|"
+    )
     data = {kind: inputs(kind, args.batch, args.tokens, args.dim, device) for kind in ("noise", "realistic")}
     exact = {}
     for kind, hidden in data.items():
@@ -127,8 +130,11 @@ def main() -> None:
         except Exception as error:  # a solver this build lacks: say so and go on
             print(f"| {name} | failed: {type(error).__name__}: {str(error)[:80]} | | | |")
             continue
-        print(f"| {name} | {seconds * 1e3:.2f} | {seconds * 1e3 / args.batch:.2f} | {checks[0][0]:.1e} / {checks[1][0]:.1e} "
-              f"| {100 * checks[0][1]:.2f} % / {100 * checks[1][1]:.2f} % |", flush=True)
+        print(
+            f"| {name} | {seconds * 1e3:.2f} | {seconds * 1e3 / args.batch:.2f} | {checks[0][0]:.1e} / {checks[1][0]:.1e} "
+            f"| {100 * checks[0][1]:.2f} % / {100 * checks[1][1]:.2f} % |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

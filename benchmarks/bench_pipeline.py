@@ -46,10 +46,12 @@ def main() -> None:
                 results[(method, keep)].append(run(job))
 
     print(f"# Pipeline benchmark, {date.today()}")
-    print(f"machine: {platform.machine()}, {ray.cluster_resources().get('CPU', 0):.0f} CPUs for Ray, "
-          f"{ray.cluster_resources().get('GPU', 0):.0f} GPUs; torch {torch.__version__}; model {base.engine.model}; "
-          f"input {base.inputs}; batch {base.batch_size}, {base.max_actors} actor(s), "
-          f"{base.engine.max_new_tokens} max new tokens; median of {known.repeats} runs per setting\n")
+    print(
+        f"machine: {platform.machine()}, {ray.cluster_resources().get('CPU', 0):.0f} CPUs for Ray, "
+        f"{ray.cluster_resources().get('GPU', 0):.0f} GPUs; torch {torch.__version__}; model {base.engine.model}; "
+        f"input {base.inputs}; batch {base.batch_size}, {base.max_actors} actor(s), "
+        f"{base.engine.max_new_tokens} max new tokens; median of {known.repeats} runs per setting\n"
+    )
     print("| setting | rows | rows/s | vs stock | visual tokens/s | visual tokens kept | KV bytes held | vs stock |")
     print("|---|---|---|---|---|---|---|---|")
     stock = None
@@ -59,9 +61,11 @@ def main() -> None:
         tokens_rate = rate * last["visual_tokens_in"] / max(last["rows_ok"], 1)
         stock = stock or (rate, last["kv_bytes_held"])
         label = "stock (--no-carve)" if method == "none" else f"TokenCarve keep={keep}"
-        print(f"| {label} | {last['rows_total']} | {rate:.2f} | {rate / stock[0]:.2f}x | {tokens_rate:.0f} "
-              f"| {last['visual_tokens_kept_pct']}% | {last['kv_bytes_held'] / 2**20:.1f} MiB "
-              f"| {last['kv_bytes_held'] / stock[1]:.2f}x |")
+        print(
+            f"| {label} | {last['rows_total']} | {rate:.2f} | {rate / stock[0]:.2f}x | {tokens_rate:.0f} "
+            f"| {last['visual_tokens_kept_pct']}% | {last['kv_bytes_held'] / 2**20:.1f} MiB "
+            f"| {last['kv_bytes_held'] / stock[1]:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

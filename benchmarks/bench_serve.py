@@ -80,13 +80,28 @@ def main() -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model": args.model, "keep": args.keep, "max_new_tokens": args.max_new_tokens,
-                         "max_batch_size": args.max_batch_size, "max_replicas": 1, "min_replicas": 1,
-                         "max_ongoing_requests": 2 * args.max_batch_size, "max_queued_requests": 4 * args.requests}),
-              name="bench", route_prefix="/")
+    serve.run(
+        build_app(
+            {
+                "model": args.model,
+                "keep": args.keep,
+                "max_new_tokens": args.max_new_tokens,
+                "max_batch_size": args.max_batch_size,
+                "max_replicas": 1,
+                "min_replicas": 1,
+                "max_ongoing_requests": 2 * args.max_batch_size,
+                "max_queued_requests": 4 * args.requests,
+            }
+        ),
+        name="bench",
+        route_prefix="/",
+    )
     url = f"http://127.0.0.1:{port}"
     images = sample_images(Path(args.data), args.requests)
-    settings = {"stock": {"method": "none"}, f"TokenCarve keep={args.keep}": {"method": "tokencarve", "keep": args.keep}}
+    settings = {
+        "stock": {"method": "none"},
+        f"TokenCarve keep={args.keep}": {"method": "tokencarve", "keep": args.keep},
+    }
     load(url, [{"image": images[0][0]} for _ in range(args.concurrency)], args.concurrency, args.time_limit)  # warm-up
     results = {name: [] for name in settings}
     for _ in range(args.rounds):
@@ -96,19 +111,23 @@ def main() -> None:
     serve.shutdown()
 
     print(f"# Serve load benchmark, {date.today()}")
-    print(f"machine: {platform.machine()}, 2 CPUs for Ray, no GPU; model {args.model}; {args.requests} requests x "
-          f"{args.rounds} rounds per setting, concurrency {args.concurrency}, max batch {args.max_batch_size}, "
-          f"{args.max_new_tokens} max new tokens, loopback HTTP\n")
+    print(
+        f"machine: {platform.machine()}, 2 CPUs for Ray, no GPU; model {args.model}; {args.requests} requests x "
+        f"{args.rounds} rounds per setting, concurrency {args.concurrency}, max batch {args.max_batch_size}, "
+        f"{args.max_new_tokens} max new tokens, loopback HTTP\n"
+    )
     print("| setting | requests/s | vs stock | p50 latency s | p99 latency s | failed |")
     print("|---|---|---|---|---|---|")
     stock_rate = None
     for name, rounds in results.items():
-        latencies = sorted(l for _, lat, _ in rounds for l in lat)
+        latencies = sorted(seconds for _, lat, _ in rounds for seconds in lat)
         rate = sum(len(lat) for _, lat, _ in rounds) / sum(s for s, _, _ in rounds)
         stock_rate = stock_rate or rate
         p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
-        print(f"| {name} | {rate:.2f} | {rate / stock_rate:.2f}x | {statistics.median(latencies):.3f} | {p99:.3f} "
-              f"| {sum(f for _, _, f in rounds)} |")
+        print(
+            f"| {name} | {rate:.2f} | {rate / stock_rate:.2f}x | {statistics.median(latencies):.3f} | {p99:.3f} "
+            f"| {sum(f for _, _, f in rounds)} |"
+        )
 
 
 if __name__ == "__main__":

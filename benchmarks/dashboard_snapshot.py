@@ -37,15 +37,26 @@ def start_prometheus(folder: Path) -> tuple[subprocess.Popen, str]:
     config["global"].update(scrape_interval="2s", evaluation_interval="2s")
     config["scrape_configs"] = [c for c in config["scrape_configs"] if c["job_name"] == "ray"]
     config["scrape_configs"][0]["file_sd_configs"][0]["refresh_interval"] = "2s"
-    config["scrape_configs"][0]["relabel_configs"] = [{  # loopback only on this machine
-        "source_labels": ["__address__"], "regex": r"[^:]+:(\d+)", "replacement": "127.0.0.1:$1",
-        "target_label": "__address__"}]
+    config["scrape_configs"][0]["relabel_configs"] = [
+        {  # loopback only on this machine
+            "source_labels": ["__address__"],
+            "regex": r"[^:]+:(\d+)",
+            "replacement": "127.0.0.1:$1",
+            "target_label": "__address__",
+        }
+    ]
     (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
-    process = subprocess.Popen([shutil.which("prometheus") or "/usr/bin/prometheus",
-                                f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
-                                f"--web.listen-address=127.0.0.1:{port}"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [
+            shutil.which("prometheus") or "/usr/bin/prometheus",
+            f"--config.file={folder / 'prometheus.yml'}",
+            f"--storage.tsdb.path={folder / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return process, f"http://127.0.0.1:{port}"
 
 
@@ -67,16 +78,36 @@ def main() -> None:
     # write tasks need the other, or the dataset stalls (ray#44687).
     known, rest = p.parse_known_args()
     job = build_job(parse_args(rest + ["--max-new-tokens", "16"]))
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
-             log_to_driver=False, _node_ip_address="127.0.0.1", _metrics_export_port=free_port(),
-             _system_config={"metrics_report_interval_ms": 2000})
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=free_port(),
+        log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+        _metrics_export_port=free_port(),
+        _system_config={"metrics_report_interval_ms": 2000},
+    )
     with tempfile.TemporaryDirectory() as scratch:
         prometheus, prom_url = start_prometheus(Path(scratch))
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"model": job.engine.model, "keep": 64, "max_new_tokens": 16, "max_replicas": 1,
-                             "num_cpus": 0, "max_batch_size": 4, "max_ongoing_requests": 8}),
-                  name="snapshot", route_prefix="/")
+        serve.run(
+            build_app(
+                {
+                    "model": job.engine.model,
+                    "keep": 64,
+                    "max_new_tokens": 16,
+                    "max_replicas": 1,
+                    "num_cpus": 0,
+                    "max_batch_size": 4,
+                    "max_ongoing_requests": 8,
+                }
+            ),
+            name="snapshot",
+            route_prefix="/",
+        )
         rows = pq.read_table(sorted(Path(job.inputs[0]).glob("*.parquet"))[0], columns=["image"]).to_pylist()
         images = [base64.b64encode(r["image"]).decode() for r in rows[:20]]
         stop = threading.Event()
@@ -86,7 +117,9 @@ def main() -> None:
         for round_ in range(known.rounds):
             for method, keep in [("none", 64), ("tokencarve", 64), ("tokencarve", 128)]:
                 engine = job.engine.__class__(**{**job.engine.__dict__, "method": method, "keep": keep})
-                run(job.__class__(**{**job.__dict__, "engine": engine, "output": f"{scratch}/{method}-{keep}-{round_}"}))
+                run(
+                    job.__class__(**{**job.__dict__, "engine": engine, "output": f"{scratch}/{method}-{keep}-{round_}"})
+                )
         stop.set()
         traffic.join()
         time.sleep(8)

@@ -20,8 +20,15 @@ import pyarrow.parquet as pq
 
 from .scenes import TASKS, example, png_bytes
 
-SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("prompt", pa.string()),
-                    ("answer", pa.string()), ("task", pa.string())])
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("image", pa.binary()),
+        ("prompt", pa.string()),
+        ("answer", pa.string()),
+        ("task", pa.string()),
+    ]
+)
 
 
 def rows(count: int, seed: int, tasks=TASKS) -> Iterator[dict]:

@@ -45,8 +45,11 @@ def generate_answers(model, processor, images, prompts, batch_size: int = 16, ma
     config = EngineConfig(model=model.config.name_or_path or "carve-tiny", method="none", max_new_tokens=max_new_tokens)
     engine = CaptionEngine(config, model=model, processor=processor)
     try:
-        return [c.caption for start in range(0, len(images), batch_size)
-                for c in engine.caption(images[start:start + batch_size], prompts[start:start + batch_size])]
+        return [
+            c.caption
+            for start in range(0, len(images), batch_size)
+            for c in engine.caption(images[start : start + batch_size], prompts[start : start + batch_size])
+        ]
     finally:
         tokencarve.remove(model)  # the caller's model, as it was
 
@@ -81,8 +84,9 @@ def prior(questions: list[dict]) -> dict[str, float]:
 
 
 def evaluate(model, processor, questions: list[dict], control: str = "vanilla", batch_size: int = 16) -> dict:
-    predictions = generate_answers(model, processor, control_images(questions, control),
-                                   [q["prompt"] for q in questions], batch_size)
+    predictions = generate_answers(
+        model, processor, control_images(questions, control), [q["prompt"] for q in questions], batch_size
+    )
     return accuracy(questions, predictions)
 
 
@@ -111,7 +115,9 @@ def main(argv=None) -> None:
     for control in args.controls.split(","):
         started = time.time()
         results[control] = evaluate(model, processor, questions, control, args.batch_size)
-        print(f"{control}: overall {100 * results[control]['overall']:.1f} % ({time.time() - started:.0f} s)", flush=True)
+        print(
+            f"{control}: overall {100 * results[control]['overall']:.1f} % ({time.time() - started:.0f} s)", flush=True
+        )
     results["prior"] = prior(questions)
     print(table(results))
     if args.json:

@@ -48,8 +48,15 @@ CHAT_TEMPLATE = (
 
 # The architecture (see docs/CARVE-TINY.md): sized so that training fits a 2-core CPU.
 VISION = dict(hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_attention_heads=3)  # head_dim 32
-TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-            initializer_range=0.08, rope_theta=1e6)
+TEXT = dict(
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    initializer_range=0.08,
+    rope_theta=1e6,
+)
 # initializer_range ~ 1/sqrt(width) (HF's 0.02 suits width ~2500, not 128); rope_theta 1e6 (as Llama 3's
 # 5e5) leaves more rotary channels nearly position-free over the ~600-token prompt, for content lookups
 
@@ -60,22 +67,37 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     core = Tokenizer(models.WordPiece(vocab, unk_token="<unk>", continuing_subword_prefix="##"))
     core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
     core.pre_tokenizer = pre_tokenizers.Whitespace()  # words and runs of punctuation
-    core.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", BOS)])
+    core.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", BOS)]
+    )
     core.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # "4 ##2" -> "42", "left ," -> "left,"
     return PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        extra_special_tokens={"image_token": "<image>"}, padding_side="left", model_max_length=2048,
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
+        model_max_length=2048,
     )
 
 
 def build_processor() -> LlavaProcessor:
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
-        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_convert_rgb=True,
+        size={"shortest_edge": SIZE},
+        crop_size={"height": SIZE, "width": SIZE},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+        do_convert_rgb=True,
     )
     return LlavaProcessor(
-        image_processor=image_processor, tokenizer=build_tokenizer(), patch_size=PATCH,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1, image_token="<image>",
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(),
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token="<image>",
         chat_template=CHAT_TEMPLATE,
     )
 
@@ -88,11 +110,26 @@ LOCAL_SHARPNESS = (0.4, 0.8, 1.5)
 
 def build_config(vocab_size: int) -> LlavaConfig:
     vision = CLIPVisionConfig(image_size=SIZE, patch_size=PATCH, projection_dim=VISION["hidden_size"], **VISION)
-    text = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=2048, pad_token_id=PAD, bos_token_id=BOS,
-                       eos_token_id=EOS, tie_word_embeddings=False, **TEXT)
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, vision_feature_layer=-1,
-                       vision_feature_select_strategy="default", image_seq_length=IMAGE_TOKENS,
-                       projector_hidden_act="gelu", pad_token_id=PAD, tie_word_embeddings=False)
+    text = LlamaConfig(
+        vocab_size=vocab_size,
+        max_position_embeddings=2048,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        tie_word_embeddings=False,
+        **TEXT,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        image_seq_length=IMAGE_TOKENS,
+        projector_hidden_act="gelu",
+        pad_token_id=PAD,
+        tie_word_embeddings=False,
+    )
 
 
 def position_codes(grid: int, dim: int, low: float = 0.15, high: float = 1.2) -> torch.Tensor:
@@ -100,8 +137,9 @@ def position_codes(grid: int, dim: int, low: float = 0.15, high: float = 1.2) ->
     spread over [low, high] radians per patch, so that the dot product of two codes is a peaked
     function of their distance (about 2 patches wide)."""
     freqs = torch.linspace(low, high, dim // 4, dtype=torch.float64)
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                            indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
+    )
     parts = []
     for coord in (ys.flatten(), xs.flatten()):
         angles = coord[:, None] * freqs[None]
@@ -146,8 +184,9 @@ def build_untrained(path: str | Path | None = None, seed: int = 0):
         # next to the (larger) visual tokens instead of being drowned by them
         model.model.language_model.embed_tokens.weight.normal_(0.0, 1.0)
     init_vision_tower(model)
-    model.generation_config.update(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, max_new_tokens=40,
-                                   do_sample=False)
+    model.generation_config.update(
+        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, max_new_tokens=40, do_sample=False
+    )
     if path is not None:
         save(model, processor, path)
     return model, processor

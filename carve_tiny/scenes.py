@@ -32,15 +32,29 @@ SIZE = 336  # LLaVA-1.5's input size; 336 / 14 = 24 x 24 = 576 patches
 CELL = SIZE // 3  # 112 px; cell centres (56, 168, 280) lie on the 14-px patch grid
 SHAPES = ("circle", "square", "triangle", "diamond", "star")
 COLOURS = {
-    "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (235, 200, 20),
-    "purple": (140, 40, 170), "orange": (245, 130, 20), "black": (20, 20, 20),
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (235, 200, 20),
+    "purple": (140, 40, 170),
+    "orange": (245, 130, 20),
+    "black": (20, 20, 20),
 }
 SIZES = ("small", "large")
 # Objects sit on the 14-px patch grid: a small one (radius 6) inside one patch, a large one
 # (radius 13) centred on a patch corner, over 2 x 2 patches; they move by whole patches in their cell.
 RADIUS = {"small": 6, "large": 13}
-CELLS = ("top left", "top middle", "top right", "middle left", "center", "middle right",
-         "bottom left", "bottom middle", "bottom right")
+CELLS = (
+    "top left",
+    "top middle",
+    "top right",
+    "middle left",
+    "center",
+    "middle right",
+    "bottom left",
+    "bottom middle",
+    "bottom right",
+)
 WORDS = ("cat", "dog", "sun", "box", "map", "car", "tree", "fish", "bird", "moon", "ship", "key", "cup", "hat")
 NUMBERS = tuple(str(n) for n in range(10, 100))
 TASKS = ("caption", "colour", "count", "exist", "position", "ocr")
@@ -81,10 +95,12 @@ def random_scene(rng: random.Random, max_objects: int = 6) -> Scene:
     count = rng.randint(1, max_objects)
     has_text = rng.random() < TEXT_PROBABILITY
     cells = rng.sample(range(9), count + has_text)
-    things = tuple(sorted(
-        (Thing(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(SIZES), cell) for cell in cells[:count]),
-        key=lambda t: t.cell,
-    ))
+    things = tuple(
+        sorted(
+            (Thing(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(SIZES), cell) for cell in cells[:count]),
+            key=lambda t: t.cell,
+        )
+    )
     text = (rng.choice(WORDS) if rng.random() < 0.5 else rng.choice(NUMBERS)) if has_text else None
     shade = rng.randint(225, 255)
     return Scene(things, text, cells[count] if has_text else None, (shade, shade, rng.randint(215, 255)))
@@ -200,8 +216,9 @@ def cell_question(scene: Scene, rng: random.Random) -> tuple[str, str]:
     return f"What is in the {CELLS[cell]} cell?", answer
 
 
-def example(rng: random.Random, task: str | None = None, exist_yes: bool | None = None
-            ) -> tuple[Image.Image, Scene, str, str, str]:
+def example(
+    rng: random.Random, task: str | None = None, exist_yes: bool | None = None
+) -> tuple[Image.Image, Scene, str, str, str]:
     """One (image, scene, task, prompt, answer); a scene the task does not apply to is redrawn."""
     chosen = task or rng.choice(TASKS)
     while True:
@@ -223,5 +240,14 @@ def words() -> list[str]:
     """Every whole word a prompt or answer can contain, split as the tokenizer's pre-tokenizer splits
     (numbers are left out: the tokenizer reads them digit by digit)."""
     texts = [t.format(colour=c, shape=s) for t in PROMPTS.values() for c in COLOURS for s in SHAPES]
-    texts += [*COLOURS, *SIZES, *WORDS, *CELLS, "yes", "no", "USER: ASSISTANT: , . ?", "What is in the cell? text nothing"]
+    texts += [
+        *COLOURS,
+        *SIZES,
+        *WORDS,
+        *CELLS,
+        "yes",
+        "no",
+        "USER: ASSISTANT: , . ?",
+        "What is in the cell? text nothing",
+    ]
     return sorted({w for text in texts for w in re.findall(r"\w+|[^\w\s]+", text)})

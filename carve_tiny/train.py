@@ -46,8 +46,16 @@ from .scenes import COLOURS, SHAPES, SIZE, SIZES, WORDS, Scene, cell_question, q
 IGNORE = -100
 GRID = SIZE // PATCH  # 24
 # the auxiliary per-patch targets: name -> number of classes (class 0 = "none" where there is one)
-PATCH_HEADS = {"colour": 1 + len(COLOURS), "shape": 1 + len(SHAPES), "size": 1 + len(SIZES), "cell": 9,
-               "word": 1 + len(WORDS), "tens": 11, "units": 11, "anchor": 2}
+PATCH_HEADS = {
+    "colour": 1 + len(COLOURS),
+    "shape": 1 + len(SHAPES),
+    "size": 1 + len(SIZES),
+    "cell": 9,
+    "word": 1 + len(WORDS),
+    "tens": 11,
+    "units": 11,
+    "anchor": 2,
+}
 # column of each head in the [patches, heads] target matrix (the probe's heads, in the same order)
 COLUMN = {name: column for column, name in enumerate(PATCH_HEADS)}
 # the heads that say something is under a patch (an object or the text); the cell head says where it is
@@ -129,8 +137,9 @@ def patch_targets(scene: Scene, mask, cell_target: str = "every-patch") -> torch
 QUESTIONS = {"caption": 1, "colour": 2, "count": 3, "exist": 4, "position": 6, "ocr": 1, "cell": 6}
 
 
-def training_row(encode: Encoder, rng: random.Random, max_objects: int = 6, questions=None,
-                 cell_target: str = "every-patch") -> Row:
+def training_row(
+    encode: Encoder, rng: random.Random, max_objects: int = 6, questions=None, cell_target: str = "every-patch"
+) -> Row:
     """One scene: the prefix `<s> USER: <image>*576`, then one branch per question: up to
     `questions[task]` of each task that applies (existence alternating yes / no), including the
     training-only "What is in the <cell> cell?"."""
@@ -158,8 +167,9 @@ def training_row(encode: Encoder, rng: random.Random, max_objects: int = 6, ques
     return Row(image, ids, labels, branch, tasks, patch_targets(scene, mask, cell_target))
 
 
-def collate(rows: list[Row], device="cpu", hide_background: float = 0.0, rng: random.Random | None = None
-            ) -> dict[str, torch.Tensor]:
+def collate(
+    rows: list[Row], device="cpu", hide_background: float = 0.0, rng: random.Random | None = None
+) -> dict[str, torch.Tensor]:
     """Right-padded batch with a [B, 1, L, L] boolean mask: causal within the prefix and within each
     branch, every branch sees the prefix, no branch sees another; positions restart per branch.
 
@@ -190,8 +200,13 @@ def collate(rows: list[Row], device="cpu", hide_background: float = 0.0, rng: ra
             where = (branch[i] == k).nonzero().flatten()
             offsets[i, where] = torch.arange(len(where))
     position_ids = torch.where(branch > 0, prefix + offsets, torch.arange(length).expand(size, -1))
-    batch = dict(input_ids=input_ids, attention_mask=mask[:, None], position_ids=position_ids, labels=labels,
-                 pixel_values=pixel_values([r.image for r in rows]))
+    batch = dict(
+        input_ids=input_ids,
+        attention_mask=mask[:, None],
+        position_ids=position_ids,
+        labels=labels,
+        pixel_values=pixel_values([r.image for r in rows]),
+    )
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -262,22 +277,37 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--questions", default=",".join(f"{t}={n}" for t, n in QUESTIONS.items()),
-                   help="questions per scene and task (cell: training-only grounding questions)")
-    p.add_argument("--curriculum", type=int, default=300,
-                   help="scenes hold at most 2 objects at first, growing to 6 by this step")
-    p.add_argument("--hide-background", default="0.2,0.45",
-                   help="fractions of the run: background patches are hidden from the decoder until the first, "
-                        "then fewer and fewer, all visible from the second on ('0,0': never hidden)")
+    p.add_argument(
+        "--questions",
+        default=",".join(f"{t}={n}" for t, n in QUESTIONS.items()),
+        help="questions per scene and task (cell: training-only grounding questions)",
+    )
+    p.add_argument(
+        "--curriculum", type=int, default=300, help="scenes hold at most 2 objects at first, growing to 6 by this step"
+    )
+    p.add_argument(
+        "--hide-background",
+        default="0.2,0.45",
+        help="fractions of the run: background patches are hidden from the decoder until the first, "
+        "then fewer and fewer, all visible from the second on ('0,0': never hidden)",
+    )
     p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-patch probe loss (0: off)")
-    p.add_argument("--cell-target", choices=CELL_TARGETS, default="objects",
-                   help="which patches the probe's grid-cell head labels (objects: only those with an object or text)")
+    p.add_argument(
+        "--cell-target",
+        choices=CELL_TARGETS,
+        default="objects",
+        help="which patches the probe's grid-cell head labels (objects: only those with an object or text)",
+    )
     p.add_argument("--max-minutes", type=float, default=50.0, help="stop early (and still save) after this long")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (the bundled model: 2)")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=("float32", "bfloat16"), default="bfloat16",
-                   help="bfloat16: autocast the forward pass (weights and optimizer stay float32)")
+    p.add_argument(
+        "--precision",
+        choices=("float32", "bfloat16"),
+        default="bfloat16",
+        help="bfloat16: autocast the forward pass (weights and optimizer stay float32)",
+    )
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -291,14 +321,20 @@ def main(argv=None) -> None:
     named = [*model.named_parameters(), *(("probe." + n, q) for n, q in probe.named_parameters())]
     decay = [q for n, q in named if q.ndim >= 2 and "embed" not in n]
     no_decay = [q for n, q in named if not (q.ndim >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+    )
     hide_from, hide_until = (float(x) for x in args.hide_background.split(","))
     questions = {t: int(n) for t, n in (item.split("=") for item in args.questions.split(","))}
     encode = Encoder(processor.tokenizer)
     rng = random.Random(args.seed)
-    print(f"carve-tiny: {sum(q.numel() for q in model.parameters()) / 1e6:.2f} M parameters, {args.steps} steps "
-          f"of {args.batch_size} scenes, device {args.device}, {args.threads} thread(s)", flush=True)
+    print(
+        f"carve-tiny: {sum(q.numel() for q in model.parameters()) / 1e6:.2f} M parameters, {args.steps} steps "
+        f"of {args.batch_size} scenes, device {args.device}, {args.threads} thread(s)",
+        flush=True,
+    )
 
     started, losses, aux_losses, hits, step, stopped_early = time.time(), [], [], {}, 0, False
     for step in range(args.steps):
@@ -332,9 +368,12 @@ def main(argv=None) -> None:
             n = args.log_every
             tasks = " ".join(f"{t} {100 * sum(h) / max(1, len(h)):3.0f}" for t, h in sorted(hits.items()))
             aux_text = f"  aux {sum(aux_losses[-n:]) / len(aux_losses[-n:]):.3f}" if aux_losses else ""
-            print(f"step {step + 1:5d}  hide {hide:.2f}  loss {sum(losses[-n:]) / len(losses[-n:]):.4f}{aux_text}  "
-                  f"lr {optimizer.param_groups[0]['lr']:.2e}  {time.time() - started:6.0f}s  "
-                  f"teacher-forced exact %: {tasks}", flush=True)
+            print(
+                f"step {step + 1:5d}  hide {hide:.2f}  loss {sum(losses[-n:]) / len(losses[-n:]):.4f}{aux_text}  "
+                f"lr {optimizer.param_groups[0]['lr']:.2e}  {time.time() - started:6.0f}s  "
+                f"teacher-forced exact %: {tasks}",
+                flush=True,
+            )
             hits = {}
     else:
         step = args.steps
@@ -343,13 +382,25 @@ def main(argv=None) -> None:
     out_dir = Path(args.out)
     save(model.eval().to("cpu"), processor, out_dir)
     record = {
-        "seed": args.seed, "steps": step, "planned_steps": args.steps, "stopped_early": stopped_early,
-        "batch_size": args.batch_size, "peak_lr": args.lr, "warmup": args.warmup, "weight_decay": args.weight_decay,
-        "questions": questions, "curriculum": args.curriculum, "aux_weight": args.aux_weight,
-        "hide_background": args.hide_background, "cell_target": args.cell_target,
+        "seed": args.seed,
+        "steps": step,
+        "planned_steps": args.steps,
+        "stopped_early": stopped_early,
+        "batch_size": args.batch_size,
+        "peak_lr": args.lr,
+        "warmup": args.warmup,
+        "weight_decay": args.weight_decay,
+        "questions": questions,
+        "curriculum": args.curriculum,
+        "aux_weight": args.aux_weight,
+        "hide_background": args.hide_background,
+        "cell_target": args.cell_target,
         "precision": args.precision,
-        "wall_minutes": round(minutes, 1), "device": args.device, "threads": args.threads,
-        "machine": platform.machine(), "torch": torch.__version__,
+        "wall_minutes": round(minutes, 1),
+        "device": args.device,
+        "threads": args.threads,
+        "machine": platform.machine(),
+        "torch": torch.__version__,
         "final_answer_loss": round(sum(losses[-50:]) / max(1, len(losses[-50:])), 4),
     }
     (out_dir / "training.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -29,9 +29,9 @@ import ray  # noqa: E402
 
 from monitoring.push import push_summary  # noqa: E402
 from pipeline.batch import CaptionJob, run  # noqa: E402
-from tokencarve.engine import IMAGE_POLICIES, METHODS, EngineConfig  # noqa: E402
 from pipeline.output import Output, SettingsMismatch  # noqa: E402
 from pipeline.sources import FORMATS  # noqa: E402
+from tokencarve.engine import IMAGE_POLICIES, METHODS, EngineConfig  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "models" / "carve-tiny"
 DEFAULT_INPUT = ROOT / "data" / "sample"
@@ -49,51 +49,97 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", action="append", help=f"corpus path or URI, repeatable (default: {DEFAULT_INPUT})")
     p.add_argument("--input-format", choices=FORMATS, default="auto")
-    p.add_argument("--carry", default="", help="source columns to copy to the output as source_<name>, comma-separated "
-                   "(e.g. url,caption,key,json; in WebDataset: member suffixes, key, caption = .txt, or .json fields)")
+    p.add_argument(
+        "--carry",
+        default="",
+        help="source columns to copy to the output as source_<name>, comma-separated "
+        "(e.g. url,caption,key,json; in WebDataset: member suffixes, key, caption = .txt, or .json fields)",
+    )
     p.add_argument("--output", default="out/captions", help="output folder or URI (default: %(default)s)")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="local folder or hub id (default: bundled carve-tiny)")
-    p.add_argument("--keep", type=budget, default=64,
-                   help="visual tokens kept per image, or a fraction of each image's tokens (0.1) (default: %(default)s)")
+    p.add_argument(
+        "--keep",
+        type=budget,
+        default=64,
+        help="visual tokens kept per image, or a fraction of each image's tokens (0.1) (default: %(default)s)",
+    )
     p.add_argument("--method", choices=METHODS, default="tokencarve")
     p.add_argument("--no-carve", action="store_true", help="run the stock model (same as --method none)")
-    p.add_argument("--image-policy", choices=IMAGE_POLICIES, default="auto",
-                   help="auto: LLaVA-1.5's pad to a square (NeXT / OneVision: any resolution); processor: "
-                        "the processor's own resize and centre crop")
+    p.add_argument(
+        "--image-policy",
+        choices=IMAGE_POLICIES,
+        default="auto",
+        help="auto: LLaVA-1.5's pad to a square (NeXT / OneVision: any resolution); processor: "
+        "the processor's own resize and centre crop",
+    )
     p.add_argument("--layer", type=int, default=2, help="the cut sits before decoder layer K (default: 2)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--max-prompt-tokens", type=int, default=None,
-                   help="refuse longer prompts (prompt_too_long); default: what the context window leaves")
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=None,
+        help="refuse longer prompts (prompt_too_long); default: what the context window leaves",
+    )
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--batch-size", type=int, default=8, help="rows per generate() call")
     p.add_argument("--min-actors", type=int, default=1)
     p.add_argument("--max-actors", type=int, default=1)
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor (0 on CPU machines)")
     p.add_argument("--actor-cpus", type=float, default=1.0)
-    p.add_argument("--rows-per-file", type=int, default=CaptionJob.rows_per_file,
-                   help="rows per written bundle; a part file holds one shard's share of it")
+    p.add_argument(
+        "--rows-per-file",
+        type=int,
+        default=CaptionJob.rows_per_file,
+        help="rows per written bundle; a part file holds one shard's share of it",
+    )
     p.add_argument("--max-image-bytes", type=int, default=CaptionJob.max_image_bytes)
     p.add_argument("--max-image-pixels", type=int, default=CaptionJob.max_image_pixels)
-    p.add_argument("--address", default=None,
-                   help="Ray address ('auto': a running local cluster; default: the job's cluster, else a new local one)")
-    p.add_argument("--pushgateway", default=None, help="push the run summary to this Prometheus Pushgateway (host:port)")
-    p.add_argument("--progress-every", type=float, default=CaptionJob.progress_every_s,
-                   help="seconds between progress lines on stderr (0: none; default: %(default)s)")
-    p.add_argument("--strict", action="store_true", help="exit 3 when any shard could not be read (after writing the rest)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray address ('auto': a running local cluster; default: the job's cluster, else a new local one)",
+    )
+    p.add_argument(
+        "--pushgateway", default=None, help="push the run summary to this Prometheus Pushgateway (host:port)"
+    )
+    p.add_argument(
+        "--progress-every",
+        type=float,
+        default=CaptionJob.progress_every_s,
+        help="seconds between progress lines on stderr (0: none; default: %(default)s)",
+    )
+    p.add_argument(
+        "--strict", action="store_true", help="exit 3 when any shard could not be read (after writing the rest)"
+    )
     return p.parse_args(argv)
 
 
 def build_job(args: argparse.Namespace) -> CaptionJob:
     method = "none" if args.no_carve else args.method
-    engine = EngineConfig(model=args.model, keep=args.keep, method=method, layer=args.layer,
-                          max_new_tokens=args.max_new_tokens, dtype=args.dtype, max_prompt_tokens=args.max_prompt_tokens,
-                          image_policy=args.image_policy)
+    engine = EngineConfig(
+        model=args.model,
+        keep=args.keep,
+        method=method,
+        layer=args.layer,
+        max_new_tokens=args.max_new_tokens,
+        dtype=args.dtype,
+        max_prompt_tokens=args.max_prompt_tokens,
+        image_policy=args.image_policy,
+    )
     return CaptionJob(
-        inputs=args.input or [str(DEFAULT_INPUT)], output=args.output, engine=engine, input_format=args.input_format,
+        inputs=args.input or [str(DEFAULT_INPUT)],
+        output=args.output,
+        engine=engine,
+        input_format=args.input_format,
         carry=tuple(c.strip() for c in args.carry.split(",") if c.strip()),
-        batch_size=args.batch_size, min_actors=args.min_actors, max_actors=args.max_actors,
-        num_gpus=args.num_gpus, actor_cpus=args.actor_cpus, rows_per_file=args.rows_per_file,
-        max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+        batch_size=args.batch_size,
+        min_actors=args.min_actors,
+        max_actors=args.max_actors,
+        num_gpus=args.num_gpus,
+        actor_cpus=args.actor_cpus,
+        rows_per_file=args.rows_per_file,
+        max_image_bytes=args.max_image_bytes,
+        max_image_pixels=args.max_image_pixels,
         progress_every_s=args.progress_every,
     )
 

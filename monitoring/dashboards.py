@@ -35,34 +35,93 @@ CARVED_GPU_HOURS = f'sum(increase(ray_tokencarve_model_seconds_total{{method!="n
 PANELS = [
     ("Images / s", "ops", "timeseries", [("{{method}} keep={{keep}}", _rate("images_processed_total"))]),
     ("Generated tokens / s", "ops", "timeseries", [("{{method}} keep={{keep}}", _rate("generated_tokens_total"))]),
-    ("Visual tokens kept", "percent", "timeseries", [(
-        "{{method}} keep={{keep}}",
-        f"100 * {_rate('visual_tokens_kept_total')} / {_rate('visual_tokens_in_total')}")]),
-    ("KV-cache bytes saved (range)", "bytes", "stat", [(
-        "saved",
-        f"sum(increase(ray_tokencarve_kv_cache_bytes_uncompressed_total[{RANGE}]))"
-        f" - sum(increase(ray_tokencarve_kv_cache_bytes_held_total[{RANGE}]))")]),
-    ("KV cache saved", "percent", "timeseries", [(
-        "{{method}} keep={{keep}}",
-        f"100 * (1 - {_rate('kv_cache_bytes_held_total')} / {_rate('kv_cache_bytes_uncompressed_total')})")]),
+    (
+        "Visual tokens kept",
+        "percent",
+        "timeseries",
+        [
+            (
+                "{{method}} keep={{keep}}",
+                f"100 * {_rate('visual_tokens_kept_total')} / {_rate('visual_tokens_in_total')}",
+            )
+        ],
+    ),
+    (
+        "KV-cache bytes saved (range)",
+        "bytes",
+        "stat",
+        [
+            (
+                "saved",
+                f"sum(increase(ray_tokencarve_kv_cache_bytes_uncompressed_total[{RANGE}]))"
+                f" - sum(increase(ray_tokencarve_kv_cache_bytes_held_total[{RANGE}]))",
+            )
+        ],
+    ),
+    (
+        "KV cache saved",
+        "percent",
+        "timeseries",
+        [
+            (
+                "{{method}} keep={{keep}}",
+                f"100 * (1 - {_rate('kv_cache_bytes_held_total')} / {_rate('kv_cache_bytes_uncompressed_total')})",
+            )
+        ],
+    ),
     ("GPU-hours used (range)", "h", "stat", [("GPU-hours", GPU_HOURS)]),
     ("Estimated GPU-hours saved (range)", "h", "stat", [("saved", f"{CARVED_GPU_HOURS} * ($speedup - 1)")]),
-    ("Estimated cost saved (range)", "currencyUSD", "stat", [(
-        "saved", f"{CARVED_GPU_HOURS} * ($speedup - 1) * $gpu_hour_price")]),
+    (
+        "Estimated cost saved (range)",
+        "currencyUSD",
+        "stat",
+        [("saved", f"{CARVED_GPU_HOURS} * ($speedup - 1) * $gpu_hour_price")],
+    ),
     ("Errors / s by reason", "ops", "timeseries", [("{{reason}}", _rate("images_failed_total", by="reason"))]),
-    ("Prefill latency per batch", "s", "timeseries", [
-        ("p50", _quantile(0.5, "prefill_seconds")), ("p99", _quantile(0.99, "prefill_seconds"))]),
-    ("Decode latency per batch", "s", "timeseries", [
-        ("p50", _quantile(0.5, "decode_seconds")), ("p99", _quantile(0.99, "decode_seconds"))]),
-    ("Carve step per batch", "s", "timeseries", [
-        ("p50", _quantile(0.5, "carve_seconds")), ("p99", _quantile(0.99, "carve_seconds"))]),
-    ("Batch size (mean)", "none", "timeseries", [(
-        "mean", f"sum(rate(ray_tokencarve_batch_size_sum[{RATE}])) / sum(rate(ray_tokencarve_batch_size_count[{RATE}]))")]),
-    ("Serve replicas (healthy)", "none", "timeseries", [(
-        "{{deployment}}", "sum by (deployment) (ray_serve_deployment_replica_healthy)")]),
-    ("Serve queue and ongoing requests", "none", "timeseries", [
-        ("queued {{deployment}}", "sum by (deployment) (ray_serve_deployment_queued_queries)"),
-        ("ongoing {{deployment}}", "sum by (deployment) (ray_serve_num_ongoing_requests_at_replicas)")]),
+    (
+        "Prefill latency per batch",
+        "s",
+        "timeseries",
+        [("p50", _quantile(0.5, "prefill_seconds")), ("p99", _quantile(0.99, "prefill_seconds"))],
+    ),
+    (
+        "Decode latency per batch",
+        "s",
+        "timeseries",
+        [("p50", _quantile(0.5, "decode_seconds")), ("p99", _quantile(0.99, "decode_seconds"))],
+    ),
+    (
+        "Carve step per batch",
+        "s",
+        "timeseries",
+        [("p50", _quantile(0.5, "carve_seconds")), ("p99", _quantile(0.99, "carve_seconds"))],
+    ),
+    (
+        "Batch size (mean)",
+        "none",
+        "timeseries",
+        [
+            (
+                "mean",
+                f"sum(rate(ray_tokencarve_batch_size_sum[{RATE}])) / sum(rate(ray_tokencarve_batch_size_count[{RATE}]))",
+            )
+        ],
+    ),
+    (
+        "Serve replicas (healthy)",
+        "none",
+        "timeseries",
+        [("{{deployment}}", "sum by (deployment) (ray_serve_deployment_replica_healthy)")],
+    ),
+    (
+        "Serve queue and ongoing requests",
+        "none",
+        "timeseries",
+        [
+            ("queued {{deployment}}", "sum by (deployment) (ray_serve_deployment_queued_queries)"),
+            ("ongoing {{deployment}}", "sum by (deployment) (ray_serve_num_ongoing_requests_at_replicas)"),
+        ],
+    ),
 ]
 
 
@@ -75,14 +134,22 @@ def _panel(index: int, title: str, unit: str, kind: str, targets) -> dict:
         "gridPos": {"h": 8, "w": 8, "x": (index % 3) * 8, "y": (index // 3) * 8},
         "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
         "options": {"reduceOptions": {"calcs": ["lastNotNull"]}} if kind == "stat" else {},
-        "targets": [{"refId": chr(ord("A") + i), "expr": expr, "legendFormat": legend}
-                    for i, (legend, expr) in enumerate(targets)],
+        "targets": [
+            {"refId": chr(ord("A") + i), "expr": expr, "legendFormat": legend}
+            for i, (legend, expr) in enumerate(targets)
+        ],
     }
 
 
 def _textbox(name: str, label: str, default) -> dict:
-    return {"name": name, "label": label, "type": "textbox", "query": str(default),
-            "current": {"text": str(default), "value": str(default)}, "hide": 0}
+    return {
+        "name": name,
+        "label": label,
+        "type": "textbox",
+        "query": str(default),
+        "current": {"text": str(default), "value": str(default)},
+        "hide": 0,
+    }
 
 
 def dashboard() -> dict:
@@ -95,11 +162,13 @@ def dashboard() -> dict:
         "version": 1,
         "refresh": "30s",
         "time": {"from": "now-6h", "to": "now"},
-        "templating": {"list": [
-            {"name": "datasource", "label": "Prometheus", "type": "datasource", "query": "prometheus", "hide": 0},
-            _textbox("gpu_hour_price", "$ per GPU-hour", DEFAULT_PRICE),
-            _textbox("speedup", "Speedup vs stock (A/B benchmark)", DEFAULT_SPEEDUP),
-        ]},
+        "templating": {
+            "list": [
+                {"name": "datasource", "label": "Prometheus", "type": "datasource", "query": "prometheus", "hide": 0},
+                _textbox("gpu_hour_price", "$ per GPU-hour", DEFAULT_PRICE),
+                _textbox("speedup", "Speedup vs stock (A/B benchmark)", DEFAULT_SPEEDUP),
+            ]
+        },
         "panels": [_panel(i, *panel) for i, panel in enumerate(PANELS)],
     }
 

@@ -30,26 +30,55 @@ class MetricSpec:
         return f"{name}_total" if self.kind == "counter" else name
 
 
-METRICS = {spec.name: spec for spec in [
-    MetricSpec("tokencarve_images_processed", "counter", "Images captioned successfully."),
-    MetricSpec("tokencarve_images_failed", "counter", "Images that got an error instead of a caption, by reason.",
-               LABELS + ("reason",)),
-    MetricSpec("tokencarve_generated_tokens", "counter", "Tokens generated."),
-    MetricSpec("tokencarve_visual_tokens_in", "counter", "Visual tokens entering the language model (before carving)."),
-    MetricSpec("tokencarve_visual_tokens_kept", "counter", "Visual tokens kept after carving."),
-    MetricSpec("tokencarve_kv_cache_bytes_held", "counter",
-               "KV-cache bytes held per image at the end of generation, measured from the cache tensors."),
-    MetricSpec("tokencarve_kv_cache_bytes_uncompressed", "counter",
-               "KV-cache bytes the same images would hold without carving."),
-    MetricSpec("tokencarve_model_seconds", "counter", "Seconds spent in generate() (accelerator busy time)."),
-    MetricSpec("tokencarve_batch_size", "histogram", "Images per generate() call.", buckets=(1, 2, 4, 8, 16, 32, 64)),
-    MetricSpec("tokencarve_prefill_seconds", "histogram", "Prefill latency per batch (vision tower + prompt).",
-               buckets=SECONDS),
-    MetricSpec("tokencarve_decode_seconds", "histogram", "Decode latency per batch (all generated tokens).",
-               buckets=SECONDS),
-    MetricSpec("tokencarve_carve_seconds", "histogram", "Time of the carve step itself per batch.",
-               buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)),
-]}
+METRICS = {
+    spec.name: spec
+    for spec in [
+        MetricSpec("tokencarve_images_processed", "counter", "Images captioned successfully."),
+        MetricSpec(
+            "tokencarve_images_failed",
+            "counter",
+            "Images that got an error instead of a caption, by reason.",
+            LABELS + ("reason",),
+        ),
+        MetricSpec("tokencarve_generated_tokens", "counter", "Tokens generated."),
+        MetricSpec(
+            "tokencarve_visual_tokens_in", "counter", "Visual tokens entering the language model (before carving)."
+        ),
+        MetricSpec("tokencarve_visual_tokens_kept", "counter", "Visual tokens kept after carving."),
+        MetricSpec(
+            "tokencarve_kv_cache_bytes_held",
+            "counter",
+            "KV-cache bytes held per image at the end of generation, measured from the cache tensors.",
+        ),
+        MetricSpec(
+            "tokencarve_kv_cache_bytes_uncompressed",
+            "counter",
+            "KV-cache bytes the same images would hold without carving.",
+        ),
+        MetricSpec("tokencarve_model_seconds", "counter", "Seconds spent in generate() (accelerator busy time)."),
+        MetricSpec(
+            "tokencarve_batch_size", "histogram", "Images per generate() call.", buckets=(1, 2, 4, 8, 16, 32, 64)
+        ),
+        MetricSpec(
+            "tokencarve_prefill_seconds",
+            "histogram",
+            "Prefill latency per batch (vision tower + prompt).",
+            buckets=SECONDS,
+        ),
+        MetricSpec(
+            "tokencarve_decode_seconds",
+            "histogram",
+            "Decode latency per batch (all generated tokens).",
+            buckets=SECONDS,
+        ),
+        MetricSpec(
+            "tokencarve_carve_seconds",
+            "histogram",
+            "Time of the carve step itself per batch.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+        ),
+    ]
+}
 
 
 def _ray_metric(spec: MetricSpec):
@@ -65,7 +94,9 @@ def _prometheus_metric(spec: MetricSpec, registry):
 
     if spec.kind == "counter":
         return prometheus_client.Counter(spec.name, spec.description, spec.labels, registry=registry)
-    return prometheus_client.Histogram(spec.name, spec.description, spec.labels, buckets=spec.buckets, registry=registry)
+    return prometheus_client.Histogram(
+        spec.name, spec.description, spec.labels, buckets=spec.buckets, registry=registry
+    )
 
 
 class _Emitter:
@@ -98,7 +129,11 @@ class MetricsRecorder:
             registry = prometheus_client.REGISTRY
         make = _ray_metric if backend == "ray" else (lambda spec: _prometheus_metric(spec, registry))
         self._metrics = {name: _Emitter(make(spec), backend) for name, spec in METRICS.items()}
-        self.tags = {"model": model, "method": method, "keep": "none" if keep is None or method == "none" else str(keep)}
+        self.tags = {
+            "model": model,
+            "method": method,
+            "keep": "none" if keep is None or method == "none" else str(keep),
+        }
 
     def batch(self, captions, timing, method: str | None = None, keep: int | None = None) -> None:
         """One generate() batch: `captions` are tokencarve.engine.Caption, `timing` its BatchTiming;
@@ -107,11 +142,13 @@ class MetricsRecorder:
         if method is not None:
             tags = {**tags, "method": method, "keep": "none" if method == "none" else str(keep)}
         m["tokencarve_images_processed"].add(len(captions), tags)
-        for name, field in [("tokencarve_generated_tokens", "generated_tokens"),
-                            ("tokencarve_visual_tokens_in", "visual_tokens_in"),
-                            ("tokencarve_visual_tokens_kept", "visual_tokens_kept"),
-                            ("tokencarve_kv_cache_bytes_held", "kv_bytes_held"),
-                            ("tokencarve_kv_cache_bytes_uncompressed", "kv_bytes_uncompressed")]:
+        for name, field in [
+            ("tokencarve_generated_tokens", "generated_tokens"),
+            ("tokencarve_visual_tokens_in", "visual_tokens_in"),
+            ("tokencarve_visual_tokens_kept", "visual_tokens_kept"),
+            ("tokencarve_kv_cache_bytes_held", "kv_bytes_held"),
+            ("tokencarve_kv_cache_bytes_uncompressed", "kv_bytes_uncompressed"),
+        ]:
             m[name].add(sum(getattr(c, field) for c in captions), tags)
         m["tokencarve_model_seconds"].add(timing.prefill_seconds + timing.decode_seconds, tags)
         m["tokencarve_batch_size"].observe(len(captions), tags)

@@ -22,8 +22,11 @@ SUMMARY_GAUGES = {
 
 def summary_registry(summary: dict) -> CollectorRegistry:
     registry = CollectorRegistry()
-    labels = {"model": str(summary["model"]).rstrip("/").split("/")[-1], "method": summary["method"],
-              "keep": "none" if summary["keep"] is None else str(summary["keep"])}
+    labels = {
+        "model": str(summary["model"]).rstrip("/").split("/")[-1],
+        "method": summary["method"],
+        "keep": "none" if summary["keep"] is None else str(summary["keep"]),
+    }
     for key, description in SUMMARY_GAUGES.items():
         gauge = Gauge(f"tokencarve_job_{key}", description, list(labels), registry=registry)
         gauge.labels(**labels).set(summary[key] or 0)

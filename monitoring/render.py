@@ -25,15 +25,20 @@ GRAFANA_UNITS = {"currencyUSD": "USD", "none": "", "percent": "%", "ops": "per s
 
 
 def substitute(expr: str, step_s: int, range_s: int, price: float, speedup: float) -> str:
-    for placeholder, value in {"$__rate_interval": f"{max(4 * step_s, 60)}s", "$__range": f"{range_s}s",
-                               "$gpu_hour_price": str(price), "$speedup": str(speedup)}.items():
+    for placeholder, value in {
+        "$__rate_interval": f"{max(4 * step_s, 60)}s",
+        "$__range": f"{range_s}s",
+        "$gpu_hour_price": str(price),
+        "$speedup": str(speedup),
+    }.items():
         expr = expr.replace(placeholder, value)
     return expr
 
 
 def query_range(url: str, expr: str, start: float, end: float, step_s: int) -> list[dict]:
-    reply = httpx.get(f"{url}/api/v1/query_range", params={"query": expr, "start": start, "end": end, "step": step_s},
-                      timeout=30).json()
+    reply = httpx.get(
+        f"{url}/api/v1/query_range", params={"query": expr, "start": start, "end": end, "step": step_s}, timeout=30
+    ).json()
     if reply.get("status") != "success":
         raise RuntimeError(f"{expr}: {reply}")
     return reply["data"]["result"]
@@ -45,8 +50,9 @@ def legend(template: str, labels: dict) -> str:
     return template
 
 
-def render_png(url: str, start: float, end: float, path: str, price: float = DEFAULT_PRICE,
-               speedup: float = DEFAULT_SPEEDUP) -> int:
+def render_png(
+    url: str, start: float, end: float, path: str, price: float = DEFAULT_PRICE, speedup: float = DEFAULT_SPEEDUP
+) -> int:
     """Draw every panel; returns how many panels had data."""
     panels = dashboard()["panels"]
     columns = 3
@@ -66,8 +72,15 @@ def render_png(url: str, start: float, end: float, path: str, price: float = DEF
                 values = [float(v) for _, v in series["values"]]
                 label = legend(target["legendFormat"], series["metric"])
                 if panel["type"] == "stat":
-                    ax.text(0.5, 0.5, f"{values[-1]:.4g} {unit}", ha="center", va="center", fontsize=16,
-                            transform=ax.transAxes)
+                    ax.text(
+                        0.5,
+                        0.5,
+                        f"{values[-1]:.4g} {unit}",
+                        ha="center",
+                        va="center",
+                        fontsize=16,
+                        transform=ax.transAxes,
+                    )
                     ax.set_xticks([])
                     ax.set_yticks([])
                 else:
@@ -82,9 +95,11 @@ def render_png(url: str, start: float, end: float, path: str, price: float = DEF
                 ax.tick_params(labelsize=7)
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    figure.suptitle(f"{dashboard()['title']} (rendered from Prometheus, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(end))})")
+    figure.suptitle(
+        f"{dashboard()['title']} (rendered from Prometheus, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(end))})"
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=80)
     plt.close(figure)

@@ -36,10 +36,10 @@ import ray
 from PIL import Image
 
 from monitoring.metrics import MetricsRecorder
-from tokencarve.eval.scoring import correct
-
 from tokencarve.engine import CaptionEngine, EngineConfig, ModelInputs
+from tokencarve.eval.scoring import correct
 from tokencarve.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, RowError, decode_image
+
 from .output import TOTALS_COLUMNS, Output, SettingsMismatch, Totals, output_schema
 from .sources import ShardError, Unit, carried_name, plan_units, read_unit, uri
 
@@ -96,13 +96,21 @@ def _model_inputs(config: EngineConfig) -> ModelInputs:
 
 
 def prepared_schema(carry: tuple[str, ...]) -> pa.Schema:
-    return pa.schema([
-        ("unit", pa.string()), ("source_file", pa.string()), ("source_row", pa.int64()), ("id", pa.string()),
-        ("prompt", pa.string()), ("answer", pa.string()),
-        ("pixels", pa.binary()), ("width", pa.int32()), ("height", pa.int32()),  # RGB, as the model will see it
-        *[(carried_name(c), pa.string()) for c in carry],
-        ("unit_end", pa.string()),  # JSON on the one row that closes a unit; null on rows to caption
-    ])
+    return pa.schema(
+        [
+            ("unit", pa.string()),
+            ("source_file", pa.string()),
+            ("source_row", pa.int64()),
+            ("id", pa.string()),
+            ("prompt", pa.string()),
+            ("answer", pa.string()),
+            ("pixels", pa.binary()),
+            ("width", pa.int32()),
+            ("height", pa.int32()),  # RGB, as the model will see it
+            *[(carried_name(c), pa.string()) for c in carry],
+            ("unit_end", pa.string()),  # JSON on the one row that closes a unit; null on rows to caption
+        ]
+    )
 
 
 def prepare_units(units: pa.Table, job: CaptionJob) -> Iterator[pa.Table]:
@@ -144,10 +152,14 @@ def prepare_unit(unit: Unit, job: CaptionJob) -> Iterator[pa.Table]:
     if failed:
         output.write_part(unit.key, pa.Table.from_pylist(failed, schema=output_schema(job.carry)), job.run_id)
     end = {
-        "unit": unit.key, "source": unit.path, "rows": rows, "to_caption": emitted + len(block),
+        "unit": unit.key,
+        "source": unit.path,
+        "rows": rows,
+        "to_caption": emitted + len(block),
         "error_code": shard_error.code if shard_error else None,
         "error_message": shard_error.message if shard_error else None,
-        "failed_by_reason": failed_by_reason, **_repeated_ids(ids),
+        "failed_by_reason": failed_by_reason,
+        **_repeated_ids(ids),
     }
     block.append({"unit": unit.key, "source_file": unit.path, "source_row": -1, "unit_end": json.dumps(end)})
     yield pa.Table.from_pylist(block, schema=prepared_schema(job.carry))
@@ -165,8 +177,11 @@ def _prepare_row(row: dict, inputs: ModelInputs, job: CaptionJob) -> tuple[Image
     if error is not None:
         return None, error
     data = row["image"] if row["image"] is not None or row["image_path"] is None else _read_path(row["image_path"])
-    image = data if isinstance(data, RowError) else decode_image(
-        data, max_bytes=job.max_image_bytes, max_pixels=job.max_image_pixels)
+    image = (
+        data
+        if isinstance(data, RowError)
+        else decode_image(data, max_bytes=job.max_image_bytes, max_pixels=job.max_image_pixels)
+    )
     if isinstance(image, RowError):
         return None, image
     return inputs.image(image), None
@@ -184,16 +199,23 @@ def _read_path(path: str) -> bytes | RowError:
 def _prepared_row(row: dict, unit: Unit, image: Image.Image, carry) -> dict:
     prepared = {k: row[k] for k in ("source_file", "source_row", "id", "prompt", "answer")}
     prepared.update({carried_name(c): row[carried_name(c)] for c in carry})
-    return prepared | {"unit": unit.key, "pixels": image.tobytes(), "width": image.width, "height": image.height,
-                       "unit_end": None}
+    return prepared | {
+        "unit": unit.key,
+        "pixels": image.tobytes(),
+        "width": image.width,
+        "height": image.height,
+        "unit_end": None,
+    }
 
 
 def _repeated_ids(ids: list) -> dict:
     """Ids that occur more than once within this unit (bounded memory: one unit's ids)."""
     counts = pc.value_counts(pa.chunked_array(ids, pa.string()).drop_null()) if ids else pa.array([])
     repeated = [c for c in counts.to_pylist() if c["counts"] > 1] if len(counts) else []
-    return {"repeated_ids": sum(c["counts"] - 1 for c in repeated),
-            "repeated_id_examples": [c["values"] for c in repeated[:EXAMPLES]]}
+    return {
+        "repeated_ids": sum(c["counts"] - 1 for c in repeated),
+        "repeated_id_examples": [c["values"] for c in repeated[:EXAMPLES]],
+    }
 
 
 def _output_row(row: dict, job: CaptionJob, result: dict) -> dict:
@@ -201,15 +223,23 @@ def _output_row(row: dict, job: CaptionJob, result: dict) -> dict:
     cfg = job.engine
     caption, answer = result.get("caption"), row.get("answer")
     out = {
-        "id": row["id"], "prompt": row.get("prompt"), "model": cfg.model_name, "method": cfg.method, "keep": cfg.budget,
-        "answer": answer, "correct": None if caption is None or answer is None else correct(caption, answer),
-        "source_file": row["source_file"], "source_row": row["source_row"], **result,
+        "id": row["id"],
+        "prompt": row.get("prompt"),
+        "model": cfg.model_name,
+        "method": cfg.method,
+        "keep": cfg.budget,
+        "answer": answer,
+        "correct": None if caption is None or answer is None else correct(caption, answer),
+        "source_file": row["source_file"],
+        "source_row": row["source_row"],
+        **result,
     }
     out.update({carried_name(c): row.get(carried_name(c)) for c in job.carry})
     return out
 
 
 # -- stage 2: caption (actor pool) ---------------------------------------------------------------------
+
 
 def captioned_schema(carry: tuple[str, ...]) -> pa.Schema:
     return output_schema(carry).append(pa.field("unit", pa.string())).append(pa.field("unit_end", pa.string()))
@@ -234,8 +264,9 @@ class CaptionActor:
         for end in (r for r in rows if r["unit_end"] is not None):
             for code, count in json.loads(end["unit_end"])["failed_by_reason"].items():
                 self.metrics.failed(code, count)  # rows the prepare stage refused
-            out.append({"unit": end["unit"], "unit_end": end["unit_end"], "source_file": end["source_file"],
-                        "source_row": -1})
+            out.append(
+                {"unit": end["unit"], "unit_end": end["unit_end"], "source_file": end["source_file"], "source_row": -1}
+            )
         return pa.Table.from_pylist(out, schema=captioned_schema(self.job.carry))
 
     def _caption(self, rows: list[dict]) -> list[dict]:
@@ -265,8 +296,15 @@ class CaptionActor:
 
 # -- stage 3: write (CPU tasks) --------------------------------------------------------------------------
 
-REPORT = pa.schema([("unit", pa.string()), ("part", pa.string()), ("rows", pa.int64()), ("failed", pa.int64()),
-                    ("unit_end", pa.string())])
+REPORT = pa.schema(
+    [
+        ("unit", pa.string()),
+        ("part", pa.string()),
+        ("rows", pa.int64()),
+        ("failed", pa.int64()),
+        ("unit_end", pa.string()),
+    ]
+)
 
 
 def write_parts(table: pa.Table, job: CaptionJob) -> pa.Table:
@@ -278,11 +316,14 @@ def write_parts(table: pa.Table, job: CaptionJob) -> pa.Table:
         ends = mine.filter(pc.is_valid(mine.column("unit_end"))).column("unit_end").to_pylist()
         part = output.write_part(unit, rows, job.run_id) if len(rows) else None
         failed = len(rows) - rows.column("error_code").null_count
-        reports.append({"unit": unit, "part": part, "rows": len(rows), "failed": failed, "unit_end": (ends or [None])[0]})
+        reports.append(
+            {"unit": unit, "part": part, "rows": len(rows), "failed": failed, "unit_end": (ends or [None])[0]}
+        )
     return pa.Table.from_pylist(reports, schema=REPORT)
 
 
 # -- the driver ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class _InFlight:
@@ -324,8 +365,11 @@ class UnitTracker:
         for future in self.pending:
             future.result()  # surfaces an error in writing a record
         if self.in_flight:  # a bug, not a data problem: say which units are left for the rerun
-            print(f"warning: {len(self.in_flight)} unit(s) did not finish and are left for a rerun: "
-                  f"{sorted(self.in_flight)[:EXAMPLES]}", file=sys.stderr)
+            print(
+                f"warning: {len(self.in_flight)} unit(s) did not finish and are left for a rerun: "
+                f"{sorted(self.in_flight)[:EXAMPLES]}",
+                file=sys.stderr,
+            )
 
 
 def finish_unit(output: Output, end: dict, job: CaptionJob) -> None:
@@ -344,12 +388,19 @@ def finish_unit(output: Output, end: dict, job: CaptionJob) -> None:
     code, message = end["error_code"], end["error_message"]
     if code is None and distinct != end["rows"]:
         code, message = "incomplete_unit", f"{distinct} of {end['rows']} rows are written; a rerun completes it"
-    output.finish_unit({
-        "unit": end["unit"], "source": end["source"], "status": "failed" if code else "done",
-        "error_code": code, "error_message": message, "rows_read": end["rows"],
-        "totals": asdict(Totals.of(table)),
-        "repeated_ids": end["repeated_ids"], "repeated_id_examples": end["repeated_id_examples"],
-    })
+    output.finish_unit(
+        {
+            "unit": end["unit"],
+            "source": end["source"],
+            "status": "failed" if code else "done",
+            "error_code": code,
+            "error_message": message,
+            "rows_read": end["rows"],
+            "totals": asdict(Totals.of(table)),
+            "repeated_ids": end["repeated_ids"],
+            "repeated_id_examples": end["repeated_id_examples"],
+        }
+    )
 
 
 def merge_unit(output: Output, unit: str, run: str) -> None:
@@ -394,9 +445,15 @@ class Progress:
         t, elapsed = self.tracker, time.perf_counter() - self.started
         rate = t.rows / max(elapsed, 1e-9)
         # A shard's row count is known only once it is read: the ETA extrapolates the units' pace.
-        eta = f"~{elapsed * (self.units - t.units_finished) / t.units_finished:,.0f} s" if t.units_finished else "unknown"
-        print(f"progress: {t.rows:,} rows written ({t.failed:,} failed) | units {t.units_finished:,}/{self.units:,} "
-              f"done | {rate:,.1f} rows/s | ETA {eta}", file=sys.stderr, flush=True)
+        eta = (
+            f"~{elapsed * (self.units - t.units_finished) / t.units_finished:,.0f} s" if t.units_finished else "unknown"
+        )
+        print(
+            f"progress: {t.rows:,} rows written ({t.failed:,} failed) | units {t.units_finished:,}/{self.units:,} "
+            f"done | {rate:,.1f} rows/s | ETA {eta}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def run(job: CaptionJob) -> dict:
@@ -418,8 +475,9 @@ def run(job: CaptionJob) -> dict:
                     tracker.report(report)
             tracker.close()
         stats = ds.stats()
-    summary = summarize(output, job, units=len(units), rows_this_run=tracker.rows,
-                        seconds=time.perf_counter() - started)
+    summary = summarize(
+        output, job, units=len(units), rows_this_run=tracker.rows, seconds=time.perf_counter() - started
+    )
     output.write_summary(summary | {"ray_data_stats": stats})
     return summary | {"ray_data_stats": stats}
 
@@ -442,8 +500,9 @@ def _dataset(job: CaptionJob, pending: list[dict]) -> ray.data.Dataset:
     )
     # Writing a part is mostly waiting on storage: a quarter CPU, so that writes are not starved by the
     # decoding tasks and the actors holding every CPU of a small machine (ray#44687).
-    return ds.map_batches(write_parts, batch_size=job.rows_per_file, batch_format="pyarrow", fn_kwargs={"job": job},
-                          num_cpus=0.25)
+    return ds.map_batches(
+        write_parts, batch_size=job.rows_per_file, batch_format="pyarrow", fn_kwargs={"job": job}, num_cpus=0.25
+    )
 
 
 def summarize(output: Output, job: CaptionJob, units: int, rows_this_run: int, seconds: float) -> dict:
@@ -453,28 +512,48 @@ def summarize(output: Output, job: CaptionJob, units: int, rows_this_run: int, s
         totals.add(Totals.from_dict(record["totals"]))
         statuses[record["status"]] += 1
         repeated += record["repeated_ids"]
-        examples += record["repeated_id_examples"][:EXAMPLES - len(examples)]
+        examples += record["repeated_id_examples"][: EXAMPLES - len(examples)]
         if record["status"] == "failed" and len(failed_shards) < 100:
-            failed_shards.append({"source": record["source"], "error_code": record["error_code"],
-                                  "error_message": record["error_message"]})
+            failed_shards.append(
+                {
+                    "source": record["source"],
+                    "error_code": record["error_code"],
+                    "error_message": record["error_message"],
+                }
+            )
     t = totals
     return {
-        "output": job.output, "model": job.engine.model, "method": job.engine.method, "keep": job.engine.budget,
-        "rows_total": t.rows, "rows_ok": t.rows_ok, "rows_failed": t.rows - t.rows_ok,
+        "output": job.output,
+        "model": job.engine.model,
+        "method": job.engine.method,
+        "keep": job.engine.budget,
+        "rows_total": t.rows,
+        "rows_ok": t.rows_ok,
+        "rows_failed": t.rows - t.rows_ok,
         "errors_by_reason": dict(sorted(t.errors_by_reason.items())),
-        "rows_this_run": rows_this_run, "rows_skipped_as_done": t.rows - rows_this_run,
-        "seconds": round(seconds, 3), "rows_per_s": round(rows_this_run / seconds, 3) if seconds > 0 else None,
-        "units_total": units, "units_done": statuses["done"], "units_failed": statuses["failed"],
+        "rows_this_run": rows_this_run,
+        "rows_skipped_as_done": t.rows - rows_this_run,
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(rows_this_run / seconds, 3) if seconds > 0 else None,
+        "units_total": units,
+        "units_done": statuses["done"],
+        "units_failed": statuses["failed"],
         "failed_shards": failed_shards,  # the first 100; units_failed counts them all
-        "repeated_ids": repeated, "repeated_id_examples": examples,
+        "repeated_ids": repeated,
+        "repeated_id_examples": examples,
         "repeated_ids_scope": "within each shard (ids repeated across shards are not counted)",
-        "visual_tokens_in": t.visual_tokens_in, "visual_tokens_kept": t.visual_tokens_kept,
-        "visual_tokens_kept_pct": round(100 * t.visual_tokens_kept / t.visual_tokens_in, 2) if t.visual_tokens_in else None,
+        "visual_tokens_in": t.visual_tokens_in,
+        "visual_tokens_kept": t.visual_tokens_kept,
+        "visual_tokens_kept_pct": round(100 * t.visual_tokens_kept / t.visual_tokens_in, 2)
+        if t.visual_tokens_in
+        else None,
         "generated_tokens": t.generated_tokens,
-        "kv_bytes_held": t.kv_bytes_held, "kv_bytes_uncompressed": t.kv_bytes_uncompressed,
+        "kv_bytes_held": t.kv_bytes_held,
+        "kv_bytes_uncompressed": t.kv_bytes_uncompressed,
         "kv_bytes_saved": t.kv_bytes_uncompressed - t.kv_bytes_held,
         "kv_saved_pct": round(100 * (t.kv_bytes_uncompressed - t.kv_bytes_held) / t.kv_bytes_uncompressed, 2)
-        if t.kv_bytes_uncompressed else None,
+        if t.kv_bytes_uncompressed
+        else None,
         "rows_with_answers": t.rows_with_answers,
         "accuracy_pct": round(100 * t.rows_correct / t.rows_with_answers, 2) if t.rows_with_answers else None,
     }

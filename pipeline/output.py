@@ -34,22 +34,40 @@ FORMAT_VERSION = 2
 JOB_FILE, SUMMARY_FILE, UNITS_DIR = "_job.json", "_summary.json", "_units"
 
 OUTPUT_FIELDS = [
-    ("id", pa.string()), ("caption", pa.string()),
+    ("id", pa.string()),
+    ("caption", pa.string()),
     # null when the row has a caption; else a low-cardinality reason and a message for people
-    ("error_code", pa.string()), ("error_message", pa.string()),
-    ("prompt", pa.string()), ("model", pa.string()), ("method", pa.string()),
+    ("error_code", pa.string()),
+    ("error_message", pa.string()),
+    ("prompt", pa.string()),
+    ("model", pa.string()),
+    ("method", pa.string()),
     ("keep", pa.float64()),  # the budget per image: tokens (64.0) or a fraction of them (0.1); null: stock
-    ("visual_tokens_in", pa.int32()), ("visual_tokens_kept", pa.int32()),
-    ("kv_bytes_held", pa.int64()), ("kv_bytes_uncompressed", pa.int64()),
-    ("generated_tokens", pa.int32()), ("prompt_tokens", pa.int32()), ("latency_s", pa.float64()),
+    ("visual_tokens_in", pa.int32()),
+    ("visual_tokens_kept", pa.int32()),
+    ("kv_bytes_held", pa.int64()),
+    ("kv_bytes_uncompressed", pa.int64()),
+    ("generated_tokens", pa.int32()),
+    ("prompt_tokens", pa.int32()),
+    ("latency_s", pa.float64()),
     # with a reference answer in the input: it, and whether the caption matches it (tokencarve.eval's rules)
-    ("answer", pa.string()), ("correct", pa.bool_()),
+    ("answer", pa.string()),
+    ("correct", pa.bool_()),
     # where the row came from: (source_file, source_row) is unique, even when ids repeat
-    ("source_file", pa.string()), ("source_row", pa.int64()),
+    ("source_file", pa.string()),
+    ("source_row", pa.int64()),
 ]
 # what a unit's totals are computed from (never the captions)
-TOTALS_COLUMNS = ["source_row", "error_code", "visual_tokens_in", "visual_tokens_kept", "kv_bytes_held",
-                  "kv_bytes_uncompressed", "generated_tokens", "correct"]
+TOTALS_COLUMNS = [
+    "source_row",
+    "error_code",
+    "visual_tokens_in",
+    "visual_tokens_kept",
+    "kv_bytes_held",
+    "kv_bytes_uncompressed",
+    "generated_tokens",
+    "correct",
+]
 
 
 def output_schema(carry: tuple[str, ...] = ()) -> pa.Schema:
@@ -96,12 +114,16 @@ class Totals:
 
         answered = good.column("correct").drop_null()
         return cls(
-            rows=len(table), rows_ok=len(good),
+            rows=len(table),
+            rows_ok=len(good),
             errors_by_reason={r["values"]: r["counts"] for r in reasons.to_pylist()},
-            visual_tokens_in=total("visual_tokens_in"), visual_tokens_kept=total("visual_tokens_kept"),
-            kv_bytes_held=total("kv_bytes_held"), kv_bytes_uncompressed=total("kv_bytes_uncompressed"),
+            visual_tokens_in=total("visual_tokens_in"),
+            visual_tokens_kept=total("visual_tokens_kept"),
+            kv_bytes_held=total("kv_bytes_held"),
+            kv_bytes_uncompressed=total("kv_bytes_uncompressed"),
             generated_tokens=total("generated_tokens"),
-            rows_with_answers=len(answered), rows_correct=int(pc.sum(answered).as_py() or 0),
+            rows_with_answers=len(answered),
+            rows_correct=int(pc.sum(answered).as_py() or 0),
         )
 
     @classmethod
@@ -136,19 +158,23 @@ class Output:
         held = self.settings()
         if held is None:
             if self._has_rows():
-                raise SettingsMismatch(f"{self.location} holds Parquet files but no {JOB_FILE}: it was not written "
-                                       "by this version of the job; write to a new --output")
+                raise SettingsMismatch(
+                    f"{self.location} holds Parquet files but no {JOB_FILE}: it was not written "
+                    "by this version of the job; write to a new --output"
+                )
             self.fs.create_dir(self.root, recursive=True)
             self._write_json(JOB_FILE, {"format_version": FORMAT_VERSION, **settings})
             return
         held = {k: v for k, v in held.items() if k != "format_version"}
         if held != settings:
+
             def describe(s):
                 return " ".join(f"{k}={v}" for k, v in s.items())
 
             raise SettingsMismatch(
                 f"{self.location} already holds rows written with {describe(held)}; this run is {describe(settings)}. "
-                "Write to a new --output (or remove that one) rather than mix settings in one output")
+                "Write to a new --output (or remove that one) rather than mix settings in one output"
+            )
 
     def _has_rows(self) -> bool:
         if self.fs.get_file_info(self.root).type == pafs.FileType.NotFound:

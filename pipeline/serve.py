@@ -18,7 +18,6 @@ call runs on a worker thread so the replica's event loop keeps accepting request
 refused by Serve itself (max_queued_requests) with 503 and a Retry-After header.
 """
 
-
 import asyncio
 import base64
 import binascii
@@ -168,10 +167,18 @@ class CaptionServer:
         # read here, in the replica's own environment and file system (pipeline.auth says why)
         self.api_keys = load_api_keys(s.api_key_file)
         log_api_keys(self.api_keys)
-        self.engine = CaptionEngine(EngineConfig(model=s.model, keep=s.keep, method=s.method, layer=s.layer,
-                                                 max_new_tokens=s.max_new_tokens, dtype=s.dtype,
-                                                 max_prompt_tokens=s.max_prompt_tokens,
-                                                 image_policy=s.image_policy))
+        self.engine = CaptionEngine(
+            EngineConfig(
+                model=s.model,
+                keep=s.keep,
+                method=s.method,
+                layer=s.layer,
+                max_new_tokens=s.max_new_tokens,
+                dtype=s.dtype,
+                max_prompt_tokens=s.max_prompt_tokens,
+                image_policy=s.image_policy,
+            )
+        )
         self.metrics = MetricsRecorder(self.engine.model_name, s.method, s.keep)
         self.model_thread = ThreadPoolExecutor(max_workers=1)  # one generate() at a time per replica
         self.caption_batch.set_max_batch_size(s.max_batch_size)
@@ -202,8 +209,12 @@ class CaptionServer:
         if not self.api_keys.accepts(authorization):
             # RFC 6750: a request without credentials gets the bare challenge, a wrong key the error too
             challenge = 'Bearer realm="tokencarve"' + (', error="invalid_token"' if authorization else "")
-            raise HTTPError(401, "invalid_api_key", "a valid API key is required: send 'Authorization: Bearer <key>'",
-                            headers={"WWW-Authenticate": challenge})
+            raise HTTPError(
+                401,
+                "invalid_api_key",
+                "a valid API key is required: send 'Authorization: Bearer <key>'",
+                headers={"WWW-Authenticate": challenge},
+            )
         try:
             yield
         except HTTPError as err:
@@ -215,8 +226,14 @@ class CaptionServer:
         image = self._decode(body.image if isinstance(body.image, bytes) else self._base64_image(body.image))
         work = self._work(image, body.prompt, body.max_new_tokens, body.keep, body.method)
         caption, batch_size = await self.caption_batch(work)
-        return {"text": caption.caption, **_figures(caption), "batch_size": batch_size,
-                "model": self.engine.model_name, "method": work.method, "keep": _keep_label(work)}
+        return {
+            "text": caption.caption,
+            **_figures(caption),
+            "batch_size": batch_size,
+            "model": self.engine.model_name,
+            "method": work.method,
+            "keep": _keep_label(work),
+        }
 
     async def _chat_completions(self, request: Request) -> dict:
         body = await _json(request)
@@ -224,8 +241,13 @@ class CaptionServer:
             raise HTTPError(422, "unsupported", "streaming is not supported; send stream=false")
         prompt, image_url = _last_user_turn(body.get("messages"))
         options = body.get("tokencarve") or {}
-        work = self._work(self._decode(self._base64_image(image_url)), prompt,
-                          body.get("max_completion_tokens") or body.get("max_tokens"), options.get("keep"), options.get("method"))
+        work = self._work(
+            self._decode(self._base64_image(image_url)),
+            prompt,
+            body.get("max_completion_tokens") or body.get("max_tokens"),
+            options.get("keep"),
+            options.get("method"),
+        )
         caption, batch_size = await self.caption_batch(work)
         finish = "length" if caption.generated_tokens >= work.max_new_tokens else "stop"
         return {
@@ -233,11 +255,25 @@ class CaptionServer:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body.get("model") or self.engine.model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": caption.caption},
-                         "finish_reason": finish, "logprobs": None}],
-            "usage": {"prompt_tokens": caption.prompt_tokens, "completion_tokens": caption.generated_tokens,
-                      "total_tokens": caption.prompt_tokens + caption.generated_tokens},
-            "tokencarve": {**_figures(caption), "batch_size": batch_size, "method": work.method, "keep": _keep_label(work)},
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": caption.caption},
+                    "finish_reason": finish,
+                    "logprobs": None,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": caption.prompt_tokens,
+                "completion_tokens": caption.generated_tokens,
+                "total_tokens": caption.prompt_tokens + caption.generated_tokens,
+            },
+            "tokencarve": {
+                **_figures(caption),
+                "batch_size": batch_size,
+                "method": work.method,
+                "keep": _keep_label(work),
+            },
         }
 
     # -- batching -----------------------------------------------------------------------------------
@@ -252,7 +288,8 @@ class CaptionServer:
         loop = asyncio.get_running_loop()
         for (keep, method, max_new_tokens), members in groups.items():
             captions, timing = await loop.run_in_executor(
-                self.model_thread, self._generate, [works[i] for i in members], keep, method, max_new_tokens)
+                self.model_thread, self._generate, [works[i] for i in members], keep, method, max_new_tokens
+            )
             self.metrics.batch(captions, timing, method=method, keep=keep)
             for i, caption in zip(members, captions):
                 results[i] = (caption, len(members))
@@ -260,8 +297,9 @@ class CaptionServer:
 
     def _generate(self, works: list[_Work], keep: int, method: str, max_new_tokens: int):
         """On the model thread: one generate() and its timing, read before the next call can start."""
-        captions = self.engine.caption([w.image for w in works], [w.prompt for w in works],
-                                       max_new_tokens=max_new_tokens, keep=keep, method=method)
+        captions = self.engine.caption(
+            [w.image for w in works], [w.prompt for w in works], max_new_tokens=max_new_tokens, keep=keep, method=method
+        )
         return captions, self.engine.last_timing
 
     # -- request parsing ------------------------------------------------------------------------------
@@ -312,9 +350,12 @@ class CaptionServer:
             raise HTTPError(422, "invalid_request", f"max_new_tokens must be an integer in 1..{s.max_new_tokens_limit}")
         keep = keep or s.keep
         fraction = isinstance(keep, float) and 0 < keep < 1
-        if not fraction and (isinstance(keep, bool) or not isinstance(keep, int) or not s.min_keep <= keep <= s.max_keep):
-            raise HTTPError(422, "invalid_request",
-                            f"keep must be an integer in {s.min_keep}..{s.max_keep} or a fraction in (0, 1)")
+        if not fraction and (
+            isinstance(keep, bool) or not isinstance(keep, int) or not s.min_keep <= keep <= s.max_keep
+        ):
+            raise HTTPError(
+                422, "invalid_request", f"keep must be an integer in {s.min_keep}..{s.max_keep} or a fraction in (0, 1)"
+            )
         method = method or s.method
         if method not in METHODS:
             raise HTTPError(422, "invalid_request", f"method must be one of {METHODS}")
@@ -328,8 +369,10 @@ class CaptionServer:
 def build_app(args: dict) -> serve.Application:
     """The app builder for `serve run pipeline.serve:build_app key=value ...` and config files."""
     if {"api_key", "api_keys"} & set(args):
-        raise ValueError(f"API keys are not taken as settings (they would show in ps, shell history and Serve's "
-                         f"stored config): set {ENV_VAR} where the replicas run, or name a file with api_key_file")
+        raise ValueError(
+            f"API keys are not taken as settings (they would show in ps, shell history and Serve's "
+            f"stored config): set {ENV_VAR} where the replicas run, or name a file with api_key_file"
+        )
     settings = ServeSettings(**args)
     return deployment(settings).bind(settings.model_dump())
 
@@ -340,7 +383,8 @@ def deployment(settings: ServeSettings) -> serve.Deployment:
         raise ValueError("max_ongoing_requests must be >= max_batch_size, or batches never fill")
     return CaptionServer.options(
         autoscaling_config=AutoscalingConfig(
-            min_replicas=settings.min_replicas, max_replicas=settings.max_replicas,
+            min_replicas=settings.min_replicas,
+            max_replicas=settings.max_replicas,
             target_ongoing_requests=settings.target_ongoing_requests,
         ),
         max_ongoing_requests=settings.max_ongoing_requests,

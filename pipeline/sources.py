@@ -47,9 +47,15 @@ IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp")
 WDS_ALIASES = {"key": "__key__", "caption": "txt"}
 
 _BASE_FIELDS = [
-    ("source_file", pa.string()), ("source_row", pa.int64()), ("id", pa.string()), ("image", pa.binary()),
-    ("image_path", pa.string()), ("prompt", pa.string()), ("answer", pa.string()),
-    ("error_code", pa.string()), ("error_message", pa.string()),  # a reason found while reading
+    ("source_file", pa.string()),
+    ("source_row", pa.int64()),
+    ("id", pa.string()),
+    ("image", pa.binary()),
+    ("image_path", pa.string()),
+    ("prompt", pa.string()),
+    ("answer", pa.string()),
+    ("error_code", pa.string()),
+    ("error_message", pa.string()),  # a reason found while reading
 ]
 
 
@@ -97,6 +103,7 @@ def unit_key(stem: str, covers: str) -> str:
 
 # -- planning -------------------------------------------------------------------------------------------
 
+
 def plan_units(paths: list[str], fmt: str = "auto") -> list[Unit]:
     """The units of every input, in a stable order (the same corpus always gives the same units)."""
     units: list[Unit] = []
@@ -126,10 +133,14 @@ def _plan_one(location: str, fmt: str) -> list[Unit]:
         elif kind == "images":
             folder = root if info.type == pafs.FileType.Directory else posixpath.dirname(root)
             units += [
-                Unit(unit_key(f"{_stem(folder)}-{start // IMAGES_PER_UNIT:06d}", f"{folder}|{chunk[0]}|{len(chunk)}"),
-                     "images", to_uri(folder), tuple(to_uri(f) for f in chunk))
+                Unit(
+                    unit_key(f"{_stem(folder)}-{start // IMAGES_PER_UNIT:06d}", f"{folder}|{chunk[0]}|{len(chunk)}"),
+                    "images",
+                    to_uri(folder),
+                    tuple(to_uri(f) for f in chunk),
+                )
                 for start in range(0, len(files), IMAGES_PER_UNIT)
-                for chunk in [files[start:start + IMAGES_PER_UNIT]]
+                for chunk in [files[start : start + IMAGES_PER_UNIT]]
             ]
         else:
             raise ValueError(f"unknown input format {kind!r}; choose one of {FORMATS}")
@@ -154,8 +165,11 @@ def _inner_path(location: str) -> str:
 def detect_formats(files: list[str]) -> list[str]:
     """From the files' suffixes: Parquet and WebDataset shards (both, in a mixed folder), else a
     folder of images (where every file is an image to try, so a stray file gets an error row)."""
-    shards = [kind for kind, suffix in (("parquet", ".parquet"), ("webdataset", ".tar"))
-              if any(f.endswith(suffix) for f in files)]
+    shards = [
+        kind
+        for kind, suffix in (("parquet", ".parquet"), ("webdataset", ".tar"))
+        if any(f.endswith(suffix) for f in files)
+    ]
     return shards or ["images"]
 
 
@@ -168,6 +182,7 @@ def _stem(path: str) -> str:
 
 
 # -- reading --------------------------------------------------------------------------------------------
+
 
 def read_unit(unit: Unit, carry: tuple[str, ...] = ()) -> Iterator[pa.Table]:
     """The unit's rows as tables in `source_schema(carry)`; raises ShardError where reading fails."""
@@ -196,8 +211,9 @@ def _read_parquet(unit: Unit, carry) -> Iterator[pa.Table]:
     if id_column is None:
         raise ShardError("no_id_column", f"{unit.path} has none of the id columns {ID_COLUMNS} (columns: {names})")
     if image_column is None and "image_path" not in names:
-        raise ShardError("no_image_column", f"{unit.path} has no image column {IMAGE_COLUMNS} or image_path "
-                                            f"(columns: {names})")
+        raise ShardError(
+            "no_image_column", f"{unit.path} has no image column {IMAGE_COLUMNS} or image_path (columns: {names})"
+        )
     wanted = {id_column, image_column, "image_path", "prompt", "answer", *carry} & set(names)
     first = 0
     try:
@@ -227,9 +243,13 @@ def _from_parquet(table: pa.Table, path: str, first: int, id_column: str, image_
     columns = {
         "source_file": pa.array([path] * rows, pa.string()),
         "source_row": pa.array(np.arange(first, first + rows, dtype=np.int64)),
-        "id": _as_text(table.column(id_column)), "image": image.cast(pa.binary()), "image_path": paths,
-        "prompt": _column(table, "prompt"), "answer": _column(table, "answer"),
-        "error_code": code, "error_message": message,
+        "id": _as_text(table.column(id_column)),
+        "image": image.cast(pa.binary()),
+        "image_path": paths,
+        "prompt": _column(table, "prompt"),
+        "answer": _column(table, "answer"),
+        "error_code": code,
+        "error_message": message,
     }
     columns.update({carried_name(c): _column(table, c) for c in carry})
     return pa.table(columns, schema=source_schema(carry))
@@ -313,7 +333,8 @@ def _from_samples(samples: list[dict], path: str, first: int, carry) -> pa.Table
         "image_path": [None] * len(samples),
         "prompt": [text(s, "prompt") for s in samples],
         "answer": [text(s, "answer") for s in samples],
-        "error_code": [None] * len(samples), "error_message": [None] * len(samples),
+        "error_code": [None] * len(samples),
+        "error_message": [None] * len(samples),
     }
     columns.update({carried_name(c): [_sample_field(s, c) for s in samples] for c in carry})
     return pa.table(columns, schema=source_schema(carry))
@@ -339,13 +360,18 @@ def _read_images(unit: Unit, carry) -> Iterator[pa.Table]:
     """Paths only: the bytes are read by the prepare step, where a missing file is a row error."""
     root = _inner_path(unit.path).rstrip("/")
     for start in range(0, len(unit.files), ROWS_PER_READ):
-        chunk = unit.files[start:start + ROWS_PER_READ]
+        chunk = unit.files[start : start + ROWS_PER_READ]
         inner = [_inner_path(f) for f in chunk]
         columns = {
-            "source_file": list(chunk), "source_row": list(range(start, start + len(chunk))),
-            "id": [posixpath.relpath(p, root) for p in inner], "image": [None] * len(chunk),
-            "image_path": list(chunk), "prompt": [None] * len(chunk), "answer": [None] * len(chunk),
-            "error_code": [None] * len(chunk), "error_message": [None] * len(chunk),
+            "source_file": list(chunk),
+            "source_row": list(range(start, start + len(chunk))),
+            "id": [posixpath.relpath(p, root) for p in inner],
+            "image": [None] * len(chunk),
+            "image_path": list(chunk),
+            "prompt": [None] * len(chunk),
+            "answer": [None] * len(chunk),
+            "error_code": [None] * len(chunk),
+            "error_message": [None] * len(chunk),
         }
         columns.update({carried_name(c): [None] * len(chunk) for c in carry})
         yield pa.table(columns, schema=source_schema(carry))

@@ -30,23 +30,30 @@ def shard_table(shard: int, rows: int, real_every: int = 0) -> pa.Table:
     keys = [f"{shard:05d}{i:06d}" for i in range(rows)]
     image = small_png(shard) if real_every else None
     images = [image if real_every and i % real_every == 0 else None for i in range(rows)]
-    return pa.table({
-        "key": keys,
-        "jpg": pa.array(images, pa.binary()),
-        "url": [f"https://example.com/{k}.jpg" for k in keys],
-        "caption": [f"alt text {k}" for k in keys],
-        "width": pa.array(np.full(rows, 24), pa.int64()),
-    })
+    return pa.table(
+        {
+            "key": keys,
+            "jpg": pa.array(images, pa.binary()),
+            "url": [f"https://example.com/{k}.jpg" for k in keys],
+            "caption": [f"alt text {k}" for k in keys],
+            "width": pa.array(np.full(rows, 24), pa.int64()),
+        }
+    )
 
 
-def write_parquet_corpus(location: str, shards: int, rows_per_shard: int, real_every: int = 0,
-                         filesystem: pafs.FileSystem | None = None) -> int:
+def write_parquet_corpus(
+    location: str, shards: int, rows_per_shard: int, real_every: int = 0, filesystem: pafs.FileSystem | None = None
+) -> int:
     """Write `shards` Parquet shards under `location` (a local folder, or a path on `filesystem`)."""
     fs = filesystem or pafs.LocalFileSystem()
     fs.create_dir(location, recursive=True)
     for shard in range(shards):
-        pq.write_table(shard_table(shard, rows_per_shard, real_every), f"{location}/{shard:05d}.parquet",
-                       filesystem=fs, row_group_size=min(rows_per_shard, 4096))
+        pq.write_table(
+            shard_table(shard, rows_per_shard, real_every),
+            f"{location}/{shard:05d}.parquet",
+            filesystem=fs,
+            row_group_size=min(rows_per_shard, 4096),
+        )
     return shards * rows_per_shard
 
 
@@ -70,6 +77,12 @@ def img2dataset_samples(shard: int, rows: int) -> list[dict[str, bytes]]:
     for i in range(rows):
         key = f"{shard:05d}{i:04d}"
         meta = {"key": key, "url": f"https://example.com/{key}.jpg", "caption": f"alt {key}", "width": 24}
-        samples.append({"__key__": key, "jpg": small_png(shard * 1000 + i), "txt": f"alt {key}".encode(),
-                        "json": json.dumps(meta).encode()})
+        samples.append(
+            {
+                "__key__": key,
+                "jpg": small_png(shard * 1000 + i),
+                "txt": f"alt {key}".encode(),
+                "json": json.dumps(meta).encode(),
+            }
+        )
     return samples

@@ -29,8 +29,10 @@ def animated_gif() -> bytes:
 
 def png_bomb(side: int = 30_000) -> bytes:
     """A valid 1-bit PNG header claiming side x side pixels, with a tiny compressed body."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
     header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
     body = zlib.compress(b"\x00" * (side // 8 + 1) * 8, 9)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")

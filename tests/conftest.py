@@ -49,10 +49,17 @@ def s3_server():
     if binary is None:
         pytest.fail("moto_server is not installed (pip install 'moto[server]', part of the test extra)")
     port = free_port()
-    server = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
-                           allow_bucket_creation=True, connect_timeout=5, request_timeout=30)
+    server = subprocess.Popen(
+        [binary, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    fs = pafs.S3FileSystem(
+        endpoint_override=f"127.0.0.1:{port}",
+        scheme="http",
+        region="us-east-1",
+        allow_bucket_creation=True,
+        connect_timeout=5,
+        request_timeout=30,
+    )
 
     def answers():
         try:
@@ -74,10 +81,17 @@ def ray_cluster():
     import ray
 
     # The dashboard process is what writes Prometheus' service-discovery file.
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=free_port(), log_to_driver=False,
-             _node_ip_address="127.0.0.1", _metrics_export_port=free_port(),
-             _system_config={"metrics_report_interval_ms": 1000})
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=free_port(),
+        log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+        _metrics_export_port=free_port(),
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -144,4 +158,3 @@ def bundled():
     torch.set_num_threads(1)
     path = Path(__file__).resolve().parent.parent / "models" / "carve-tiny"
     return LlavaForConditionalGeneration.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
-

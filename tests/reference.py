@@ -19,6 +19,7 @@ import torch
 
 # -- selection (the spec's formulas, literally) ---------------------------------------------------
 
+
 def borda(score: list[float]) -> list[int]:
     n = len(score)
     order = sorted(range(n), key=lambda i: (-score[i], i))
@@ -76,6 +77,7 @@ def select(H: torch.Tensor, attention: torch.Tensor, keep: int, weight: float = 
 
 # -- a hand-written Llama with explicit per-layer caches -------------------------------------------
 
+
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotary embedding of x [heads, T, hd] at integer positions [T] (Llama's half-split form)."""
     hd = x.shape[-1]
@@ -132,15 +134,24 @@ def image_features(out) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def reference_prefill(eager_model, input_ids: list[int], pixel_values, keep, cut: int = 2,
-                      weight: float = 0.5, mode: str = "tokencarve", **image_inputs) -> ReferenceRun:
+def reference_prefill(
+    eager_model,
+    input_ids: list[int],
+    pixel_values,
+    keep,
+    cut: int = 2,
+    weight: float = 0.5,
+    mode: str = "tokencarve",
+    **image_inputs,
+) -> ReferenceRun:
     """Carve one unpadded prompt and run the language model by hand on the kept tokens.
     `keep` is a count or a fraction per image; image_inputs: image_sizes (NeXT, OneVision), batch_num_images."""
     lm = eager_model.model.language_model
     theta = lm.config.rope_parameters["rope_theta"]
     ids = torch.tensor([input_ids])
-    out = eager_model(input_ids=ids, pixel_values=pixel_values, output_hidden_states=True, output_attentions=True,
-                      **image_inputs)
+    out = eager_model(
+        input_ids=ids, pixel_values=pixel_values, output_hidden_states=True, output_attentions=True, **image_inputs
+    )
     entering_cut = out.hidden_states[cut][0]  # the residual stream entering layer K
     last_row = out.attentions[cut - 1][0, :, -1, :].float().mean(0)  # last token, heads averaged
 
@@ -155,8 +166,9 @@ def reference_prefill(eager_model, input_ids: list[int], pixel_values, keep, cut
     values = {i: entering_cut[i] for i in kept_sequence}
     kept_per_image = []
     for positions in images:
-        kept, image_values = select(entering_cut[positions], last_row[positions], budget(keep, len(positions)),
-                                    weight, mode)
+        kept, image_values = select(
+            entering_cut[positions], last_row[positions], budget(keep, len(positions)), weight, mode
+        )
         kept_per_image.append(kept)
         kept_sequence += [positions[k] for k in kept]
         values.update({positions[k]: v for k, v in image_values.items()})

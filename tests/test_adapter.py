@@ -19,6 +19,7 @@ N = TOKENS_PER_IMAGE
 
 # 1. Exactness ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("keep", [N, N + 100])
 def test_keep_all_tokens_is_exactly_the_stock_model(sdpa_model, carved, keep):
     inputs = batch()
@@ -36,6 +37,7 @@ def test_keep_all_tokens_is_exactly_the_stock_model(sdpa_model, carved, keep):
 
 # 2. Batch invariance ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("mode", tokencarve.MODES)
 def test_each_sample_is_carved_as_if_it_were_alone(sdpa_model, carved, mode):
     carved(keep=64, mode=mode)
@@ -52,6 +54,7 @@ def test_each_sample_is_carved_as_if_it_were_alone(sdpa_model, carved, mode):
 
 # 3. Reference equivalence -----------------------------------------------------------------------
 
+
 def carved_hidden_entering_cut(model):
     """Records the hidden states that reach layer K after the carve (a hook behind ours)."""
     seen = {}
@@ -63,11 +66,23 @@ def carved_hidden_entering_cut(model):
     return seen, handle
 
 
-@pytest.mark.parametrize("keep,mode", [
-    (192, "tokencarve"), (128, "tokencarve"), (64, "tokencarve"), (77, "tokencarve"), (1, "tokencarve"),
-    (2, "tokencarve"), (383, "tokencarve"), (500, "tokencarve"),
-    (128, "information"), (63, "information"), (128, "attention"), (31, "attention"),
-])
+@pytest.mark.parametrize(
+    "keep,mode",
+    [
+        (192, "tokencarve"),
+        (128, "tokencarve"),
+        (64, "tokencarve"),
+        (77, "tokencarve"),
+        (1, "tokencarve"),
+        (2, "tokencarve"),
+        (383, "tokencarve"),
+        (500, "tokencarve"),
+        (128, "information"),
+        (63, "information"),
+        (128, "attention"),
+        (31, "attention"),
+    ],
+)
 def test_fast_path_matches_the_slow_reference(sdpa_model, eager_model, carved, keep, mode):
     carved(keep=keep, mode=mode)
     inputs = batch()
@@ -83,7 +98,7 @@ def test_fast_path_matches_the_slow_reference(sdpa_model, eager_model, carved, k
         ref = reference.reference_prefill(eager_model, ids, inputs["pixel_values"][row : row + 1], keep, CUT, mode=mode)
         assert stats.images[row].index.tolist() == ref.kept[0]
         # The carved row is right-aligned in the batch; its real tokens are the last ones.
-        real = seen["hidden"][row, -ref.carved_hidden.shape[0]:]
+        real = seen["hidden"][row, -ref.carved_hidden.shape[0] :]
         torch.testing.assert_close(real, ref.carved_hidden, rtol=1e-4, atol=5e-4)  # values reach ~30
         torch.testing.assert_close(logits[row], ref.prefill_logits, rtol=1e-4, atol=1e-4)
         assert stats.prompt_tokens_kept[row] == int(mask[row].sum()) - (N - min(keep, N))
@@ -97,7 +112,9 @@ def test_attention_row_equals_eager_attention_weights(sdpa_model, eager_model):
     captured = {}
     layer = sdpa_model.model.language_model.layers[CUT - 1]
     handle = layer.register_forward_pre_hook(
-        lambda m, a, k: captured.update(h=a[0] if a else k["hidden_states"], pe=k["position_embeddings"]), with_kwargs=True)
+        lambda m, a, k: captured.update(h=a[0] if a else k["hidden_states"], pe=k["position_embeddings"]),
+        with_kwargs=True,
+    )
     try:
         with torch.no_grad():
             sdpa_model(**inputs)
@@ -110,6 +127,7 @@ def test_attention_row_equals_eager_attention_weights(sdpa_model, eager_model):
 
 # 4. KV cache and generate ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("keep", [64, 129])
 def test_cache_holds_only_kept_tokens_and_greedy_decode_matches_reference(sdpa_model, eager_model, carved, keep):
     carved(keep=keep)
@@ -121,8 +139,9 @@ def test_cache_holds_only_kept_tokens_and_greedy_decode_matches_reference(sdpa_m
         assert layer.keys.shape[2] == layer.values.shape[2] == max(lengths)
     stats = sdpa_model.tokencarve.last_stats
     assert stats.prompt_tokens_kept == lengths
-    cache_bytes = sum(t.numel() * t.element_size() for layer in out.past_key_values.layers
-                      for t in (layer.keys, layer.values))
+    cache_bytes = sum(
+        t.numel() * t.element_size() for layer in out.past_key_values.layers for t in (layer.keys, layer.values)
+    )
     assert stats.kv_cache_bytes == cache_bytes
     per_token = cache_bytes // (len(PROMPTS) * max(lengths))
     assert stats.kv_bytes_held == [per_token * n for n in lengths]
@@ -172,6 +191,7 @@ def test_budget_applies_per_image_and_text_only_prompts_pass_through(sdpa_model,
 
 # 5. remove() and configuration errors --------------------------------------------------------------
 
+
 def test_remove_restores_stock_behaviour_exactly(tiny_llava_path):
     model = load(tiny_llava_path)
     inputs = batch()
@@ -195,13 +215,16 @@ def hook_ids(model):
     return {name: (list(m._forward_pre_hooks), list(m._forward_hooks)) for name, m in model.named_modules()}
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(keep=0), "keep must be an integer >= 1"),
-    (dict(keep=2.5), "keep must be an integer >= 1"),
-    (dict(layer=0), "layer must be an integer >= 1"),
-    (dict(attention_weight=1.5), "attention_weight"),
-    (dict(mode="fastest"), "mode must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(keep=0), "keep must be an integer >= 1"),
+        (dict(keep=2.5), "keep must be an integer >= 1"),
+        (dict(layer=0), "layer must be an integer >= 1"),
+        (dict(attention_weight=1.5), "attention_weight"),
+        (dict(mode="fastest"), "mode must be one of"),
+    ],
+)
 def test_bad_configuration_is_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CarveConfig(**kwargs)
@@ -211,8 +234,9 @@ def test_apply_refuses_bad_layers_other_models_and_double_application(tiny_llava
     model = load(tiny_llava_path)
     with pytest.raises(ValueError, match="out of range: the language model has 4 decoder layers"):
         tokencarve.apply(model, CarveConfig(layer=4))
-    text_only = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-                                             num_hidden_layers=2, num_attention_heads=2))
+    text_only = LlamaForCausalLM(
+        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    )
     with pytest.raises(TypeError, match="supports transformers' LlavaForConditionalGeneration"):
         tokencarve.apply(text_only, CarveConfig())
     tokencarve.apply(model, CarveConfig(layer=3))

@@ -42,8 +42,10 @@ def test_random_is_seeded_distinct_and_sorted():
     assert torch.equal(a.hidden, hidden.gather(1, a.index[..., None].expand(-1, -1, 16)))
 
 
-@pytest.mark.parametrize("keep,grid", [(576, (24, 24)), (192, (16, 12)), (128, (16, 8)), (64, (8, 8)),
-                                       (32, (8, 4)), (16, (4, 4)), (7, (7, 1))])
+@pytest.mark.parametrize(
+    "keep,grid",
+    [(576, (24, 24)), (192, (16, 12)), (128, (16, 8)), (64, (8, 8)), (32, (8, 4)), (16, (4, 4)), (7, (7, 1))],
+)
 def test_pool_grid_is_the_factor_pair_closest_to_square(keep, grid):
     assert baselines.pool_grid(keep) == grid
 
@@ -57,7 +59,7 @@ def test_pool_averages_whole_windows_at_their_centre():
         window = grid[:, 3 * r : 3 * r + 3, 3 * c : 3 * c + 3].reshape(2, 9, 16)
         torch.testing.assert_close(result.hidden[:, slot], window.mean(1))
         assert result.index[0, slot] == (3 * r + 1) * 24 + 3 * c + 1  # the centre token
-        owners = (result.assignment[0].view(24, 24)[3 * r : 3 * r + 3, 3 * c : 3 * c + 3] == slot)
+        owners = result.assignment[0].view(24, 24)[3 * r : 3 * r + 3, 3 * c : 3 * c + 3] == slot
         assert owners.all()
     assert (result.assignment >= 0).all() and result.merged.sum(1).tolist() == [576 - 64] * 2
     assert (result.index.diff(dim=1) > 0).all()
@@ -77,7 +79,10 @@ def test_pool_with_uneven_windows_covers_every_token_once():
 def test_reduce_tokens_dispatches_and_keeps_tokencarve_exact():
     hidden, attention = _tensors()
     for mode in tokencarve.MODES:
-        ours, direct = baselines.reduce_tokens(hidden, attention, 77, method=mode), carve_tokens(hidden, attention, 77, mode=mode)
+        ours, direct = (
+            baselines.reduce_tokens(hidden, attention, 77, method=mode),
+            carve_tokens(hidden, attention, 77, mode=mode),
+        )
         assert torch.equal(ours.index, direct.index) and torch.equal(ours.hidden, direct.hidden)
     for method in baselines.BASELINES:
         assert baselines.reduce_tokens(hidden, attention, 600, method=method).index.shape == (3, 576)  # keep >= N

@@ -61,7 +61,9 @@ def test_sample_corpus_is_the_documented_seed():
 
 
 def test_every_task_present_and_existence_balanced():
-    rows = [r for s in sorted(SAMPLE.glob("*.parquet")) for r in pq.read_table(s, columns=["task", "answer"]).to_pylist()]
+    rows = [
+        r for s in sorted(SAMPLE.glob("*.parquet")) for r in pq.read_table(s, columns=["task", "answer"]).to_pylist()
+    ]
     tasks = Counter(r["task"] for r in rows)
     assert set(tasks) == set(scenes.TASKS) and len(set(tasks.values())) == 1  # every task, equally often
     exist = Counter(r["answer"] for r in rows if r["task"] == "exist")
@@ -74,8 +76,12 @@ def test_every_task_present_and_existence_balanced():
 
 def _scene():
     T = scenes.Thing
-    things = (T("circle", "red", "large", 0), T("square", "blue", "small", 4), T("circle", "green", "small", 5),
-              T("star", "red", "large", 8))
+    things = (
+        T("circle", "red", "large", 0),
+        T("square", "blue", "small", 4),
+        T("circle", "green", "small", 5),
+        T("star", "red", "large", 8),
+    )
     return scenes.Scene(things, text="42", text_cell=6)
 
 
@@ -91,16 +97,24 @@ def test_answers_follow_the_scene():
         prompt, answer = scenes.question(scene, "colour", rng)  # circles occur twice: never asked
         assert (prompt, answer) in {("What colour is the square?", "blue"), ("What colour is the star?", "red")}
         prompt, answer = scenes.question(scene, "position", rng)
-        expected = {"red circle": "top left", "blue square": "center", "green circle": "middle right",
-                    "red star": "bottom right"}
+        expected = {
+            "red circle": "top left",
+            "blue square": "center",
+            "green circle": "middle right",
+            "red star": "bottom right",
+        }
         assert answer == expected[prompt.removeprefix("Where is the ").removesuffix("?")]
         prompt, answer = scenes.question(scene, "count", rng)
         shape = prompt.removeprefix("How many ").removesuffix("s are there?")
         assert answer == {"circle": "2", "square": "1", "star": "1"}.get(shape, "0")
     assert scenes.question(scene, "exist", rng, exist_yes=False)[1] == "no"
     prompt, answer = scenes.question(scene, "exist", rng, exist_yes=True)
-    assert answer == "yes" and prompt in {"Is there a red circle?", "Is there a blue square?",
-                                          "Is there a green circle?", "Is there a red star?"}
+    assert answer == "yes" and prompt in {
+        "Is there a red circle?",
+        "Is there a blue square?",
+        "Is there a green circle?",
+        "Is there a red star?",
+    }
     with pytest.raises(LookupError):
         scenes.question(scenes.Scene(scene.things), "ocr", rng)
 
@@ -162,8 +176,9 @@ def test_training_is_a_function_of_the_seed(tmp_path):
     from transformers import LlavaForConditionalGeneration
 
     for name in ("a", "b"):
-        train.main(["--out", str(tmp_path / name), "--steps", "2", "--batch-size", "2", "--threads", "1",
-                    "--device", "cpu"])
+        train.main(
+            ["--out", str(tmp_path / name), "--steps", "2", "--batch-size", "2", "--threads", "1", "--device", "cpu"]
+        )
     first, second = (load_file(tmp_path / name / "model.safetensors") for name in ("a", "b"))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     record = json.loads((tmp_path / "a" / "training.json").read_text())
@@ -173,8 +188,9 @@ def test_training_is_a_function_of_the_seed(tmp_path):
 
 def test_score_normalisation():
     assert correct(" Top left. ", "top left")
-    assert correct("top left large red circle , center small blue square", "top left large red circle, "
-                          "center small blue square")
+    assert correct(
+        "top left large red circle , center small blue square", "top left large red circle, center small blue square"
+    )
     assert correct("YES", "yes")
     assert not correct("top", "top left")
     assert not correct("4 2", "42")
@@ -219,8 +235,9 @@ def test_branches_equal_separate_single_turn_forwards(bundled):
         logits = llava(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
         for k in (1, len(row.tasks)):
             own = [i for i, b in enumerate(row.branch) if b in (0, k)]
-            single = llava(input_ids=torch.tensor([[row.ids[i] for i in own]]),
-                           pixel_values=batch["pixel_values"]).logits[0]
+            single = llava(
+                input_ids=torch.tensor([[row.ids[i] for i in own]]), pixel_values=batch["pixel_values"]
+            ).logits[0]
             assert torch.allclose(single, logits[own], atol=1e-4)
 
 
@@ -242,9 +259,15 @@ def test_bundled_model_is_llava_1_5_shaped(bundled):
 def test_processor_gives_576_image_tokens_per_image(bundled):
     llava, processor = bundled
     images = [scenes.render(_scene(), random.Random(i)) for i in range(2)]
-    inputs = processor(images=images, text=[model.TEMPLATE.format(prompt="Describe the image."),
-                                            model.TEMPLATE.format(prompt="What colour is the square?")],
-                       return_tensors="pt", padding=True)
+    inputs = processor(
+        images=images,
+        text=[
+            model.TEMPLATE.format(prompt="Describe the image."),
+            model.TEMPLATE.format(prompt="What colour is the square?"),
+        ],
+        return_tensors="pt",
+        padding=True,
+    )
     assert (inputs["input_ids"] == model.IMAGE).sum(1).tolist() == [576, 576]
     with torch.no_grad():
         features = llava.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
@@ -257,11 +280,14 @@ def test_processor_gives_576_image_tokens_per_image(bundled):
 
 def test_bundled_model_answers_the_sample_and_fails_blind(bundled):
     llava, processor = bundled
-    questions = [dict(vars(q), image=q.image, scene=None) for q in read_parquet(SAMPLE, limit=30)]  # 5 rows of each task
+    questions = [
+        dict(vars(q), image=q.image, scene=None) for q in read_parquet(SAMPLE, limit=30)
+    ]  # 5 rows of each task
     prompts = [q["prompt"] for q in questions]
     vanilla = evaluate.generate_answers(llava, processor, [q["image"] for q in questions], prompts, batch_size=8)
-    blank = evaluate.generate_answers(llava, processor, evaluate.control_images(questions, "blank"), prompts,
-                                      batch_size=8)
+    blank = evaluate.generate_answers(
+        llava, processor, evaluate.control_images(questions, "blank"), prompts, batch_size=8
+    )
     assert processor.tokenizer.padding_side == "left"
     vanilla_accuracy = evaluate.accuracy(questions, vanilla)["overall"]
     blank_accuracy = evaluate.accuracy(questions, blank)["overall"]

@@ -56,14 +56,35 @@ def head_node(tmp_path):
     log = tmp_path / "ray-start.log"
     with log.open("wb") as out:
         head = subprocess.Popen(
-            [str(RAY_BIN), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
-             "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
-             "--disable-usage-stats", f"--temp-dir={temp_dir}", f"--dashboard-agent-listen-port={agent}"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                str(RAY_BIN),
+                "start",
+                "--head",
+                "--block",
+                f"--port={gcs}",
+                f"--dashboard-port={dashboard}",
+                "--node-ip-address=127.0.0.1",
+                "--dashboard-host=127.0.0.1",
+                "--num-cpus=2",
+                "--include-dashboard=true",
+                "--disable-usage-stats",
+                f"--temp-dir={temp_dir}",
+                f"--dashboard-agent-listen-port={agent}",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        wait_until(lambda: head_ready(head, (gcs, agent), address, env), HEAD_DEADLINE_S,
-                   "the Ray head's GCS, job agent and job API", interval=1, detail=lambda: head_logs(log, temp_dir))
+        wait_until(
+            lambda: head_ready(head, (gcs, agent), address, env),
+            HEAD_DEADLINE_S,
+            "the Ray head's GCS, job agent and job API",
+            interval=1,
+            detail=lambda: head_logs(log, temp_dir),
+        )
         yield address, env
     finally:
         stop_head(head, temp_dir)
@@ -79,8 +100,9 @@ def head_ready(head: subprocess.Popen, ports: tuple[int, ...], address: str, env
         except OSError:
             return False  # not listening yet: no point asking the job API
     try:  # one probe may hang on a loaded machine; it must not eat the whole deadline
-        probe = subprocess.run([str(RAY_BIN), "job", "list", "--address", address], env=env, capture_output=True,
-                               timeout=60)
+        probe = subprocess.run(
+            [str(RAY_BIN), "job", "list", "--address", address], env=env, capture_output=True, timeout=60
+        )
     except subprocess.TimeoutExpired:
         return False
     return probe.returncode == 0
@@ -136,10 +158,33 @@ def test_ray_job_submit_runs_the_job_on_a_running_cluster(head_node, tiny_model_
     ids = small_corpus(tmp_path / "corpus", 12)
     output = tmp_path / "out"
     submit = subprocess.run(
-        [str(RAY_BIN), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-         "python", "jobs/caption_corpus.py", "--input", str(tmp_path / "corpus"), "--output", str(output),
-         "--model", tiny_model_dir, "--keep", "48", "--max-new-tokens", "4"],
-        env=env, capture_output=True, text=True, timeout=600)
+        [
+            str(RAY_BIN),
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            str(ROOT),
+            "--",
+            "python",
+            "jobs/caption_corpus.py",
+            "--input",
+            str(tmp_path / "corpus"),
+            "--output",
+            str(output),
+            "--model",
+            tiny_model_dir,
+            "--keep",
+            "48",
+            "--max-new-tokens",
+            "4",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     assert "succeeded" in submit.stdout.lower()
     table = read_output(str(output))
@@ -151,14 +196,35 @@ def test_ray_job_submit_runs_the_job_on_a_running_cluster(head_node, tiny_model_
 def test_a_crashed_worker_is_retried_and_loses_nothing(ray_cluster, tiny_model_dir, tmp_path):
     ids = small_corpus(tmp_path / "corpus", 40)
     output = tmp_path / "out"
-    command = [sys.executable, str(ROOT / "jobs" / "caption_corpus.py"), "--input", str(tmp_path / "corpus"),
-               "--output", str(output), "--model", tiny_model_dir, "--keep", "16", "--max-new-tokens", "64",
-               "--batch-size", "2", "--rows-per-file", "2", "--address", ray_cluster]
-    job = subprocess.Popen(command, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    command = [
+        sys.executable,
+        str(ROOT / "jobs" / "caption_corpus.py"),
+        "--input",
+        str(tmp_path / "corpus"),
+        "--output",
+        str(output),
+        "--model",
+        tiny_model_dir,
+        "--keep",
+        "16",
+        "--max-new-tokens",
+        "64",
+        "--batch-size",
+        "2",
+        "--rows-per-file",
+        "2",
+        "--address",
+        ray_cluster,
+    ]
+    job = subprocess.Popen(
+        command, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     # parts appear as batches finish (under <output>/<unit>/): kill the model worker after the second
-    wait_until(lambda: len(list(output.rglob("part-*.parquet"))) >= 2 or job.poll() is not None, 240,
-               "the job's first two output files")
+    wait_until(
+        lambda: len(list(output.rglob("part-*.parquet"))) >= 2 or job.poll() is not None,
+        240,
+        "the job's first two output files",
+    )
     assert job.poll() is None, job.communicate()[1][-3000:]
     # Ray names an actor's worker process after it (`ray::MapWorker(MapBatches(CaptionActor))...`)
     victims = processes_naming("CaptionActor")

@@ -35,8 +35,18 @@ def test_borda_points_break_ties_towards_the_lower_position():
     assert borda_points(score).tolist() == [[3.0, 5.0, 2.0, 1.0, 4.0]]
 
 
-@pytest.mark.parametrize("keep,expected", [(128, (192, 64)), (64, (96, 32)), (77, (115, 38)), (1, (1, 0)),
-                                           (383, (574, 191)), (500, (576, 76)), (575, (576, 1))])
+@pytest.mark.parametrize(
+    "keep,expected",
+    [
+        (128, (192, 64)),
+        (64, (96, 32)),
+        (77, (115, 38)),
+        (1, (1, 0)),
+        (383, (574, 191)),
+        (500, (576, 76)),
+        (575, (576, 1)),
+    ],
+)
 def test_stage_sizes(keep, expected):
     survivors, merges = stage_sizes(576, keep)
     assert (survivors, merges) == expected and survivors - merges == keep
@@ -95,10 +105,13 @@ def test_half_precision_inputs_keep_their_dtype():
     assert torch.equal(result.index, carve_tokens(hidden.bfloat16().float(), attention, 64).index)
 
 
-@pytest.mark.parametrize("keep,shape,message", [
-    (0, (1, 10, 4), "keep must be >= 1"),
-    (4, (10, 4), r"expected hidden \[B, N, D\]"),
-])
+@pytest.mark.parametrize(
+    "keep,shape,message",
+    [
+        (0, (1, 10, 4), "keep must be >= 1"),
+        (4, (10, 4), r"expected hidden \[B, N, D\]"),
+    ],
+)
 def test_bad_arguments(keep, shape, message):
     with pytest.raises(ValueError, match=message):
         carve_tokens(torch.randn(*shape), torch.rand(1, 10), keep)

@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.batch import CaptionJob, read_output, run
-from tokencarve.engine import EngineConfig, ModelInputs
 from pipeline.synthetic import img2dataset_samples, small_png, tar_bytes
+from tokencarve.engine import EngineConfig, ModelInputs
 
 pytestmark = pytest.mark.slow  # a real Ray cluster
 
@@ -31,19 +31,26 @@ def dirty_corpus(folder: Path, at_limit: str) -> dict:
     """A folder of shards as a long crawl leaves them; returns what each shard should give."""
     folder.mkdir(parents=True)
     png = small_png(1)
-    pq.write_table(pa.table({
-        "id": ["ok-1", "dup", "dup", "runaway", "at-limit", "over-limit"],
-        "image": [png] * 6,
-        "prompt": [None, "What is it?", "What is it?", RUNAWAY, at_limit, at_limit + " please"],
-    }), folder / "a-good.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "id": ["ok-1", "dup", "dup", "runaway", "at-limit", "over-limit"],
+                "image": [png] * 6,
+                "prompt": [None, "What is it?", "What is it?", RUNAWAY, at_limit, at_limit + " please"],
+            }
+        ),
+        folder / "a-good.parquet",
+    )
     # schema drift: int64 ids, no prompt column, an extra column, another column order
-    pq.write_table(pa.table({"url": ["u1", "u2"], "image": [png, png], "id": pa.array([10, 11], pa.int64())}),
-                   folder / "b-drift.parquet")
+    pq.write_table(
+        pa.table({"url": ["u1", "u2"], "image": [png, png], "id": pa.array([10, 11], pa.int64())}),
+        folder / "b-drift.parquet",
+    )
     (folder / "c-garbage.parquet").write_bytes(b"\x00garbage from a crashed download")
     pq.write_table(pa.table({"name": ["x"], "image": [png]}), folder / "d-noid.parquet")
     samples = img2dataset_samples(7, 6)
     whole = tar_bytes(samples)
-    (folder / "e-cut.tar").write_bytes(whole[:whole.index(samples[5]["jpg"]) + 20])  # cut in the 6th sample
+    (folder / "e-cut.tar").write_bytes(whole[: whole.index(samples[5]["jpg"]) + 20])  # cut in the 6th sample
     return {"tar_keys": [s["__key__"] for s in samples[:5]]}
 
 
@@ -54,8 +61,13 @@ def test_a_dirty_corpus_finishes_and_reports_what_it_could_not_read(ray_cluster,
     corpus = tmp_path / "corpus"
     expected = dirty_corpus(corpus, at_limit)
     out = tmp_path / "out"
-    job = CaptionJob(inputs=[str(corpus)], output=str(out), engine=engine(tiny_model_dir, max_prompt_tokens=limit),
-                     batch_size=4, progress_every_s=0)
+    job = CaptionJob(
+        inputs=[str(corpus)],
+        output=str(out),
+        engine=engine(tiny_model_dir, max_prompt_tokens=limit),
+        batch_size=4,
+        progress_every_s=0,
+    )
     summary = run(job)  # no exception: the bad shards are reported, the rest is captioned
 
     table = read_output(str(out))
@@ -73,8 +85,11 @@ def test_a_dirty_corpus_finishes_and_reports_what_it_could_not_read(ray_cluster,
     assert tar == list(enumerate(expected["tar_keys"]))  # the samples before the damage
 
     failed = {Path(s["source"]).name: s["error_code"] for s in summary["failed_shards"]}
-    assert failed == {"c-garbage.parquet": "unreadable_shard", "d-noid.parquet": "no_id_column",
-                      "e-cut.tar": "truncated_shard"}
+    assert failed == {
+        "c-garbage.parquet": "unreadable_shard",
+        "d-noid.parquet": "no_id_column",
+        "e-cut.tar": "truncated_shard",
+    }
     assert summary["units_failed"] == 3 and summary["units_done"] == 2 and summary["units_total"] == 5
     assert summary["rows_total"] == 13 and summary["errors_by_reason"] == {"prompt_too_long": 2}
     assert summary["repeated_ids"] == 1 and summary["repeated_id_examples"] == ["dup"]
@@ -82,24 +97,46 @@ def test_a_dirty_corpus_finishes_and_reports_what_it_could_not_read(ray_cluster,
 
     # --strict: the same output, rerun by the CLI: the failed shards are retried (and fail again), the
     # rest is skipped; exit status 3, and each bad shard named on stderr
-    command = [sys.executable, str(ROOT / "jobs" / "caption_corpus.py"), "--input", str(corpus), "--output", str(out),
-               "--model", tiny_model_dir, "--keep", "32", "--max-new-tokens", "4", "--batch-size", "4",
-               "--max-prompt-tokens", str(limit), "--strict", "--address", ray_cluster]
-    strict = subprocess.run(command, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
-                            timeout=600)
+    command = [
+        sys.executable,
+        str(ROOT / "jobs" / "caption_corpus.py"),
+        "--input",
+        str(corpus),
+        "--output",
+        str(out),
+        "--model",
+        tiny_model_dir,
+        "--keep",
+        "32",
+        "--max-new-tokens",
+        "4",
+        "--batch-size",
+        "4",
+        "--max-prompt-tokens",
+        str(limit),
+        "--strict",
+        "--address",
+        ray_cluster,
+    ]
+    strict = subprocess.run(
+        command, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600
+    )
     assert strict.returncode == 3, strict.stderr[-3000:]
     assert "failed shard: " in strict.stderr and "c-garbage.parquet: unreadable_shard" in strict.stderr
-    again = json.loads(strict.stdout[strict.stdout.index("{"):])
+    again = json.loads(strict.stdout[strict.stdout.index("{") :])
     assert again["rows_this_run"] == 0 and again["rows_total"] == 13 and again["units_failed"] == 3
 
     # the crawler re-downloads the garbage shard: a rerun picks it up, nothing else is redone
-    pq.write_table(pa.table({"id": ["fixed-1", "fixed-2"], "image": [small_png(2), b"not an image"]}),
-                   corpus / "c-garbage.parquet")
+    pq.write_table(
+        pa.table({"id": ["fixed-1", "fixed-2"], "image": [small_png(2), b"not an image"]}), corpus / "c-garbage.parquet"
+    )
     fixed = run(job)
     assert fixed["rows_this_run"] == 2 and fixed["rows_total"] == 15 and fixed["units_failed"] == 2
     assert fixed["errors_by_reason"] == {"prompt_too_long": 2, "undecodable_image": 1}
     final = read_output(str(out))
-    keys = pc.binary_join_element_wise(final.column("source_file"), pc.cast(final.column("source_row"), pa.string()), "#")
+    keys = pc.binary_join_element_wise(
+        final.column("source_file"), pc.cast(final.column("source_row"), pa.string()), "#"
+    )
     assert len(pc.unique(keys)) == final.num_rows == 15
 
 

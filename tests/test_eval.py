@@ -30,20 +30,26 @@ SAMPLE = ROOT / "data" / "sample"
 # ---------------------------------------------------------------- scoring
 
 
-@pytest.mark.parametrize("prediction,answer,right", [
-    ("Top left.", "top left", True),
-    ("top left large red circle , center small blue square", "top left large red circle, center small blue square",
-     True),
-    ("top", "top left", False),
-    ("4 2", "42", False),
-    ("42", "42", True),
-    ("Yes, there is a red star.", "yes", True),
-    ("No, there is not.", "no", True),
-    ("There is no green star in the image.", "no", True),
-    ("I do not see one", "no", True),
-    ("yes", "no", False),
-    ("Nope", "no", False),  # only the words "no" / "not" say no, as in LLaVA's eval_pope.py
-])
+@pytest.mark.parametrize(
+    "prediction,answer,right",
+    [
+        ("Top left.", "top left", True),
+        (
+            "top left large red circle , center small blue square",
+            "top left large red circle, center small blue square",
+            True,
+        ),
+        ("top", "top left", False),
+        ("4 2", "42", False),
+        ("42", "42", True),
+        ("Yes, there is a red star.", "yes", True),
+        ("No, there is not.", "no", True),
+        ("There is no green star in the image.", "no", True),
+        ("I do not see one", "no", True),
+        ("yes", "no", False),
+        ("Nope", "no", False),  # only the words "no" / "not" say no, as in LLaVA's eval_pope.py
+    ],
+)
 def test_answers_are_scored_by_the_documented_rules(prediction, answer, right):
     assert scoring.correct(prediction, answer) is right
 
@@ -59,9 +65,14 @@ def test_yes_no_metrics_match_hand_counts():
 
 
 def test_summary_per_task_and_overall():
-    records = [dict(task="colour", prediction="red", answer="red"), dict(task="colour", prediction="blue", answer="red"),
-               dict(task="exist", prediction="yes", answer="yes"), dict(task="exist", prediction="no", answer="yes"),
-               dict(task="exist", prediction="no", answer="no"), dict(task="ocr", prediction="cat", answer="cat")]
+    records = [
+        dict(task="colour", prediction="red", answer="red"),
+        dict(task="colour", prediction="blue", answer="red"),
+        dict(task="exist", prediction="yes", answer="yes"),
+        dict(task="exist", prediction="no", answer="yes"),
+        dict(task="exist", prediction="no", answer="no"),
+        dict(task="ocr", prediction="cat", answer="cat"),
+    ]
     summary = scoring.summarize(records)
     assert summary["tasks"] == {"colour": 0.5, "exist": pytest.approx(2 / 3), "ocr": 1.0}
     assert summary["overall"] == pytest.approx(4 / 6) and summary["questions"] == 6
@@ -90,13 +101,22 @@ def test_llava_jsonl_question_files(tmp_path):
     for name, colour in (("a.png", "red"), ("b.png", "blue")):
         Image.new("RGB", (20, 30), colour).save(tmp_path / name)
     (tmp_path / "q.jsonl").write_text(
-        json.dumps({"question_id": 1, "image": "a.png", "text": "Is it red?", "category": "adversarial"}) + "\n"
-        + json.dumps({"question_id": 2, "image": "b.png", "text": "What colour?"}) + "\n")
-    (tmp_path / "a.jsonl").write_text(json.dumps({"question_id": 1, "label": "yes"}) + "\n"
-                                      + json.dumps({"question_id": 2, "answers": ["blue", "navy"]}) + "\n")
+        json.dumps({"question_id": 1, "image": "a.png", "text": "Is it red?", "category": "adversarial"})
+        + "\n"
+        + json.dumps({"question_id": 2, "image": "b.png", "text": "What colour?"})
+        + "\n"
+    )
+    (tmp_path / "a.jsonl").write_text(
+        json.dumps({"question_id": 1, "label": "yes"})
+        + "\n"
+        + json.dumps({"question_id": 2, "answers": ["blue", "navy"]})
+        + "\n"
+    )
     qs = question_files.read_llava_jsonl(tmp_path / "q.jsonl", tmp_path / "a.jsonl", tmp_path)
     assert [(q.question_id, q.prompt, q.answer, q.task) for q in qs] == [
-        ("1", "Is it red?", "yes", "adversarial"), ("2", "What colour?", "blue", "vqa")]
+        ("1", "Is it red?", "yes", "adversarial"),
+        ("2", "What colour?", "blue", "vqa"),
+    ]
     assert qs[1].image.getpixel((0, 0)) == (0, 0, 255)
     (tmp_path / "a.jsonl").write_text(json.dumps({"question_id": 1, "label": "yes"}) + "\n")
     with pytest.raises(ValueError, match="no answer"):
@@ -108,8 +128,26 @@ def test_llava_jsonl_question_files(tmp_path):
 
 def test_harness_end_to_end_two_methods_two_budgets(tmp_path):
     out = tmp_path / "eval"
-    result = cli.main(["--model", str(MODEL), "--data", str(SAMPLE), "--limit", "6", "--methods", "tokencarve,fastv",
-                       "--budgets", "64,16", "--batch-size", "4", "--max-new-tokens", "12", "--out", str(out)])
+    result = cli.main(
+        [
+            "--model",
+            str(MODEL),
+            "--data",
+            str(SAMPLE),
+            "--limit",
+            "6",
+            "--methods",
+            "tokencarve,fastv",
+            "--budgets",
+            "64,16",
+            "--batch-size",
+            "4",
+            "--max-new-tokens",
+            "12",
+            "--out",
+            str(out),
+        ]
+    )
     names = [runner.Setting(**r["setting"]).name for r in result["results"]]
     assert names == ["tokencarve@64", "tokencarve@16", "fastv@64", "fastv@16"]
     saved = json.loads((out / "results.json").read_text())
@@ -133,11 +171,13 @@ def plain_answers(model, processor, questions, batch_size: int, max_new_tokens: 
     processor.tokenizer.padding_side = "left"
     answers = []
     for start in range(0, len(questions), batch_size):
-        batch = questions[start:start + batch_size]
+        batch = questions[start : start + batch_size]
         texts = [chat_prompt(processor, q.prompt) for q in batch]
         inputs = processor(images=[q.image for q in batch], text=texts, return_tensors="pt", padding=True)
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        answers += [a.strip() for a in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+        answers += [
+            a.strip() for a in processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        ]
     return answers
 
 
@@ -149,7 +189,9 @@ def test_the_harness_stock_setting_is_the_stock_model(bundled):
     model, processor = bundled
     qs = question_files.read_parquet(SAMPLE, limit=6)
     stock = plain_answers(model, processor, qs, batch_size=3, max_new_tokens=12)
-    engine = CaptionEngine(EngineConfig(model="carve-tiny", method="none", max_new_tokens=12), model=model, processor=processor)
+    engine = CaptionEngine(
+        EngineConfig(model="carve-tiny", method="none", max_new_tokens=12), model=model, processor=processor
+    )
     try:
         result = runner.Evaluator(engine, batch_size=3).run(qs, runner.Setting("none", None))
     finally:

@@ -21,8 +21,12 @@ CUT = 2
 # One image each, three sizes: 36, 68 and 172 tokens on NeXT (36, 68, 88 on OneVision, whose
 # anyres_max_4 shrinks the 3 x 3 tiling of the largest); the last row's image has the first one's
 # size (other pixels), so the core carves those two in one batched call.
-PROMPTS = [Prompt(5, [(56, 56)], 9, seed=1), Prompt(17, [(150, 60)], 3, seed=2), Prompt(2, [(200, 190)], 14, seed=3),
-           Prompt(8, [(56, 56)], 5, seed=4)]
+PROMPTS = [
+    Prompt(5, [(56, 56)], 9, seed=1),
+    Prompt(17, [(150, 60)], 3, seed=2),
+    Prompt(2, [(200, 190)], 14, seed=3),
+    Prompt(8, [(56, 56)], 5, seed=4),
+]
 # Two images back to back (no text between them), and a text-only prompt.
 MIXED = [Prompt(4, [(60, 120), (56, 56)], 6, gap=0, seed=5), Prompt(7, [], 0, seed=6)]
 
@@ -32,9 +36,14 @@ def family(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(f"tiny-{request.param}")
     SAVE[request.param](path)
     sdpa, eager = load(path, request.param, "sdpa"), load(path, request.param, "eager")
-    return dict(name=request.param, path=path, sdpa=sdpa, eager=eager,
-                batch=make_batch(sdpa, path, request.param, PROMPTS),
-                mixed=make_batch(sdpa, path, request.param, MIXED))
+    return dict(
+        name=request.param,
+        path=path,
+        sdpa=sdpa,
+        eager=eager,
+        batch=make_batch(sdpa, path, request.param, PROMPTS),
+        mixed=make_batch(sdpa, path, request.param, MIXED),
+    )
 
 
 @pytest.fixture
@@ -51,9 +60,10 @@ def carved(family):
 
 def generate(model, inputs, steps=10):
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True,
-                             output_logits=True)
-    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1)
+        out = model.generate(
+            **inputs, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True, output_logits=True
+        )
+    return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, 1)
 
 
 def test_images_really_differ_in_size_and_the_spans_are_the_models(family, carved):
@@ -79,7 +89,9 @@ def test_back_to_back_images_are_separated_by_their_feature_lengths(family, carv
     images = family["sdpa"].tokencarve.last_stats.images
     first = mixed.inputs["input_ids"][0].tolist().index(IMAGE_TOKEN)
     assert [(i.sample, i.first_position, len(i.assignment)) for i in images] == [
-        (0, first, mixed.counts[0][0]), (0, first + mixed.counts[0][0], mixed.counts[0][1])]
+        (0, first, mixed.counts[0][0]),
+        (0, first + mixed.counts[0][0], mixed.counts[0][1]),
+    ]
 
 
 def test_processor_expands_every_visual_token_to_the_image_token(tmp_path):
@@ -89,8 +101,12 @@ def test_processor_expands_every_visual_token_to_the_image_token(tmp_path):
     processor = AutoProcessor.from_pretrained(tmp_path)
     model = load(tmp_path, "next")
     images = [picture(56, 56), picture(150, 60, 1), picture(200, 190, 2)]
-    inputs = processor(text=["USER: <image><image> Describe the image . ASSISTANT:", "<image> What is in a image ?"],
-                       images=images, return_tensors="pt", padding=True)
+    inputs = processor(
+        text=["USER: <image><image> Describe the image . ASSISTANT:", "<image> What is in a image ?"],
+        images=images,
+        return_tensors="pt",
+        padding=True,
+    )
     tokencarve.apply(model, CarveConfig(keep=0.25, layer=CUT))
     with torch.no_grad():
         out = model(**inputs)
@@ -122,10 +138,18 @@ def carved_hidden_entering_cut(model, seen):
     return model.model.language_model.layers[CUT].register_forward_pre_hook(hook, with_kwargs=True)
 
 
-@pytest.mark.parametrize("keep,mode", [
-    (8, "tokencarve"), (30, "tokencarve"), (1, "tokencarve"), (0.25, "tokencarve"), (0.1, "tokencarve"),
-    (0.5, "information"), (12, "attention"),
-])
+@pytest.mark.parametrize(
+    "keep,mode",
+    [
+        (8, "tokencarve"),
+        (30, "tokencarve"),
+        (1, "tokencarve"),
+        (0.25, "tokencarve"),
+        (0.1, "tokencarve"),
+        (0.5, "information"),
+        (12, "attention"),
+    ],
+)
 def test_prefill_matches_the_slow_reference(family, carved, keep, mode):
     model, batch = family["sdpa"], family["batch"]
     carved(keep=keep, mode=mode)
@@ -139,11 +163,13 @@ def test_prefill_matches_the_slow_reference(family, carved, keep, mode):
     stats = model.tokencarve.last_stats
     for row, ids in enumerate(batch.ids):
         r = batch.rows[row]
-        ref = reference.reference_prefill(family["eager"], ids, r["pixel_values"], keep, CUT, mode=mode,
-                                          **image_kwargs(r))
+        ref = reference.reference_prefill(
+            family["eager"], ids, r["pixel_values"], keep, CUT, mode=mode, **image_kwargs(r)
+        )
         assert stats.images[row].index.tolist() == ref.kept[0]
-        torch.testing.assert_close(seen["hidden"][row, -ref.carved_hidden.shape[0]:], ref.carved_hidden,
-                                   rtol=1e-4, atol=5e-4)
+        torch.testing.assert_close(
+            seen["hidden"][row, -ref.carved_hidden.shape[0] :], ref.carved_hidden, rtol=1e-4, atol=5e-4
+        )
         torch.testing.assert_close(logits[row], ref.prefill_logits, rtol=1e-4, atol=1e-4)
         n = batch.counts[row][0]
         assert stats.visual_tokens_kept[row] == min(n, reference.budget(keep, n))
@@ -222,7 +248,8 @@ def test_attention_row_equals_eager_attention_weights(family):
     captured = {}
     handle = layer.register_forward_pre_hook(
         lambda m, a, k: captured.update(h=a[0] if a else k["hidden_states"], pe=k["position_embeddings"]),
-        with_kwargs=True)
+        with_kwargs=True,
+    )
     try:
         with torch.no_grad():
             model(**inputs)
@@ -268,8 +295,10 @@ def test_eager_attention_model_carves_the_same_tokens(family, carved):
 
 # -- configuration ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("keep,n,expected", [(0.1, 2880, 288), (0.1, 7290, 729), (0.25, 36, 9), (0.3, 68, 21),
-                                             (0.01, 36, 1), (128, 36, 128)])
+
+@pytest.mark.parametrize(
+    "keep,n,expected", [(0.1, 2880, 288), (0.1, 7290, 729), (0.25, 36, 9), (0.3, 68, 21), (0.01, 36, 1), (128, 36, 128)]
+)
 def test_fraction_budget_rounds_up_on_the_written_decimal(keep, n, expected):
     assert CarveConfig(keep=keep).budget(n) == expected
 

@@ -49,7 +49,9 @@ def test_engine_carves_each_image_on_its_own_count(next_model_dir):
     counts = [c.visual_tokens_in for c in captions]
     assert counts[0] > counts[1]  # the wide image has more tiles
     for c in captions:
-        assert c.visual_tokens_kept == math.ceil(0.25 * c.visual_tokens_in) and c.kv_bytes_held < c.kv_bytes_uncompressed
+        assert (
+            c.visual_tokens_kept == math.ceil(0.25 * c.visual_tokens_in) and c.kv_bytes_held < c.kv_bytes_uncompressed
+        )
     stock = engine.caption([wide], [None], method="none")[0]
     assert stock.visual_tokens_kept == stock.visual_tokens_in == counts[0]
     fixed = engine.caption([wide, small], [None, None], keep=16)
@@ -66,11 +68,16 @@ def test_the_prompt_budget_leaves_room_for_the_largest_image(next_model_dir):
 def test_job_on_llava_next_with_a_fractional_budget(ray_cluster, next_model_dir, tmp_path):
     (tmp_path / "in").mkdir()
     sizes = [(90, 40), (40, 40), (40, 120), (70, 70), (300, 30)]
-    pq.write_table(pa.table({"id": [f"img-{i}" for i in range(len(sizes))], "image": [png(*s) for s in sizes]}),
-                   tmp_path / "in" / "shard.parquet")
+    pq.write_table(
+        pa.table({"id": [f"img-{i}" for i in range(len(sizes))], "image": [png(*s) for s in sizes]}),
+        tmp_path / "in" / "shard.parquet",
+    )
     engine = EngineConfig(model=next_model_dir, keep=0.1, max_new_tokens=3)
-    summary = run(CaptionJob(inputs=[str(tmp_path / "in")], output=str(tmp_path / "out"), engine=engine, batch_size=3,
-                             progress_every_s=0))
+    summary = run(
+        CaptionJob(
+            inputs=[str(tmp_path / "in")], output=str(tmp_path / "out"), engine=engine, batch_size=3, progress_every_s=0
+        )
+    )
     rows = read_output(str(tmp_path / "out")).to_pylist()
     assert summary["rows_ok"] == len(rows) == len(sizes) and {r["keep"] for r in rows} == {0.1}
     assert len({r["visual_tokens_in"] for r in rows}) > 1  # different sizes, different counts, one batch
@@ -86,8 +93,11 @@ def test_serve_on_llava_next_with_a_fractional_budget(ray_cluster, next_model_di
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(build_app({"model": next_model_dir, "keep": 0.5, "max_new_tokens": 3, "max_replicas": 1}),
-                  name="next", route_prefix="/")
+        serve.run(
+            build_app({"model": next_model_dir, "keep": 0.5, "max_new_tokens": 3, "max_replicas": 1}),
+            name="next",
+            route_prefix="/",
+        )
         image = base64.b64encode(png(90, 40)).decode()
         reply = httpx.post(f"http://127.0.0.1:{port}/v1/caption", json={"image": image, "keep": 0.25}, timeout=120)
         assert reply.status_code == 200, reply.text
@@ -102,12 +112,28 @@ def test_serve_on_llava_next_with_a_fractional_budget(ray_cluster, next_model_di
 def test_eval_harness_on_llava_next_with_counts_and_fractions(next_model_dir, tmp_path):
     sample = pq.read_table(sorted((ROOT / "data" / "sample").glob("*.parquet"))[0]).slice(0, 4)
     pq.write_table(sample, tmp_path / "questions.parquet")
-    result = eval_cli.main(["--model", next_model_dir, "--data", str(tmp_path / "questions.parquet"),
-                            "--methods", "none,tokencarve", "--budgets", "0.5,16", "--batch-size", "2",
-                            "--max-new-tokens", "3", "--out", str(tmp_path / "eval")])
+    result = eval_cli.main(
+        [
+            "--model",
+            next_model_dir,
+            "--data",
+            str(tmp_path / "questions.parquet"),
+            "--methods",
+            "none,tokencarve",
+            "--budgets",
+            "0.5,16",
+            "--batch-size",
+            "2",
+            "--max-new-tokens",
+            "3",
+            "--out",
+            str(tmp_path / "eval"),
+        ]
+    )
     by_setting = {(r["setting"]["method"], r["setting"]["keep"]): r["summary"] for r in result["results"]}
     assert set(by_setting) == {("none", None), ("tokencarve", 0.5), ("tokencarve", 16)}
     assert by_setting[("tokencarve", 16)]["information"]["visual_tokens"] == 16
     everything = by_setting[("none", None)]["information"]["visual_tokens"]
     assert everything > 576 // 4 and by_setting[("tokencarve", 0.5)]["information"]["visual_tokens"] == math.ceil(
-        everything / 2)
+        everything / 2
+    )

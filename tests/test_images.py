@@ -43,6 +43,7 @@ def test_sixteen_bit_grey_is_scaled_not_clipped():
 def test_alpha_is_composited_on_white():
     transparent = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
     import io
+
     buffer = io.BytesIO()
     transparent.save(buffer, "PNG")
     assert decode_image(buffer.getvalue()).getpixel((0, 0)) == (255, 255, 255)

@@ -58,14 +58,26 @@ def prometheus(ray_cluster, tmp_path_factory):
     ray_job = config["scrape_configs"][0]
     ray_job["file_sd_configs"][0]["refresh_interval"] = "1s"
     # Ray lists this node under its interface address; tests talk to loopback only (same ports).
-    ray_job["relabel_configs"] = [{"source_labels": ["__address__"], "regex": r"[^:]+:(\d+)",
-                                   "replacement": "127.0.0.1:$1", "target_label": "__address__"}]
+    ray_job["relabel_configs"] = [
+        {
+            "source_labels": ["__address__"],
+            "regex": r"[^:]+:(\d+)",
+            "replacement": "127.0.0.1:$1",
+            "target_label": "__address__",
+        }
+    ]
     (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
     process = subprocess.Popen(
-        [binary("prometheus"), f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            binary("prometheus"),
+            f"--config.file={folder / 'prometheus.yml'}",
+            f"--storage.tsdb.path={folder / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: ready(url, process), 60, "Prometheus to be ready")
@@ -97,8 +109,9 @@ def value(url: str, expr: str) -> float:
 
 
 def wait_for(url: str, expr: str, minimum: float, seconds: float = 90) -> float:
-    return wait_until(lambda: (current := value(url, expr)) >= minimum and current, seconds,
-                      f"{expr} to reach {minimum}", interval=1)
+    return wait_until(
+        lambda: (current := value(url, expr)) >= minimum and current, seconds, f"{expr} to reach {minimum}", interval=1
+    )
 
 
 @pytest.fixture(scope="module")
@@ -108,13 +121,31 @@ def traffic(prometheus, ray_cluster, tiny_model_dir, tmp_path_factory):
     rows = [{"id": f"m-{i}", "image": encode(gradient(30 + i, 30), "PNG")} for i in range(6)]
     rows.append({"id": "m-broken", "image": b"not an image"})
     pq.write_table(pa.Table.from_pylist(rows), folder / "corpus.parquet")
-    run(CaptionJob(inputs=[str(folder / "corpus.parquet")], output=str(folder / "out"), batch_size=3,
-                   engine=EngineConfig(model=tiny_model_dir, keep=KEEP_BATCH, max_new_tokens=4)))
+    run(
+        CaptionJob(
+            inputs=[str(folder / "corpus.parquet")],
+            output=str(folder / "out"),
+            batch_size=3,
+            engine=EngineConfig(model=tiny_model_dir, keep=KEEP_BATCH, max_new_tokens=4),
+        )
+    )
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model": tiny_model_dir, "keep": KEEP_SERVE, "max_new_tokens": 3, "max_replicas": 1,
-                         "max_ongoing_requests": 8, "max_batch_size": 4}), name="monitored", route_prefix="/")
+    serve.run(
+        build_app(
+            {
+                "model": tiny_model_dir,
+                "keep": KEEP_SERVE,
+                "max_new_tokens": 3,
+                "max_replicas": 1,
+                "max_ongoing_requests": 8,
+                "max_batch_size": 4,
+            }
+        ),
+        name="monitored",
+        route_prefix="/",
+    )
     image = base64.b64encode(encode(gradient(40, 40), "PNG")).decode()
     assert httpx.post(f"http://127.0.0.1:{port}/v1/caption", json={"image": image}, timeout=60).status_code == 200
     assert httpx.post(f"http://127.0.0.1:{port}/v1/caption", json={"image": "???"}, timeout=60).status_code == 400
@@ -178,19 +209,39 @@ def test_dashboard_renders_to_png_from_real_data(traffic, tmp_path):
 @pytest.mark.slow
 def test_run_summary_reaches_a_real_pushgateway(tmp_path):
     port = free_port()
-    gateway = subprocess.Popen([binary("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{port}"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    gateway = subprocess.Popen(
+        [binary("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_until(lambda: ready(f"http://127.0.0.1:{port}", gateway), 30, "the Pushgateway to be ready")
-        summary = {"model": "/x/carve-tiny", "method": "tokencarve", "keep": 64, "rows_ok": 9, "rows_failed": 1,
-                   "rows_this_run": 10, "rows_per_s": 2.5, "visual_tokens_kept_pct": 11.1, "kv_bytes_saved": 1234,
-                   "kv_saved_pct": 80.0, "seconds": 4.0}
+        summary = {
+            "model": "/x/carve-tiny",
+            "method": "tokencarve",
+            "keep": 64,
+            "rows_ok": 9,
+            "rows_failed": 1,
+            "rows_this_run": 10,
+            "rows_per_s": 2.5,
+            "visual_tokens_kept_pct": 11.1,
+            "kv_bytes_saved": 1234,
+            "kv_saved_pct": 80.0,
+            "seconds": 4.0,
+        }
         push_summary(summary, f"127.0.0.1:{port}")
         scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        assert 'tokencarve_job_rows_ok{instance="",job="tokencarve_caption_corpus",keep="64",method="tokencarve",model="carve-tiny"} 9' in scraped
+        assert (
+            'tokencarve_job_rows_ok{instance="",job="tokencarve_caption_corpus",keep="64",method="tokencarve",model="carve-tiny"} 9'
+            in scraped
+        )
         # every summary figure, with its labels, as the gateway serves it to Prometheus
-        pushed = {s.name: s.value for family in text_string_to_metric_families(scraped) for s in family.samples
-                  if s.name.startswith("tokencarve_job_") and s.labels.get("model") == "carve-tiny"}
+        pushed = {
+            s.name: s.value
+            for family in text_string_to_metric_families(scraped)
+            for s in family.samples
+            if s.name.startswith("tokencarve_job_") and s.labels.get("model") == "carve-tiny"
+        }
         assert pushed == {f"tokencarve_job_{key}": float(summary[key]) for key in SUMMARY_GAUGES}
     finally:
         gateway.terminate()

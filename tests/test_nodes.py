@@ -34,11 +34,31 @@ def test_a_worker_node_killed_mid_run_loses_and_duplicates_nothing(cluster, tiny
     cluster.wait_for_nodes()
     rows = write_parquet_corpus(str(tmp_path / "corpus"), shards=6, rows_per_shard=60, real_every=3)
     out = tmp_path / "out"
-    command = [sys.executable, str(ROOT / "jobs" / "caption_corpus.py"), "--input", str(tmp_path / "corpus"),
-               "--output", str(out), "--model", tiny_model_dir, "--keep", "16", "--max-new-tokens", "24",
-               "--batch-size", "4", "--rows-per-file", "8", "--progress-every", "2", "--address", cluster.address]
-    job = subprocess.Popen(command, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    command = [
+        sys.executable,
+        str(ROOT / "jobs" / "caption_corpus.py"),
+        "--input",
+        str(tmp_path / "corpus"),
+        "--output",
+        str(out),
+        "--model",
+        tiny_model_dir,
+        "--keep",
+        "16",
+        "--max-new-tokens",
+        "24",
+        "--batch-size",
+        "4",
+        "--rows-per-file",
+        "8",
+        "--progress-every",
+        "2",
+        "--address",
+        cluster.address,
+    ]
+    job = subprocess.Popen(
+        command, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     # once captions are being written (and before the run is over), the node doing the work dies
     wait_until(lambda: len(list(out.glob("*/part-*.parquet"))) >= 4 or job.poll() is not None, 600, "the first parts")
     assert job.poll() is None, "the job ended before the node could be killed: " + job.stderr.read()[-3000:]
@@ -46,7 +66,7 @@ def test_a_worker_node_killed_mid_run_loses_and_duplicates_nothing(cluster, tiny
     cluster.add_node(num_cpus=2)  # the autoscaler's replacement
     stdout, stderr = job.communicate(timeout=900)
     assert job.returncode == 0, stderr[-3000:]
-    summary = json.loads(stdout[stdout.index("{"):])
+    summary = json.loads(stdout[stdout.index("{") :])
     assert summary["rows_total"] == rows and summary["units_done"] == 6 and summary["units_failed"] == 0
     assert summary["rows_ok"] == rows // 3
 

@@ -26,10 +26,13 @@ def test_batch_serve_and_eval_see_the_same_pixels_and_answer_the_same(tiny_model
 
     # the batch job's CPU stage, as its tasks run it (no Ray needed to call it)
     (tmp_path / "in").mkdir()
-    pq.write_table(pa.table({"id": [str(i) for i in range(len(data))], "image": data, "prompt": prompts}),
-                   tmp_path / "in" / "shard.parquet")
-    job = CaptionJob(inputs=[str(tmp_path / "in")], output=str(tmp_path / "out"), engine=config, batch_size=8,
-                     run_id="r")
+    pq.write_table(
+        pa.table({"id": [str(i) for i in range(len(data))], "image": data, "prompt": prompts}),
+        tmp_path / "in" / "shard.parquet",
+    )
+    job = CaptionJob(
+        inputs=[str(tmp_path / "in")], output=str(tmp_path / "out"), engine=config, batch_size=8, run_id="r"
+    )
     rows = [r for block in prepare_unit(plan_units(job.inputs)[0], job) for r in block.to_pylist() if not r["unit_end"]]
     batch_images = [Image.frombytes("RGB", (r["width"], r["height"]), r["pixels"]) for r in rows]
     # Serve's handler: decode the request's bytes, hand the image to the engine
@@ -41,8 +44,10 @@ def test_batch_serve_and_eval_see_the_same_pixels_and_answer_the_same(tiny_model
     assert all(image.size == (336, 336) for image in batch_images)  # LLaVA-1.5's pad: nothing cropped
     for a, b, c in zip(batch_images, serve_images, eval_images):
         assert a.tobytes() == b.tobytes() == c.tobytes()
-    pixels = [engine.processor(images=images, text=["USER: <image>\nx ASSISTANT:"] * 4, return_tensors="pt")["pixel_values"]
-              for images in (batch_images, serve_images, eval_images)]
+    pixels = [
+        engine.processor(images=images, text=["USER: <image>\nx ASSISTANT:"] * 4, return_tensors="pt")["pixel_values"]
+        for images in (batch_images, serve_images, eval_images)
+    ]
     assert (pixels[0] == pixels[1]).all() and (pixels[1] == pixels[2]).all()
 
     from_batch = [c.caption for c in engine.caption(batch_images, prompts)]

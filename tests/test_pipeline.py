@@ -10,15 +10,14 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.output import Output
 from pipeline.batch import CaptionJob, SettingsMismatch, read_output, run
+from pipeline.output import Output
 from tokencarve.engine import EngineConfig
 
 from .bad_images import broken_images, encode, gradient, valid_images
@@ -43,7 +42,9 @@ def write_corpus(folder: Path) -> dict[str, str | None]:
         expected[f"pq/{name}"] = code
     (folder / "files").mkdir()
     (folder / "files" / "on-disk.png").write_bytes(valid_images()["square-336"])
-    rows.append({"id": "pq/by-path", "image": None, "image_path": str(folder / "files" / "on-disk.png"), "prompt": None})
+    rows.append(
+        {"id": "pq/by-path", "image": None, "image_path": str(folder / "files" / "on-disk.png"), "prompt": None}
+    )
     rows.append({"id": "pq/bad-path", "image": None, "image_path": str(folder / "nowhere.png"), "prompt": None})
     expected.update({"pq/by-path": None, "pq/bad-path": "unreadable_path"})
     pq.write_table(pa.Table.from_pylist(rows[:10]), folder / "a.parquet")
@@ -67,8 +68,12 @@ def write_corpus(folder: Path) -> dict[str, str | None]:
     shards = folder / "wds"
     shards.mkdir()
     with tarfile.open(shards / "shard-000.tar", "w") as tar:
-        for key, suffix, data in [("wds-1", "jpg", encode(gradient(64, 64), "JPEG")), ("wds-1", "prompt", b"Describe the image ."),
-                                  ("wds-2", "png", valid_images()["rgba-png"]), ("wds-3", "jpg", b"garbage")]:
+        for key, suffix, data in [
+            ("wds-1", "jpg", encode(gradient(64, 64), "JPEG")),
+            ("wds-1", "prompt", b"Describe the image ."),
+            ("wds-2", "png", valid_images()["rgba-png"]),
+            ("wds-3", "jpg", b"garbage"),
+        ]:
             info = tarfile.TarInfo(f"{key}.{suffix}")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -77,14 +82,26 @@ def write_corpus(folder: Path) -> dict[str, str | None]:
 
 
 def corpus_inputs(folder: Path) -> list[str]:
-    return [str(folder / "a.parquet"), str(folder / "b.parquet"), str(folder / "wrong"),
-            str(folder / "images"), str(folder / "wds")]
+    return [
+        str(folder / "a.parquet"),
+        str(folder / "b.parquet"),
+        str(folder / "wrong"),
+        str(folder / "images"),
+        str(folder / "wds"),
+    ]
 
 
 def job(tiny_model_dir, folder, output, **kwargs) -> CaptionJob:
     engine = EngineConfig(model=tiny_model_dir, keep=32, max_new_tokens=4)
-    return CaptionJob(inputs=corpus_inputs(folder), output=str(output), engine=engine, batch_size=4,
-                      max_image_bytes=LIMIT, rows_per_file=8, **kwargs)
+    return CaptionJob(
+        inputs=corpus_inputs(folder),
+        output=str(output),
+        engine=engine,
+        batch_size=4,
+        max_image_bytes=LIMIT,
+        rows_per_file=8,
+        **kwargs,
+    )
 
 
 def test_every_input_row_gives_exactly_one_output_row(ray_cluster, tiny_model_dir, tmp_path):
@@ -182,24 +199,47 @@ def test_killed_job_resumes_without_losing_or_duplicating_rows(ray_cluster, tiny
     rows = [{"id": f"row-{i:03d}", "image": encode(gradient(30 + i, 40), "PNG"), "prompt": None} for i in range(96)]
     pq.write_table(pa.Table.from_pylist(rows), folder / "big.parquet", row_group_size=8)
     output = tmp_path / "out"
-    command = [sys.executable, str(ROOT / "jobs" / "caption_corpus.py"), "--input", str(folder), "--output", str(output),
-               "--model", tiny_model_dir, "--keep", "16", "--max-new-tokens", "64", "--batch-size", "2",
-               "--rows-per-file", "2", "--address", ray_cluster]
+    command = [
+        sys.executable,
+        str(ROOT / "jobs" / "caption_corpus.py"),
+        "--input",
+        str(folder),
+        "--output",
+        str(output),
+        "--model",
+        tiny_model_dir,
+        "--keep",
+        "16",
+        "--max-new-tokens",
+        "64",
+        "--batch-size",
+        "2",
+        "--rows-per-file",
+        "2",
+        "--address",
+        ray_cluster,
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     wait_until(lambda: len(list(output.glob("*/part-*.parquet"))) >= 2, 300, "the first parts")
     os.killpg(first.pid, signal.SIGKILL)  # the driver dies mid-run; Ray then stops its tasks
     first.wait()
     # Ray cancels the dead driver's tasks; wait until no part appears for a while before counting
     counts = []
-    wait_until(lambda: counts.append(len(list(output.glob("*/part-*.parquet")))) or counts[-3:] == [counts[-1]] * 3,
-               120, "the killed run's tasks to stop writing", interval=1.0)
+    wait_until(
+        lambda: counts.append(len(list(output.glob("*/part-*.parquet")))) or counts[-3:] == [counts[-1]] * 3,
+        120,
+        "the killed run's tasks to stop writing",
+        interval=1.0,
+    )
     partial = read_output(str(output)).column("id").to_pylist()
     assert 0 < len(partial) < len(rows) and len(partial) == len(set(partial))
 
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
-    summary = json.loads(second.stdout[second.stdout.index("{"):])
+    summary = json.loads(second.stdout[second.stdout.index("{") :])
     ids = read_output(str(output)).column("id").to_pylist()
     assert sorted(ids) == [r["id"] for r in rows]  # every id exactly once
     assert summary["rows_skipped_as_done"] == len(partial) and summary["rows_this_run"] == len(rows) - len(partial)

@@ -16,9 +16,9 @@ import pyarrow.fs as pafs
 import pytest
 
 from pipeline.batch import CaptionJob, run
-from tokencarve.engine import EngineConfig
 from pipeline.output import Output
 from pipeline.synthetic import img2dataset_samples, tar_bytes, write_parquet_corpus
+from tokencarve.engine import EngineConfig
 
 from .conftest import wait_until
 
@@ -38,12 +38,30 @@ def test_a_killed_run_of_200k_rows_resumes_exactly_once(ray_cluster, tiny_model_
     shards, per_shard = 20, 10_000
     rows = write_parquet_corpus(str(tmp_path / "corpus"), shards, per_shard, real_every=2500)
     out = tmp_path / "out"
-    command = [sys.executable, str(ROOT / "jobs" / "caption_corpus.py"), "--input", str(tmp_path / "corpus"),
-               "--output", str(out), "--model", tiny_model_dir, "--keep", "16", "--max-new-tokens", "2",
-               "--carry", "url,caption", "--progress-every", "1", "--address", ray_cluster]
+    command = [
+        sys.executable,
+        str(ROOT / "jobs" / "caption_corpus.py"),
+        "--input",
+        str(tmp_path / "corpus"),
+        "--output",
+        str(out),
+        "--model",
+        tiny_model_dir,
+        "--keep",
+        "16",
+        "--max-new-tokens",
+        "2",
+        "--carry",
+        "url,caption",
+        "--progress-every",
+        "1",
+        "--address",
+        ray_cluster,
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
+    first = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     records = out / "_units"
     wait_until(lambda: records.is_dir() and len(list(records.glob("*.done.json"))) >= 3, 600, "three finished shards")
     os.killpg(first.pid, signal.SIGKILL)  # the driver dies with shards finished, in flight and not started
@@ -54,17 +72,21 @@ def test_a_killed_run_of_200k_rows_resumes_exactly_once(ray_cluster, tiny_model_
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "progress: " in second.stderr and " rows/s | ETA " in second.stderr
-    summary = json.loads(second.stdout[second.stdout.index("{"):])
+    summary = json.loads(second.stdout[second.stdout.index("{") :])
     assert summary["rows_total"] == rows and summary["units_done"] == shards and summary["units_failed"] == 0
     assert summary["rows_skipped_as_done"] >= finished * per_shard  # finished shards are not redone
     assert summary["rows_ok"] == shards * per_shard // 2500 and summary["errors_by_reason"] == {
-        "missing_image": rows - summary["rows_ok"]}
+        "missing_image": rows - summary["rows_ok"]
+    }
 
     table = pads.dataset(str(out), format="parquet").to_table(
-        columns=["id", "source_file", "source_row", "source_url", "source_caption"])
+        columns=["id", "source_file", "source_row", "source_url", "source_caption"]
+    )
     assert_each_source_row_once(table, rows)
     sample = table.slice(12_345, 1).to_pylist()[0]
-    assert sample["source_url"].endswith(sample["id"] + ".jpg") and sample["source_caption"] == f"alt text {sample['id']}"
+    assert (
+        sample["source_url"].endswith(sample["id"] + ".jpg") and sample["source_caption"] == f"alt text {sample['id']}"
+    )
 
 
 def test_s3_round_trip_with_resume(ray_cluster, tiny_model_dir, s3_server):
@@ -76,8 +98,14 @@ def test_s3_round_trip_with_resume(ray_cluster, tiny_model_dir, s3_server):
         stream.write(tar_bytes(img2dataset_samples(9, 4)))
     inputs = [f"s3://corpus-bucket/parquet?{query}", f"s3://corpus-bucket/wds?{query}"]
     output = f"s3://out-bucket/captions?{query}"
-    job = CaptionJob(inputs=inputs, output=output, engine=EngineConfig(model=tiny_model_dir, keep=16, max_new_tokens=2),
-                     carry=("url", "caption"), batch_size=4, progress_every_s=0)
+    job = CaptionJob(
+        inputs=inputs,
+        output=output,
+        engine=EngineConfig(model=tiny_model_dir, keep=16, max_new_tokens=2),
+        carry=("url", "caption"),
+        batch_size=4,
+        progress_every_s=0,
+    )
     summary = run(job)
     assert summary["rows_total"] == 3 * 40 + 4 and summary["units_done"] == 4 and summary["rows_ok"] == 3 * 4 + 4
 

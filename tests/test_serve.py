@@ -26,10 +26,23 @@ pytestmark = pytest.mark.slow  # a real Ray cluster and Serve app
 def server(ray_cluster, tiny_model_dir):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model": tiny_model_dir, "keep": 64, "max_new_tokens": 4, "max_batch_size": 8,
-                         "batch_wait_timeout_s": 0.5, "max_replicas": 1, "max_ongoing_requests": 16,
-                         "max_queued_requests": 64, "max_image_bytes": 2 * 1024 * 1024}),
-              name="caption", route_prefix="/")
+    serve.run(
+        build_app(
+            {
+                "model": tiny_model_dir,
+                "keep": 64,
+                "max_new_tokens": 4,
+                "max_batch_size": 8,
+                "batch_wait_timeout_s": 0.5,
+                "max_replicas": 1,
+                "max_ongoing_requests": 16,
+                "max_queued_requests": 64,
+                "max_image_bytes": 2 * 1024 * 1024,
+            }
+        ),
+        name="caption",
+        route_prefix="/",
+    )
     url = f"http://127.0.0.1:{port}"
     yield url
     serve.shutdown()
@@ -54,12 +67,18 @@ def test_health_and_caption(server):
 
 
 def test_per_request_budget_method_and_multipart(server):
-    reply = httpx.post(f"{server}/v1/caption", json={"image": "data:image/png;base64," + b64(PNG), "keep": 32}, timeout=60)
+    reply = httpx.post(
+        f"{server}/v1/caption", json={"image": "data:image/png;base64," + b64(PNG), "keep": 32}, timeout=60
+    )
     assert reply.status_code == 200 and reply.json()["visual_tokens_kept"] == 32
     stock = httpx.post(f"{server}/v1/caption", json={"image": b64(PNG), "method": "none"}, timeout=60).json()
     assert stock["visual_tokens_kept"] == 576 and stock["kv_bytes_saved"] == 0 and stock["keep"] is None
-    upload = httpx.post(f"{server}/v1/caption", files={"image": ("x.jpg", encode(gradient(30, 30), "JPEG"), "image/jpeg")},
-                        data={"prompt": "Describe the image .", "keep": "48"}, timeout=60)
+    upload = httpx.post(
+        f"{server}/v1/caption",
+        files={"image": ("x.jpg", encode(gradient(30, 30), "JPEG"), "image/jpeg")},
+        data={"prompt": "Describe the image .", "keep": "48"},
+        timeout=60,
+    )
     assert upload.status_code == 200, upload.text
     assert upload.json()["visual_tokens_kept"] == 48
 
@@ -70,23 +89,26 @@ def test_every_valid_image_kind_is_captioned(server, name):
     assert reply.status_code == 200, reply.text
 
 
-@pytest.mark.parametrize("request_kwargs,status,code", [
-    (dict(json={"image": "not base64 at all!"}), 400, "bad_base64"),
-    (dict(json={"image": b64(b"definitely not an image")}), 400, "undecodable_image"),
-    (dict(json={"image": b64(broken_images()["truncated-png"][0])}), 400, "truncated_image"),
-    (dict(json={"image": b64(broken_images()["bomb"][0])}), 413, "decompression_bomb"),
-    (dict(json={"image": b64(b"\x00" * (3 * 1024 * 1024))}), 413, "image_too_large"),
-    (dict(json={"image": "data:text/plain;base64," + b64(b"hi")}), 415, "unsupported_media_type"),
-    (dict(content=b"raw bytes", headers={"content-type": "image/png"}), 415, "unsupported_media_type"),
-    (dict(json={"prompt": "no image"}), 422, "invalid_request"),
-    (dict(json={"image": b64(PNG), "keep": 4}), 422, "invalid_request"),
-    (dict(json={"image": b64(PNG), "max_new_tokens": 100000}), 422, "invalid_request"),
-    (dict(json={"image": b64(PNG), "method": "magic"}), 422, "invalid_request"),
-    (dict(json={"image": b64(PNG), "unexpected": 1}), 422, "invalid_request"),
-    (dict(content=b"{not json", headers={"content-type": "application/json"}), 400, "bad_json"),
-    (dict(json={"image": b64(PNG), "prompt": "Describe every detail. " * 50_000}), 413, "prompt_too_long"),
-    (dict(json={"image": b64(PNG), "prompt": "Compare <image> with this."}), 422, "invalid_prompt"),
-])
+@pytest.mark.parametrize(
+    "request_kwargs,status,code",
+    [
+        (dict(json={"image": "not base64 at all!"}), 400, "bad_base64"),
+        (dict(json={"image": b64(b"definitely not an image")}), 400, "undecodable_image"),
+        (dict(json={"image": b64(broken_images()["truncated-png"][0])}), 400, "truncated_image"),
+        (dict(json={"image": b64(broken_images()["bomb"][0])}), 413, "decompression_bomb"),
+        (dict(json={"image": b64(b"\x00" * (3 * 1024 * 1024))}), 413, "image_too_large"),
+        (dict(json={"image": "data:text/plain;base64," + b64(b"hi")}), 415, "unsupported_media_type"),
+        (dict(content=b"raw bytes", headers={"content-type": "image/png"}), 415, "unsupported_media_type"),
+        (dict(json={"prompt": "no image"}), 422, "invalid_request"),
+        (dict(json={"image": b64(PNG), "keep": 4}), 422, "invalid_request"),
+        (dict(json={"image": b64(PNG), "max_new_tokens": 100000}), 422, "invalid_request"),
+        (dict(json={"image": b64(PNG), "method": "magic"}), 422, "invalid_request"),
+        (dict(json={"image": b64(PNG), "unexpected": 1}), 422, "invalid_request"),
+        (dict(content=b"{not json", headers={"content-type": "application/json"}), 400, "bad_json"),
+        (dict(json={"image": b64(PNG), "prompt": "Describe every detail. " * 50_000}), 413, "prompt_too_long"),
+        (dict(json={"image": b64(PNG), "prompt": "Compare <image> with this."}), 422, "invalid_prompt"),
+    ],
+)
 def test_bad_requests_get_clear_json_errors_and_the_replica_survives(server, request_kwargs, status, code):
     reply = httpx.post(f"{server}/v1/caption", timeout=60, **request_kwargs)
     assert reply.status_code == status, reply.text
@@ -107,10 +129,15 @@ def test_concurrent_requests_share_a_forward(server):
 def test_openai_chat_completions_shape(server):
     request = {
         "model": "carve-tiny",
-        "messages": [{"role": "user", "content": [
-            {"type": "text", "text": "What is in the image ?"},
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(PNG)}},
-        ]}],
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is in the image ?"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(PNG)}},
+                ],
+            }
+        ],
         "max_tokens": 3,
     }
     reply = httpx.post(f"{server}/v1/chat/completions", json=request, timeout=60)
@@ -126,10 +153,23 @@ def test_openai_chat_completions_shape(server):
 
 
 def test_overload_is_refused_with_503_and_retry_after(ray_cluster, tiny_model_dir, server):
-    serve.run(build_app({"model": tiny_model_dir, "max_new_tokens": 200, "max_new_tokens_limit": 200,
-                         "max_batch_size": 1, "max_replicas": 1, "max_ongoing_requests": 1,
-                         "max_queued_requests": 1, "retry_after_s": 3, "num_cpus": 0.5}),
-              name="tight", route_prefix="/tight")
+    serve.run(
+        build_app(
+            {
+                "model": tiny_model_dir,
+                "max_new_tokens": 200,
+                "max_new_tokens_limit": 200,
+                "max_batch_size": 1,
+                "max_replicas": 1,
+                "max_ongoing_requests": 1,
+                "max_queued_requests": 1,
+                "retry_after_s": 3,
+                "num_cpus": 0.5,
+            }
+        ),
+        name="tight",
+        route_prefix="/tight",
+    )
 
     def one(_):
         return httpx.post(f"{server}/tight/v1/caption", json={"image": b64(PNG)}, timeout=300)
@@ -149,10 +189,18 @@ def test_the_official_openai_client_works_unchanged(server):
     client = OpenAI(base_url=f"{server}/v1", api_key="not-needed", max_retries=0, timeout=60)
     completion = client.chat.completions.create(
         model="carve-tiny",
-        messages=[{"role": "user", "content": [
-            {"type": "text", "text": "Describe the image ."},
-            {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + b64(encode(gradient(40, 40), "JPEG"))}},
-        ]}],
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Describe the image ."},
+                    {
+                        "type": "image_url",
+                        "image_url": {"url": "data:image/jpeg;base64," + b64(encode(gradient(40, 40), "JPEG"))},
+                    },
+                ],
+            }
+        ],
         max_tokens=2,
         extra_body={"tokencarve": {"keep": 32}},
     )
@@ -163,15 +211,27 @@ def test_the_official_openai_client_works_unchanged(server):
 
 def chat_request(method: str | None = None, keep: int = 32) -> dict:
     options = {"keep": keep} | ({"method": method} if method else {})
-    return {"model": "carve-tiny", "max_tokens": 2, "tokencarve": options, "messages": [{"role": "user", "content": [
-        {"type": "text", "text": "Describe the image ."},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(PNG)}}]}]}
+    return {
+        "model": "carve-tiny",
+        "max_tokens": 2,
+        "tokencarve": options,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Describe the image ."},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(PNG)}},
+                ],
+            }
+        ],
+    }
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_both_routes_accept_the_same_methods(server, method):
-    caption = httpx.post(f"{server}/v1/caption", json={"image": b64(PNG), "method": method, "max_new_tokens": 2},
-                         timeout=60)
+    caption = httpx.post(
+        f"{server}/v1/caption", json={"image": b64(PNG), "method": method, "max_new_tokens": 2}, timeout=60
+    )
     assert caption.status_code == 200, caption.text
     chat = httpx.post(f"{server}/v1/chat/completions", json=chat_request(method), timeout=60)
     assert chat.status_code == 200, chat.text
@@ -193,11 +253,15 @@ def locked(server, tiny_model_dir, tmp_path_factory):
     one from a key file."""
     key_file = tmp_path_factory.mktemp("keys") / "api_keys"
     key_file.write_text(f"# test keys\n{FILE_KEY}\n")
-    settings = ServeSettings(model=tiny_model_dir, keep=64, max_new_tokens=4, max_replicas=1, num_cpus=0.25,
-                             api_key_file=str(key_file))
+    settings = ServeSettings(
+        model=tiny_model_dir, keep=64, max_new_tokens=4, max_replicas=1, num_cpus=0.25, api_key_file=str(key_file)
+    )
     options = {"num_cpus": 0.25, "runtime_env": {"env_vars": {ENV_VAR: ",".join(ENV_KEYS)}}}
-    serve.run(deployment(settings).options(ray_actor_options=options).bind(settings.model_dump()),
-              name="locked", route_prefix="/locked")
+    serve.run(
+        deployment(settings).options(ray_actor_options=options).bind(settings.model_dump()),
+        name="locked",
+        route_prefix="/locked",
+    )
     yield f"{server}/locked"
     serve.delete("locked")
 
@@ -205,8 +269,13 @@ def locked(server, tiny_model_dir, tmp_path_factory):
 def openai_chat(base_url: str, api_key: str, **request_options):
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=0, timeout=60)
     request = chat_request()
-    return client.chat.completions.create(model=request["model"], messages=request["messages"], max_tokens=2,
-                                          extra_body={"tokencarve": request["tokencarve"]}, **request_options)
+    return client.chat.completions.create(
+        model=request["model"],
+        messages=request["messages"],
+        max_tokens=2,
+        extra_body={"tokencarve": request["tokencarve"]},
+        **request_options,
+    )
 
 
 @pytest.mark.parametrize("key", [*ENV_KEYS, FILE_KEY])
@@ -215,11 +284,15 @@ def test_a_right_key_works_with_the_openai_client(locked, key):
     assert completion.choices[0].message.role == "assistant" and completion.usage.completion_tokens == 2
 
 
-@pytest.mark.parametrize("api_key,request_options", [
-    ("wrong-key", {}),
-    (ENV_KEYS[0][:-1], {}),  # a prefix of a right key
-    ("unused", {"extra_headers": {"Authorization": openai.Omit()}}),  # no Authorization header at all
-], ids=["wrong", "prefix", "none"])
+@pytest.mark.parametrize(
+    "api_key,request_options",
+    [
+        ("wrong-key", {}),
+        (ENV_KEYS[0][:-1], {}),  # a prefix of a right key
+        ("unused", {"extra_headers": {"Authorization": openai.Omit()}}),  # no Authorization header at all
+    ],
+    ids=["wrong", "prefix", "none"],
+)
 def test_a_wrong_or_missing_key_gets_401_with_the_openai_client(locked, api_key, request_options):
     with pytest.raises(openai.AuthenticationError) as refused:
         openai_chat(locked, api_key, **request_options)
@@ -236,10 +309,12 @@ def test_every_v1_route_is_closed_and_health_stays_open(locked):
         assert reply.status_code == 401, (route, reply.text)
         assert reply.json()["error"]["code"] == "invalid_api_key"
         assert reply.headers["www-authenticate"] == 'Bearer realm="tokencarve"'
-    wrong = httpx.post(f"{locked}/v1/caption", json={"image": b64(PNG)}, headers={"Authorization": "Bearer nope"},
-                       timeout=60)
+    wrong = httpx.post(
+        f"{locked}/v1/caption", json={"image": b64(PNG)}, headers={"Authorization": "Bearer nope"}, timeout=60
+    )
     assert wrong.status_code == 401 and 'error="invalid_token"' in wrong.headers["www-authenticate"]
-    right = httpx.post(f"{locked}/v1/caption", json={"image": b64(PNG)}, timeout=60,
-                       headers={"Authorization": f"Bearer {FILE_KEY}"})
+    right = httpx.post(
+        f"{locked}/v1/caption", json={"image": b64(PNG)}, timeout=60, headers={"Authorization": f"Bearer {FILE_KEY}"}
+    )
     assert right.status_code == 200, right.text
     assert httpx.get(f"{locked}/healthz", timeout=30).status_code == 200

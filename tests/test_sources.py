@@ -42,13 +42,17 @@ def test_schema_drift_is_normalised(tmp_path):
     rows, error = read_all(plan_units([str(path)])[0], carry=("url", "missing"))
     assert error is None
     assert [(r["id"], r["prompt"], r["source_url"], r["source_missing"], r["source_row"]) for r in rows] == [
-        ("7", None, "u1", None, 0), ("8", None, "u2", None, 1)]
+        ("7", None, "u1", None, 0),
+        ("8", None, "u2", None, 1),
+    ]
     assert rows[0]["source_file"].endswith("drift.parquet")
 
 
 def test_img2dataset_parquet_and_hugging_face_image_structs(tmp_path):
     pq.write_table(pa.table({"key": ["k1"], "jpg": [b"jpeg bytes"], "caption": ["alt"]}), tmp_path / "i2d.parquet")
-    struct = pa.array([{"bytes": b"png bytes", "path": "a.png"}], pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    struct = pa.array(
+        [{"bytes": b"png bytes", "path": "a.png"}], pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    )
     pq.write_table(pa.table({"id": ["h1"], "image": struct}), tmp_path / "hf.parquet")
     rows, _ = read_all(plan_units([str(tmp_path / "i2d.parquet")])[0], carry=("caption",))
     assert (rows[0]["id"], rows[0]["image"], rows[0]["source_caption"]) == ("k1", b"jpeg bytes", "alt")
@@ -56,12 +60,15 @@ def test_img2dataset_parquet_and_hugging_face_image_structs(tmp_path):
     assert (rows[0]["image"], rows[0]["image_path"]) == (b"png bytes", "a.png")
 
 
-@pytest.mark.parametrize("content,columns,code", [
-    (b"PAR1 this is not parquet", None, "unreadable_shard"),
-    (b"", None, "unreadable_shard"),
-    (None, {"name": ["x"], "image": [b"1"]}, "no_id_column"),
-    (None, {"id": ["x"], "caption": ["no image here"]}, "no_image_column"),
-])
+@pytest.mark.parametrize(
+    "content,columns,code",
+    [
+        (b"PAR1 this is not parquet", None, "unreadable_shard"),
+        (b"", None, "unreadable_shard"),
+        (None, {"name": ["x"], "image": [b"1"]}, "no_id_column"),
+        (None, {"id": ["x"], "caption": ["no image here"]}, "no_image_column"),
+    ],
+)
 def test_a_bad_shard_is_a_shard_error(tmp_path, content, columns, code):
     path = tmp_path / "bad.parquet"
     if content is not None:
@@ -132,8 +139,18 @@ def test_output_refuses_another_setting(tmp_path):
 
 def test_totals_add_up_and_parts_are_named_by_their_rows(tmp_path):
     rows = [
-        {"id": "a", "caption": "c", "visual_tokens_in": 576, "visual_tokens_kept": 64, "kv_bytes_held": 10,
-         "kv_bytes_uncompressed": 90, "generated_tokens": 3, "answer": "c", "correct": True, "source_row": 0},
+        {
+            "id": "a",
+            "caption": "c",
+            "visual_tokens_in": 576,
+            "visual_tokens_kept": 64,
+            "kv_bytes_held": 10,
+            "kv_bytes_uncompressed": 90,
+            "generated_tokens": 3,
+            "answer": "c",
+            "correct": True,
+            "source_row": 0,
+        },
         {"id": "b", "error_code": "missing_image", "error_message": "no image", "source_row": 1},
         {"id": "c", "error_code": "missing_image", "error_message": "no image", "source_row": 2},
     ]
@@ -157,16 +174,33 @@ def test_finishing_a_unit_merges_its_parts_and_drops_rows_written_twice(tmp_path
     from tokencarve.engine import EngineConfig
 
     def rows(numbers):
-        return pa.Table.from_pylist([{"id": f"r{n}", "error_code": "missing_image", "error_message": "none",
-                                      "source_file": "s.parquet", "source_row": n} for n in numbers],
-                                    schema=output_schema())
+        return pa.Table.from_pylist(
+            [
+                {
+                    "id": f"r{n}",
+                    "error_code": "missing_image",
+                    "error_message": "none",
+                    "source_file": "s.parquet",
+                    "source_row": n,
+                }
+                for n in numbers
+            ],
+            schema=output_schema(),
+        )
 
     job = CaptionJob(inputs=[], output=str(tmp_path / "out"), engine=EngineConfig(model="m"), run_id="run2")
     out = Output(job.output)
     out.write_part("u", rows([0, 1, 2]), "run1")
     out.write_part("u", rows([2, 3]), "run2")
-    end = {"unit": "u", "source": "s.parquet", "rows": 4, "error_code": None, "error_message": None,
-           "repeated_ids": 0, "repeated_id_examples": []}
+    end = {
+        "unit": "u",
+        "source": "s.parquet",
+        "rows": 4,
+        "error_code": None,
+        "error_message": None,
+        "repeated_ids": 0,
+        "repeated_id_examples": [],
+    }
     finish_unit(out, end, job)
     assert len(out.unit_parts("u")) == 1
     assert sorted(out.unit_rows("u", ["source_row"]).column("source_row").to_pylist()) == [0, 1, 2, 3]

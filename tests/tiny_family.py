@@ -87,8 +87,8 @@ def make_batch(model, path, family: str, prompts: list[Prompt]) -> Batch:
     input_ids = torch.full((len(ids), length), PAD, dtype=torch.long)
     mask = torch.zeros(len(ids), length, dtype=torch.long)
     for row, p in enumerate(ids):
-        input_ids[row, length - len(p):] = torch.tensor(p)
-        mask[row, length - len(p):] = 1
+        input_ids[row, length - len(p) :] = torch.tensor(p)
+        mask[row, length - len(p) :] = 1
     batch_images = image_inputs(processor, family, prompts)
     return Batch(dict(input_ids=input_ids, attention_mask=mask, **batch_images), ids, rows, counts)
 

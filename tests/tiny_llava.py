@@ -37,8 +37,8 @@ def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.full((len(prompts), length), PAD, dtype=torch.long)
     mask = torch.zeros(len(prompts), length, dtype=torch.long)
     for row, p in enumerate(prompts):
-        ids[row, length - len(p):] = torch.tensor(p)
-        mask[row, length - len(p):] = 1
+        ids[row, length - len(p) :] = torch.tensor(p)
+        mask[row, length - len(p) :] = 1
     return ids, mask
 
 
@@ -61,11 +61,14 @@ def generate(model, inputs, steps=12, **kwargs):
     kwargs.setdefault("do_sample", False)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=steps, return_dict_in_generate=True, output_logits=True, **kwargs)
-    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1)
+    return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, 1)
 
 
 def single(inputs, row):
     """Row `row` of a left-padded batch, unpadded, with its own image."""
     real = inputs["attention_mask"][row].bool()
-    return dict(input_ids=inputs["input_ids"][row, real][None], attention_mask=torch.ones(1, int(real.sum()), dtype=torch.long),
-                pixel_values=inputs["pixel_values"][row : row + 1])
+    return dict(
+        input_ids=inputs["input_ids"][row, real][None],
+        attention_mask=torch.ones(1, int(real.sum()), dtype=torch.long),
+        pixel_values=inputs["pixel_values"][row : row + 1],
+    )

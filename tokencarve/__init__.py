@@ -1,10 +1,10 @@
 """TokenCarve: training-free visual-token compression for LLaVA-style models (arXiv 2503.10501).
 
-    import tokencarve
-    model = tokencarve.apply(model, tokencarve.CarveConfig(keep=128))   # in place
-    model.generate(**inputs)                                            # prefill carves 576 -> 128 per image
-    model.tokencarve.last_stats                                         # tokens and KV bytes kept
-    tokencarve.remove(model)                                            # stock model again
+import tokencarve
+model = tokencarve.apply(model, tokencarve.CarveConfig(keep=128))   # in place
+model.generate(**inputs)                                            # prefill carves 576 -> 128 per image
+model.tokencarve.last_stats                                         # tokens and KV bytes kept
+tokencarve.remove(model)                                            # stock model again
 """
 
 from .adapter import CarveConfig, CarveStats, ImageCarve, TokenCarver

@@ -56,9 +56,17 @@ class CarveConfig:
 
     def __post_init__(self):
         fraction = isinstance(self.keep, float) and 0.0 < self.keep < 1.0
-        if not (self.keep is None or fraction or isinstance(self.keep, int) and not isinstance(self.keep, bool) and self.keep >= 1):
-            raise ValueError("CarveConfig.keep must be an integer >= 1 (tokens per image), a float in (0, 1) "
-                             f"(a fraction of each image's tokens) or None (the stock model), got {self.keep!r}")
+        if not (
+            self.keep is None
+            or fraction
+            or isinstance(self.keep, int)
+            and not isinstance(self.keep, bool)
+            and self.keep >= 1
+        ):
+            raise ValueError(
+                "CarveConfig.keep must be an integer >= 1 (tokens per image), a float in (0, 1) "
+                f"(a fraction of each image's tokens) or None (the stock model), got {self.keep!r}"
+            )
         if not isinstance(self.layer, int) or self.layer < 1:
             raise ValueError(f"CarveConfig.layer must be an integer >= 1 (the cut needs layer K-1), got {self.layer!r}")
         if not 0.0 <= self.attention_weight <= 1.0:
@@ -183,8 +191,10 @@ class TokenCarver:
     def reconfigure(self, config: CarveConfig) -> None:
         """Change the budget, weight or mode between forwards (the cut's layer stays where it is)."""
         if config.layer != self.config.layer:
-            raise ValueError(f"reconfigure cannot move the cut from layer {self.config.layer} to {config.layer}; "
-                             "remove() and apply() instead")
+            raise ValueError(
+                f"reconfigure cannot move the cut from layer {self.config.layer} to {config.layer}; "
+                "remove() and apply() instead"
+            )
         self._check_mode(config)
         self.config = config
 
@@ -203,8 +213,10 @@ class TokenCarver:
         # pooling needs the image's square token grid; NeXT / OneVision images are a base grid,
         # tiles and newline tokens in one span, which no square grid describes
         if config.mode == "pool" and self.tokens_per_image is None:
-            raise ValueError(f"mode='pool' needs LLaVA-1.5's square token grid; {self.family.name} images are "
-                             "base + tiles + newline tokens")
+            raise ValueError(
+                f"mode='pool' needs LLaVA-1.5's square token grid; {self.family.name} images are "
+                "base + tiles + newline tokens"
+            )
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -376,9 +388,14 @@ class TokenCarver:
             result = group.result
             for slot, image in enumerate(group.images):
                 hidden = result.hidden[slot].detach().float().cpu() if self.record_hidden else None
-                described[image] = ImageCarve(int(group.rows[slot, 0]), int(group.positions[slot, 0]),
-                                              result.index[slot].cpu(), result.assignment[slot].cpu(),
-                                              result.merged[slot].cpu(), hidden)
+                described[image] = ImageCarve(
+                    int(group.rows[slot, 0]),
+                    int(group.positions[slot, 0]),
+                    result.index[slot].cpu(),
+                    result.assignment[slot].cpu(),
+                    result.merged[slot].cpu(),
+                    hidden,
+                )
         return [described[image] for image in sorted(described)]
 
     def _decode_kwargs(self, kwargs: dict, cache, carved: _CacheNote) -> dict:
@@ -390,7 +407,9 @@ class TokenCarver:
         mask = kwargs.get("attention_mask")
         prefill_mask = carved.prefill_mask
         if mask is None:
-            tail = torch.ones(prefill_mask.shape[0], after_prefill, dtype=prefill_mask.dtype, device=prefill_mask.device)
+            tail = torch.ones(
+                prefill_mask.shape[0], after_prefill, dtype=prefill_mask.dtype, device=prefill_mask.device
+            )
         elif mask.ndim == 2 and mask.shape[1] == carved.original_length + after_prefill:
             tail = mask[:, carved.original_length :].to(prefill_mask.dtype)
         else:
@@ -416,8 +435,9 @@ class _Group:
     positions: torch.Tensor  # [G, N] sequence positions of all the images' tokens
 
 
-def _place_kept_tokens(hidden: torch.Tensor, groups: list[_Group], prefill: _Prefill
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def _place_kept_tokens(
+    hidden: torch.Tensor, groups: list[_Group], prefill: _Prefill
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Write each image's carved tokens (merged values) at their positions; the [B, L] mask of what
     stays: real text tokens and the kept visual tokens. Padding goes too: `repack` re-pads the rows."""
     keep_mask = prefill.mask_2d.bool() & ~prefill.image_mask
@@ -437,15 +457,19 @@ def _check_decoder(language_model, cut: int) -> None:
     attention = layer.self_attn
     if hasattr(attention, "q_norm") or hasattr(attention, "k_norm"):
         # Qwen3 / OLMo-2 style query-key norms: the attention row would need them too
-        raise TypeError(f"{type(attention).__name__} normalises queries and keys; TokenCarve supports "
-                        "Llama / Mistral / Qwen2-style attention")
+        raise TypeError(
+            f"{type(attention).__name__} normalises queries and keys; TokenCarve supports "
+            "Llama / Mistral / Qwen2-style attention"
+        )
     config = language_model.config
     layer_types = getattr(config, "layer_types", None)
     sliding = "sliding_attention" in layer_types if layer_types else getattr(config, "sliding_window", None) is not None
     if sliding:
         # the cut rebuilds a full causal mask and gathers full-length caches; a window would need both differently
-        raise ValueError(f"{type(language_model).__name__} uses sliding-window attention "
-                         f"(sliding_window={getattr(config, 'sliding_window', None)}); TokenCarve needs full attention")
+        raise ValueError(
+            f"{type(language_model).__name__} uses sliding-window attention "
+            f"(sliding_window={getattr(config, 'sliding_window', None)}); TokenCarve needs full attention"
+        )
 
 
 # transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache`
@@ -479,7 +503,9 @@ def _shrink_cache(cache, order: torch.Tensor, num_layers: int) -> None:
 
 def _measure_kv_bytes(note: _CacheNote, cache) -> None:
     """Fill the KV-cache figures of the note's stats from the cache tensors themselves."""
-    tensors = [t for layer in cache.layers if getattr(layer, "keys", None) is not None for t in (layer.keys, layer.values)]
+    tensors = [
+        t for layer in cache.layers if getattr(layer, "keys", None) is not None for t in (layer.keys, layer.values)
+    ]
     allocated = sum(t.numel() * t.element_size() for t in tensors)
     batch, slots = tensors[0].shape[0], cache.get_seq_length()
     bytes_per_token = allocated // (batch * slots)

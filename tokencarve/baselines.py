@@ -71,8 +71,10 @@ def pooled_tokens(hidden: torch.Tensor, keep: int) -> CarveResult:
         return [((i * side) // n, -((-(i + 1) * side) // n)) for i in range(n)]
 
     row_windows, column_windows = windows(rows), windows(columns)
-    centre = torch.tensor([((r0 + r1 - 1) // 2) * side + (c0 + c1 - 1) // 2
-                           for r0, r1 in row_windows for c0, c1 in column_windows], device=hidden.device)
+    centre = torch.tensor(
+        [((r0 + r1 - 1) // 2) * side + (c0 + c1 - 1) // 2 for r0, r1 in row_windows for c0, c1 in column_windows],
+        device=hidden.device,
+    )
     # each token belongs to the window holding it (overlapping windows: the first one)
     owner = torch.full((side, side), -1, dtype=torch.long)
     for slot, ((r0, r1), (c0, c1)) in enumerate((r, c) for r in row_windows for c in column_windows):

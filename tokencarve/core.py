@@ -85,9 +85,7 @@ def borda_points(score: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(score, dtype=torch.float64).scatter_(-1, order, points.expand_as(order))
 
 
-def fused_scores(
-    hidden: torch.Tensor, attention: torch.Tensor, attention_weight: float, mode: str
-) -> torch.Tensor:
+def fused_scores(hidden: torch.Tensor, attention: torch.Tensor, attention_weight: float, mode: str) -> torch.Tensor:
     """The score that orders tokens for selection ([B, N], higher is better)."""
     if mode == "attention":
         return borda_points(attention)
@@ -129,7 +127,9 @@ def carve_tokens(
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     if hidden.ndim != 3 or attention.shape != hidden.shape[:2]:
-        raise ValueError(f"expected hidden [B, N, D] and attention [B, N]; got {tuple(hidden.shape)} and {tuple(attention.shape)}")
+        raise ValueError(
+            f"expected hidden [B, N, D] and attention [B, N]; got {tuple(hidden.shape)} and {tuple(attention.shape)}"
+        )
     batch, num_tokens, _ = hidden.shape
     device = hidden.device
     if keep >= num_tokens:

@@ -51,8 +51,9 @@ class EngineConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
-        if self.prompt_template is not None and ("{prompt}" not in self.prompt_template
-                                                 or "<image>" not in self.prompt_template):
+        if self.prompt_template is not None and (
+            "{prompt}" not in self.prompt_template or "<image>" not in self.prompt_template
+        ):
             raise ValueError("prompt_template needs an <image> placeholder and a {prompt} field")
         if self.image_policy not in IMAGE_POLICIES:
             raise ValueError(f"image_policy must be one of {IMAGE_POLICIES}, got {self.image_policy!r}")
@@ -74,8 +75,12 @@ class EngineConfig:
     @property
     def carve_config(self) -> CarveConfig:
         """keep=None for the stock model: bit-identical to it, the figures still measured."""
-        return CarveConfig(keep=self.budget, layer=self.layer, mode="tokencarve" if self.method == "none" else self.method,
-                           seed=self.seed)
+        return CarveConfig(
+            keep=self.budget,
+            layer=self.layer,
+            mode="tokencarve" if self.method == "none" else self.method,
+            seed=self.seed,
+        )
 
 
 class ModelInputs:
@@ -140,9 +145,12 @@ class ModelInputs:
         limit = self.prompt_limit(max_new_tokens)
         tokens = self.prompt_tokens(prompt)
         if tokens > limit:
-            return RowError("prompt_too_long", f"the prompt is {tokens} tokens (template included); the limit is {limit} "
-                                               f"(context {self.context_window} - {self.image_tokens} image tokens - "
-                                               f"{max_new_tokens or self.max_new_tokens} new tokens, or --max-prompt-tokens)")
+            return RowError(
+                "prompt_too_long",
+                f"the prompt is {tokens} tokens (template included); the limit is {limit} "
+                f"(context {self.context_window} - {self.image_tokens} image tokens - "
+                f"{max_new_tokens or self.max_new_tokens} new tokens, or --max-prompt-tokens)",
+            )
         return None
 
     def _prompt_tokens(self, prompt: str | None) -> int:
@@ -231,12 +239,14 @@ class CaptionEngine:
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         self._timer.durations = []
         started = time.perf_counter()
-        sequences = self.model.generate(**inputs, max_new_tokens=max_new_tokens or self.config.max_new_tokens, do_sample=False)
+        sequences = self.model.generate(
+            **inputs, max_new_tokens=max_new_tokens or self.config.max_new_tokens, do_sample=False
+        )
         latency = time.perf_counter() - started
         stats = self.model.tokencarve.last_stats  # the prefill's figures, KV bytes as of the last step
         forwards = self._timer.durations
         self.last_timing = BatchTiming(forwards[0], sum(forwards[1:]), stats.carve_seconds)
-        new_tokens = sequences[:, inputs["input_ids"].shape[1]:]
+        new_tokens = sequences[:, inputs["input_ids"].shape[1] :]
         lengths = generated_lengths(new_tokens, self.model.generation_config.eos_token_id)
         texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
         return [
@@ -256,7 +266,11 @@ class CaptionEngine:
 
 def generated_lengths(new_tokens: torch.Tensor, eos_token_id) -> list[int]:
     """Tokens generated per row, up to and including the first eos (the rest is padding)."""
-    eos = torch.tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]) if eos_token_id is not None else None
+    eos = (
+        torch.tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id])
+        if eos_token_id is not None
+        else None
+    )
     lengths = []
     for row in new_tokens.cpu():
         hits = torch.isin(row, eos).nonzero() if eos is not None else torch.empty(0)

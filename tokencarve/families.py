@@ -126,9 +126,13 @@ def _anyres_counts(module, kwargs, image_mask, *, modeling, tiled, pack) -> list
     per_tile = side * side
     stand_ins = []
     for size, is_tiled in zip(image_sizes, tiled(kwargs, len(image_sizes))):
-        patches = modeling.image_size_to_num_patches(
-            size, grid_pinpoints=config.image_grid_pinpoints, patch_size=config.vision_config.image_size
-        ) if is_tiled else 1
+        patches = (
+            modeling.image_size_to_num_patches(
+                size, grid_pinpoints=config.image_grid_pinpoints, patch_size=config.vision_config.image_size
+            )
+            if is_tiled
+            else 1
+        )
         stand_ins.append(torch.zeros(patches, per_tile, 1))  # one channel: only the shapes matter
     _, lengths = pack(module, stand_ins, image_sizes, kwargs)
     return lengths.tolist()
@@ -151,8 +155,9 @@ def _onevision_tiled(kwargs, num_images: int) -> list[bool]:
 
 
 def _pack_next(module, stand_ins, image_sizes, kwargs):
-    return module.pack_image_features(stand_ins, image_sizes, vision_feature_select_strategy=_strategy(module, kwargs),
-                                      image_newline=torch.zeros(1))
+    return module.pack_image_features(
+        stand_ins, image_sizes, vision_feature_select_strategy=_strategy(module, kwargs), image_newline=torch.zeros(1)
+    )
 
 
 def _pack_onevision(module, stand_ins, image_sizes, kwargs):
@@ -166,12 +171,18 @@ def _no_fixed_count(config) -> None:
 
 FAMILIES = (
     Family("llava-1.5", LlavaForConditionalGeneration, _fixed_counts, tokens_per_image),
-    Family("llava-next", LlavaNextForConditionalGeneration,
-           partial(_anyres_counts, modeling=modeling_llava_next, tiled=_every_image_tiled, pack=_pack_next),
-           _no_fixed_count),
-    Family("llava-onevision", LlavaOnevisionForConditionalGeneration,
-           partial(_anyres_counts, modeling=modeling_llava_onevision, tiled=_onevision_tiled, pack=_pack_onevision),
-           _no_fixed_count),
+    Family(
+        "llava-next",
+        LlavaNextForConditionalGeneration,
+        partial(_anyres_counts, modeling=modeling_llava_next, tiled=_every_image_tiled, pack=_pack_next),
+        _no_fixed_count,
+    ),
+    Family(
+        "llava-onevision",
+        LlavaOnevisionForConditionalGeneration,
+        partial(_anyres_counts, modeling=modeling_llava_onevision, tiled=_onevision_tiled, pack=_pack_onevision),
+        _no_fixed_count,
+    ),
 )
 
 
@@ -213,14 +224,17 @@ def image_spans(image_mask: torch.Tensor, counts: list[int] | None) -> ImageSpan
     if counts is None:
         counts = _run_lengths(rows, positions)
     if sum(counts) != len(positions):
-        raise ValueError(f"the prompts hold {len(positions)} image tokens but the images have {sum(counts)} "
-                         "features; was the prompt built by this model's processor?")
+        raise ValueError(
+            f"the prompts hold {len(positions)} image tokens but the images have {sum(counts)} "
+            "features; was the prompt built by this model's processor?"
+        )
     sizes = torch.tensor(counts, dtype=torch.long, device=rows.device)
     ends = sizes.cumsum(0)
     first, last = rows[ends - sizes].tolist(), rows[ends - 1].tolist()  # each image's first and last token
     if first != last:
-        raise ValueError("an image's tokens span two samples of the batch; "
-                         "was the prompt built by this model's processor?")
+        raise ValueError(
+            "an image's tokens span two samples of the batch; was the prompt built by this model's processor?"
+        )
     return ImageSpans(first, list(positions.split(counts)))
 
 

@@ -41,15 +41,28 @@ def pinpoints(tile: int = TILE) -> list[list[int]]:
 def tiny_llava_config(hidden_size: int = 64, num_layers: int = 4, vocab_size: int = 128) -> LlavaConfig:
     """CLIP-style tower at 336 px / patch 14 (576 patches) + 2-layer MLP projector + Llama decoder."""
     vision = CLIPVisionConfig(
-        image_size=336, patch_size=14, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=2, projection_dim=32,
+        image_size=336,
+        patch_size=14,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        projection_dim=32,
     )
     # initializer_range 0.2 (not 0.02) gives logits with clear margins, so greedy choices are
     # decided by the model and not by float rounding noise. No eos: decodes run to full length.
     text = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=4096, initializer_range=0.2, pad_token_id=PAD, bos_token_id=1, eos_token_id=None,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        initializer_range=0.2,
+        pad_token_id=PAD,
+        bos_token_id=1,
+        eos_token_id=None,
     )
     return LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, vision_feature_layer=-2)
 
@@ -78,51 +91,104 @@ def save_tiny_llava_with_processor(path, seed: int = 0) -> None:
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     core.decoder = decoders.WordPiece()  # joins words with spaces
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        extra_special_tokens={"image_token": "<image>"}, padding_side="left",
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
     )
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
     processor.save_pretrained(path)
     tiny_llava(seed).save_pretrained(path)
 
 
 def _vision(kind, tile: int, **overrides):
-    return kind(image_size=tile, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=2, **overrides)
+    return kind(
+        image_size=tile,
+        patch_size=14,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        **overrides,
+    )
 
 
-def tiny_llava_next_config(hidden_size: int = 64, num_layers: int = 4, vocab_size: int = 128,
-                           tile: int = TILE) -> LlavaNextConfig:
+def tiny_llava_next_config(
+    hidden_size: int = 64, num_layers: int = 4, vocab_size: int = 128, tile: int = TILE
+) -> LlavaNextConfig:
     """CLIP tiles (CLS dropped: 16 tokens each) + Mistral decoder with grouped-query attention,
     untied embeddings and no sliding window (TokenCarve refuses sliding-window decoders)."""
     text = MistralConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, sliding_window=None,
-        max_position_embeddings=4096, initializer_range=0.2, pad_token_id=PAD, bos_token_id=1, eos_token_id=None,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=None,
+        max_position_embeddings=4096,
+        initializer_range=0.2,
+        pad_token_id=PAD,
+        bos_token_id=1,
+        eos_token_id=None,
         tie_word_embeddings=False,
     )
-    return LlavaNextConfig(vision_config=_vision(CLIPVisionConfig, tile, projection_dim=32), text_config=text,
-                           image_token_id=IMAGE_TOKEN, image_grid_pinpoints=pinpoints(tile), vision_feature_layer=-2,
-                           vision_feature_select_strategy="default", image_seq_length=(tile // 14) ** 2,
-                           tie_word_embeddings=False)
+    return LlavaNextConfig(
+        vision_config=_vision(CLIPVisionConfig, tile, projection_dim=32),
+        text_config=text,
+        image_token_id=IMAGE_TOKEN,
+        image_grid_pinpoints=pinpoints(tile),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=(tile // 14) ** 2,
+        tie_word_embeddings=False,
+    )
 
 
-def tiny_llava_onevision_config(hidden_size: int = 64, num_layers: int = 4, vocab_size: int = 128, tile: int = TILE,
-                                vision_aspect_ratio: str = "anyres_max_4") -> LlavaOnevisionConfig:
+def tiny_llava_onevision_config(
+    hidden_size: int = 64,
+    num_layers: int = 4,
+    vocab_size: int = 128,
+    tile: int = TILE,
+    vision_aspect_ratio: str = "anyres_max_4",
+) -> LlavaOnevisionConfig:
     """SigLIP tiles (no CLS: 16 tokens each), at most ~4 tiles' worth of tokens per image (anyres_max_4,
     so a 3 x 3 tiling is shrunk), + Qwen2 decoder: grouped-query attention, q/k/v biases, tied embeddings."""
     text = Qwen2Config(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=4096, initializer_range=0.2, pad_token_id=PAD, bos_token_id=1, eos_token_id=None,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        initializer_range=0.2,
+        pad_token_id=PAD,
+        bos_token_id=1,
+        eos_token_id=None,
         tie_word_embeddings=True,
     )
-    return LlavaOnevisionConfig(vision_config=_vision(SiglipVisionConfig, tile), text_config=text,
-                                image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
-                                image_grid_pinpoints=pinpoints(tile), vision_feature_layer=-1, vision_feature_select_strategy="full",
-                                vision_aspect_ratio=vision_aspect_ratio, tie_word_embeddings=True)
+    return LlavaOnevisionConfig(
+        vision_config=_vision(SiglipVisionConfig, tile),
+        text_config=text,
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        image_grid_pinpoints=pinpoints(tile),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio=vision_aspect_ratio,
+        tie_word_embeddings=True,
+    )
 
 
 def tiny_llava_next(seed: int = 0, **config) -> LlavaNextForConditionalGeneration:
@@ -153,8 +219,13 @@ def _word_tokenizer(vocab_size: int, specials: dict[str, int]):
     core.decoder = decoders.WordPiece()  # joins words with spaces
     extra = {"image_token": "<image>", **({"video_token": "<video>"} if "<video>" in specials else {})}
     return PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        extra_special_tokens=extra, padding_side="left",
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens=extra,
+        padding_side="left",
     )
 
 
@@ -164,8 +235,9 @@ SPECIALS = {"<pad>": PAD, "<s>": 1, "</s>": 2, "<unk>": 3, "<image>": IMAGE_TOKE
 def next_image_processor(tile: int = TILE):
     from transformers.models.llava_next import LlavaNextImageProcessorPil
 
-    return LlavaNextImageProcessorPil(size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile},
-                                      image_grid_pinpoints=pinpoints(tile))
+    return LlavaNextImageProcessorPil(
+        size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile}, image_grid_pinpoints=pinpoints(tile)
+    )
 
 
 def onevision_image_processor(tile: int = TILE):
@@ -180,9 +252,13 @@ def save_tiny_llava_next_with_processor(path, seed: int = 0) -> None:
 
     model = tiny_llava_next(seed)
     image_processor = next_image_processor(TILE)
-    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=_word_tokenizer(128, SPECIALS),
-                                   patch_size=14, vision_feature_select_strategy="default",
-                                   num_additional_image_tokens=1)
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=_word_tokenizer(128, SPECIALS),
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
     processor.save_pretrained(path)
     model.save_pretrained(path)
 

@@ -84,8 +84,9 @@ def legend(carve: ImageCarve) -> str:
     return f"kept {carve.index.shape[0]} (clear), merged {merged} (tinted, linked), pruned {pruned} (grey)"
 
 
-def carve_picture(model, processor, image: Image.Image, prompt: str, config: CarveConfig, scale: int = 2
-                  ) -> tuple[Image.Image, ImageCarve]:
+def carve_picture(
+    model, processor, image: Image.Image, prompt: str, config: CarveConfig, scale: int = 2
+) -> tuple[Image.Image, ImageCarve]:
     """Run one prefill of `prompt` about `image` under `config` and draw what it kept."""
     applied_here = not tokencarve.is_applied(model)
     if applied_here:
@@ -95,7 +96,9 @@ def carve_picture(model, processor, image: Image.Image, prompt: str, config: Car
     try:
         with carver.using(config):  # a model that was already patched gets its own config back
             carver.record_hidden = True  # so that an image with nothing to cut (keep >= N) is described too
-            inputs = processor(images=[image], text=[chat_prompt(processor, prompt)], return_tensors="pt").to(model.device)
+            inputs = processor(images=[image], text=[chat_prompt(processor, prompt)], return_tensors="pt").to(
+                model.device
+            )
             with torch.inference_mode():
                 model(**inputs)
             carve = carver.last_stats.images[0]
@@ -103,7 +106,9 @@ def carve_picture(model, processor, image: Image.Image, prompt: str, config: Car
         carver.record_hidden = record_hidden
         if applied_here:
             tokencarve.remove(model)
-    view = model_view(inputs["pixel_values"][0], processor.image_processor.image_mean, processor.image_processor.image_std)
+    view = model_view(
+        inputs["pixel_values"][0], processor.image_processor.image_mean, processor.image_processor.image_std
+    )
     return render(view, carve, scale), carve
 
 
@@ -120,7 +125,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     model, processor = load_llava(args.model, device="cpu", dtype="float32")
     config = CarveConfig(keep=args.keep, layer=args.layer, mode=args.method)
-    picture, carve = carve_picture(model, processor, Image.open(args.image).convert("RGB"), args.prompt, config, args.scale)
+    picture, carve = carve_picture(
+        model, processor, Image.open(args.image).convert("RGB"), args.prompt, config, args.scale
+    )
     picture.save(args.out)
     print(f"{args.out}: {legend(carve)}")
 

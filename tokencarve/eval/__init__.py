@@ -10,6 +10,19 @@ from .runner import BUDGETS, METHODS, Evaluator, Setting, settings, spectrum
 from .scoring import correct, exact_match, normalize, read_yes_no, summarize, yes_no_metrics
 
 __all__ = [
-    "BUDGETS", "METHODS", "Evaluator", "Question", "Setting", "correct", "exact_match", "normalize",
-    "read_llava_jsonl", "read_parquet", "read_yes_no", "settings", "spectrum", "summarize", "yes_no_metrics",
+    "BUDGETS",
+    "METHODS",
+    "Evaluator",
+    "Question",
+    "Setting",
+    "correct",
+    "exact_match",
+    "normalize",
+    "read_llava_jsonl",
+    "read_parquet",
+    "read_yes_no",
+    "settings",
+    "spectrum",
+    "summarize",
+    "yes_no_metrics",
 ]

@@ -36,7 +36,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     source.add_argument("--task", help="task name for every JSONL question (default: its category)")
     p.add_argument("--limit", type=int, help="only the first N questions")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
-    p.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="visual tokens per image (128), or fractions of each image's tokens (0.1)")
+    p.add_argument(
+        "--budgets",
+        default=",".join(map(str, BUDGETS)),
+        help="visual tokens per image (128), or fractions of each image's tokens (0.1)",
+    )
     p.add_argument("--layer", type=int, default=2, help="the cut: before decoder layer K")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=48)
@@ -72,8 +76,17 @@ def main(argv=None) -> dict:
         questions = read_parquet(args.data, args.limit)
     else:
         questions = read_llava_jsonl(args.questions, args.annotations, args.image_folder, args.task, args.limit)
-    engine = CaptionEngine(EngineConfig(model=args.model, method="none", layer=args.layer, device=args.device,
-                                        dtype=args.dtype, max_new_tokens=args.max_new_tokens, seed=args.seed))
+    engine = CaptionEngine(
+        EngineConfig(
+            model=args.model,
+            method="none",
+            layer=args.layer,
+            device=args.device,
+            dtype=args.dtype,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+        )
+    )
     evaluator = Evaluator(engine, args.batch_size)
     grid = settings(args.methods.split(","), [budget(b) for b in args.budgets.split(",")], evaluator.tokens_per_image)
     out = Path(args.out)
@@ -88,17 +101,42 @@ def main(argv=None) -> dict:
 
     with open(out / "predictions.jsonl", "w") as f:
         for result in results:
-            f.writelines(json.dumps({"question_id": record["question_id"], "prompt": record["prompt"],
-                                    "text": record["prediction"], "model_id": args.model,
-                                    "metadata": {**result["setting"], "task": record["task"],
-                                                 "answer": record["answer"]}}) + "\n" for record in result["records"])
-    run = {"model": args.model, "data": args.data or args.questions, "questions": len(questions),
-           "layer": args.layer, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
-           "seed": args.seed, "device": str(engine.model.device), "machine": f"{platform.machine()} {platform.processor()}".strip(),
-           "torch": torch.__version__, "date": datetime.date.today().isoformat(), "seconds": round(seconds, 1)}
-    (out / "results.json").write_text(json.dumps(
-        {"run": run, "results": [{"setting": r["setting"], "summary": r["summary"]} for r in results]}, indent=2) + "\n")
-    tables = f"## Overall accuracy (%)\n\n{report.overall_table(results)}\n\n## Per task\n\n{report.task_table(results)}\n"
+            f.writelines(
+                json.dumps(
+                    {
+                        "question_id": record["question_id"],
+                        "prompt": record["prompt"],
+                        "text": record["prediction"],
+                        "model_id": args.model,
+                        "metadata": {**result["setting"], "task": record["task"], "answer": record["answer"]},
+                    }
+                )
+                + "\n"
+                for record in result["records"]
+            )
+    run = {
+        "model": args.model,
+        "data": args.data or args.questions,
+        "questions": len(questions),
+        "layer": args.layer,
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "seed": args.seed,
+        "device": str(engine.model.device),
+        "machine": f"{platform.machine()} {platform.processor()}".strip(),
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "seconds": round(seconds, 1),
+    }
+    (out / "results.json").write_text(
+        json.dumps(
+            {"run": run, "results": [{"setting": r["setting"], "summary": r["summary"]} for r in results]}, indent=2
+        )
+        + "\n"
+    )
+    tables = (
+        f"## Overall accuracy (%)\n\n{report.overall_table(results)}\n\n## Per task\n\n{report.task_table(results)}\n"
+    )
     (out / "table.md").write_text(tables)
     if not args.no_plots:
         report.accuracy_plot(results, out / "accuracy.png")

@@ -58,8 +58,13 @@ def _jsonl(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def read_llava_jsonl(questions_file: str | Path, annotations_file: str | Path, image_folder: str | Path,
-                     task: str | None = None, limit: int | None = None) -> list[Question]:
+def read_llava_jsonl(
+    questions_file: str | Path,
+    annotations_file: str | Path,
+    image_folder: str | Path,
+    task: str | None = None,
+    limit: int | None = None,
+) -> list[Question]:
     """LLaVA-style question file + annotation file; the task is `task`, else each line's "category",
     else "vqa"."""
     answers = {}
@@ -75,6 +80,13 @@ def read_llava_jsonl(questions_file: str | Path, annotations_file: str | Path, i
         qid = str(line["question_id"])
         if qid not in answers:
             raise ValueError(f"question {qid!r} has no answer in {annotations_file}")
-        questions.append(Question(qid, Path(image_folder) / line["image"], line["text"], answers[qid],
-                                  task or line.get("category") or "vqa"))
+        questions.append(
+            Question(
+                qid,
+                Path(image_folder) / line["image"],
+                line["text"],
+                answers[qid],
+                task or line.get("category") or "vqa",
+            )
+        )
     return questions

@@ -4,9 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-COLOURS = {"none": "black", "tokencarve": "tab:blue", "information": "tab:orange", "attention": "tab:green",
-           "fastv": "tab:red", "random": "tab:purple", "pool": "tab:brown"}  # the same in every figure
-LINE_STYLES = {"tokencarve": "o-", "information": "s--", "attention": "^--", "fastv": "v-", "random": "x:", "pool": "d-."}
+COLOURS = {
+    "none": "black",
+    "tokencarve": "tab:blue",
+    "information": "tab:orange",
+    "attention": "tab:green",
+    "fastv": "tab:red",
+    "random": "tab:purple",
+    "pool": "tab:brown",
+}  # the same in every figure
+LINE_STYLES = {
+    "tokencarve": "o-",
+    "information": "s--",
+    "attention": "^--",
+    "fastv": "v-",
+    "random": "x:",
+    "pool": "d-.",
+}
 
 
 def _percent(x: float) -> str:
@@ -25,7 +39,9 @@ def overall_table(results: list[dict]) -> str:
     lines = ["| method | " + " | ".join(f"{b} tokens" for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
     for (method, keep), summary in table.items():
         if method == "none":
-            lines.insert(2, "| none (every token) | " + " | ".join([_percent(summary["overall"])] * len(budgets)) + " |")
+            lines.insert(
+                2, "| none (every token) | " + " | ".join([_percent(summary["overall"])] * len(budgets)) + " |"
+            )
     for method in methods:
         cells = [_percent(table[(method, b)]["overall"]) if (method, b) in table else "" for b in budgets]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
@@ -40,10 +56,15 @@ def task_table(results: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in results:
         s, setting = r["summary"], r["setting"]
-        cells = [setting["method"], str(setting["keep"]), _percent(s["overall"]),
-                 *(_percent(s["tasks"][t]) if t in s["tasks"] else "" for t in tasks),
-                 *(_percent(s["yes_no"][t]["f1"]) if t in s["yes_no"] else "" for t in yes_no),
-                 f"{s['information']['effective_rank']:.1f}", f"{s['information']['nuclear_norm']:.0f}"]
+        cells = [
+            setting["method"],
+            str(setting["keep"]),
+            _percent(s["overall"]),
+            *(_percent(s["tasks"][t]) if t in s["tasks"] else "" for t in tasks),
+            *(_percent(s["yes_no"][t]["f1"]) if t in s["yes_no"] else "" for t in yes_no),
+            f"{s['information']['effective_rank']:.1f}",
+            f"{s['information']['nuclear_norm']:.0f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -86,12 +107,19 @@ def information_plot(results: list[dict], path: str | Path, title: str = "") -> 
         rows = [r for r in results if r["setting"]["method"] == method]
         x = [r["summary"]["information"]["effective_rank"] for r in rows]
         y = [100 * r["summary"]["overall"] for r in rows]
-        ax.plot(x, y, LINE_STYLES.get(method, "*"), color=COLOURS.get(method), label=method, markersize=7,
-                linewidth=0.8)
+        ax.plot(
+            x, y, LINE_STYLES.get(method, "*"), color=COLOURS.get(method), label=method, markersize=7, linewidth=0.8
+        )
         for r, xi, yi in zip(rows, x, y):
             ax.annotate(str(r["setting"]["keep"]), (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    _finish(plt, fig, ax, path, "effective rank of the visual hidden states entering layer K",
-            title or "Information kept vs accuracy (labels: tokens kept)")
+    _finish(
+        plt,
+        fig,
+        ax,
+        path,
+        "effective rank of the visual hidden states entering layer K",
+        title or "Information kept vs accuracy (labels: tokens kept)",
+    )
 
 
 def _finish(plt, fig, ax, path, xlabel: str, title: str) -> None:

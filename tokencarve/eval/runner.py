@@ -34,6 +34,7 @@ class Setting:
 
 def settings(methods, budgets, tokens_per_image: int) -> list[Setting]:
     """The grid; a count >= the most tokens an image can have is the stock model, run once as "none"."""
+
     def stock(b):
         return isinstance(b, int) and b >= tokens_per_image
 
@@ -84,12 +85,20 @@ class Evaluator:
             batch = questions[start : start + self.batch_size]
             texts, batch_spectra = self.answer(batch, setting)
             spectra += batch_spectra
-            records += [{"question_id": q.question_id, "task": q.task, "prompt": q.prompt, "answer": q.answer,
-                         "prediction": t} for q, t in zip(batch, texts)]
+            records += [
+                {"question_id": q.question_id, "task": q.task, "prompt": q.prompt, "answer": q.answer, "prediction": t}
+                for q, t in zip(batch, texts)
+            ]
             if progress is not None:
                 progress.update(len(batch))
         summary = summarize(records)
-        summary["information"] = {key: sum(s[key] for s in spectra) / len(spectra)
-                                  for key in ("effective_rank", "nuclear_norm", "visual_tokens")}
-        return {"setting": {"method": setting.method, "keep": setting.keep}, "summary": summary, "records": records,
-                "spectra": spectra}
+        summary["information"] = {
+            key: sum(s[key] for s in spectra) / len(spectra)
+            for key in ("effective_rank", "nuclear_norm", "visual_tokens")
+        }
+        return {
+            "setting": {"method": setting.method, "keep": setting.keep},
+            "summary": summary,
+            "records": records,
+            "spectra": spectra,
+        }

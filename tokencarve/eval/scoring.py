@@ -27,7 +27,7 @@ def is_yes_no(answer: str) -> bool:
 
 
 def read_yes_no(prediction: str) -> str:
-    """"yes" or "no" as LLaVA's eval_pope.py reads a free-form answer (first sentence only)."""
+    """ "yes" or "no" as LLaVA's eval_pope.py reads a free-form answer (first sentence only)."""
     words = normalize(prediction.split(".")[0]).split()
     return "no" if "no" in words or "not" in words else "yes"
 
@@ -51,8 +51,13 @@ def yes_no_metrics(pairs: Iterable[tuple[str, str]]) -> dict[str, float]:
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"accuracy": (tp + tn) / total if total else 0.0, "precision": precision, "recall": recall, "f1": f1,
-            "yes_ratio": (tp + fp) / total if total else 0.0}
+    return {
+        "accuracy": (tp + tn) / total if total else 0.0,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "yes_ratio": (tp + fp) / total if total else 0.0,
+    }
 
 
 def summarize(records: Iterable[dict]) -> dict:
@@ -69,5 +74,9 @@ def summarize(records: Iterable[dict]) -> dict:
         hits_all += hits
         if all(is_yes_no(r["answer"]) for r in rows):
             yes_no[task] = yes_no_metrics((r["prediction"], r["answer"]) for r in rows)
-    return {"overall": sum(hits_all) / len(hits_all) if hits_all else 0.0, "tasks": tasks, "yes_no": yes_no,
-            "questions": len(hits_all)}
+    return {
+        "overall": sum(hits_all) / len(hits_all) if hits_all else 0.0,
+        "tasks": tasks,
+        "yes_no": yes_no,
+        "questions": len(hits_all),
+    }
