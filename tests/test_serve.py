@@ -66,6 +66,23 @@ def test_health_and_caption(server):
     assert body["generated_tokens"] == 4 and body["method"] == "tokencarve"
 
 
+def test_a_non_square_image_is_seen_as_the_batch_job_sees_it(server, tiny_model_dir):
+    """Serve pads to a square like the batch job's CPU stage (not the processor's centre crop): over
+    HTTP it answers what the engine answers on the image the job would have prepared."""
+    from tokencarve.engine import CaptionEngine, EngineConfig
+    from tokencarve.images import decode_image
+
+    engine = CaptionEngine(EngineConfig(model=tiny_model_dir, keep=64, max_new_tokens=4))
+    for width, height in [(276, 336), (336, 120)]:
+        data = encode(gradient(width, height), "PNG")
+        reply = httpx.post(
+            f"{server}/v1/caption", json={"image": b64(data), "prompt": "Describe the image ."}, timeout=60
+        )
+        prepared = engine.inputs.image(decode_image(data))  # what the job's CPU stage ships to its actors
+        assert prepared.size == (336, 336)
+        assert reply.json()["text"] == engine.caption([prepared], ["Describe the image ."])[0].caption
+
+
 def test_per_request_budget_method_and_multipart(server):
     reply = httpx.post(
         f"{server}/v1/caption", json={"image": "data:image/png;base64," + b64(PNG), "keep": 32}, timeout=60
