@@ -26,6 +26,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+JOB = Path(__file__).resolve().parent.parent / "jobs" / "caption_corpus.py"
+
+
+def job_command(inputs: str, output: str, model: str, *options: str) -> list[str]:
+    """The captioning job's command line (`python jobs/caption_corpus.py ...`), as a user runs it."""
+    return [sys.executable, str(JOB), "--input", str(inputs), "--output", str(output), "--model", str(model), *options]
+
+
 def wait_until(condition, timeout: float, what: str, interval: float = 0.2, detail=None):
     """Poll `condition` until it returns something truthy (returned) or `timeout` seconds pass (fail;
     `detail()`, when given, adds what the failure message should show, e.g. a server's log tail)."""

@@ -20,7 +20,7 @@ import pytest
 from pipeline.batch import read_output
 
 from .bad_images import encode, gradient
-from .conftest import free_port, wait_until
+from .conftest import free_port, job_command, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 RAY_BIN = Path(sys.executable).parent / "ray"
@@ -196,14 +196,9 @@ def test_ray_job_submit_runs_the_job_on_a_running_cluster(head_node, tiny_model_
 def test_a_crashed_worker_is_retried_and_loses_nothing(ray_cluster, tiny_model_dir, tmp_path):
     ids = small_corpus(tmp_path / "corpus", 40)
     output = tmp_path / "out"
-    command = [
-        sys.executable,
-        str(ROOT / "jobs" / "caption_corpus.py"),
-        "--input",
+    command = job_command(
         str(tmp_path / "corpus"),
-        "--output",
         str(output),
-        "--model",
         tiny_model_dir,
         "--keep",
         "16",
@@ -215,7 +210,7 @@ def test_a_crashed_worker_is_retried_and_loses_nothing(ray_cluster, tiny_model_d
         "2",
         "--address",
         ray_cluster,
-    ]
+    )
     job = subprocess.Popen(
         command, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

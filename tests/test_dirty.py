@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,6 +15,8 @@ import pytest
 from pipeline.batch import CaptionJob, read_output, run
 from pipeline.synthetic import img2dataset_samples, small_png, tar_bytes
 from tokencarve.engine import EngineConfig, ModelInputs
+
+from .conftest import job_command
 
 pytestmark = pytest.mark.slow  # a real Ray cluster
 
@@ -97,14 +98,9 @@ def test_a_dirty_corpus_finishes_and_reports_what_it_could_not_read(ray_cluster,
 
     # --strict: the same output, rerun by the CLI: the failed shards are retried (and fail again), the
     # rest is skipped; exit status 3, and each bad shard named on stderr
-    command = [
-        sys.executable,
-        str(ROOT / "jobs" / "caption_corpus.py"),
-        "--input",
+    command = job_command(
         str(corpus),
-        "--output",
         str(out),
-        "--model",
         tiny_model_dir,
         "--keep",
         "32",
@@ -117,7 +113,7 @@ def test_a_dirty_corpus_finishes_and_reports_what_it_could_not_read(ray_cluster,
         "--strict",
         "--address",
         ray_cluster,
-    ]
+    )
     strict = subprocess.run(
         command, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600
     )

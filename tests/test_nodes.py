@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -14,7 +13,7 @@ from ray.cluster_utils import Cluster
 
 from pipeline.synthetic import write_parquet_corpus
 
-from .conftest import wait_until
+from .conftest import job_command, wait_until
 
 pytestmark = pytest.mark.slow  # a three-node Ray cluster on loopback
 
@@ -34,14 +33,9 @@ def test_a_worker_node_killed_mid_run_loses_and_duplicates_nothing(cluster, tiny
     cluster.wait_for_nodes()
     rows = write_parquet_corpus(str(tmp_path / "corpus"), shards=6, rows_per_shard=60, real_every=3)
     out = tmp_path / "out"
-    command = [
-        sys.executable,
-        str(ROOT / "jobs" / "caption_corpus.py"),
-        "--input",
+    command = job_command(
         str(tmp_path / "corpus"),
-        "--output",
         str(out),
-        "--model",
         tiny_model_dir,
         "--keep",
         "16",
@@ -55,7 +49,7 @@ def test_a_worker_node_killed_mid_run_loses_and_duplicates_nothing(cluster, tiny
         "2",
         "--address",
         cluster.address,
-    ]
+    )
     job = subprocess.Popen(
         command, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from pipeline.output import Output
 from tokencarve.engine import EngineConfig
 
 from .bad_images import broken_images, encode, gradient, valid_images
-from .conftest import wait_until
+from .conftest import job_command, wait_until
 
 pytestmark = pytest.mark.slow  # a real Ray cluster
 
@@ -199,14 +198,9 @@ def test_killed_job_resumes_without_losing_or_duplicating_rows(ray_cluster, tiny
     rows = [{"id": f"row-{i:03d}", "image": encode(gradient(30 + i, 40), "PNG"), "prompt": None} for i in range(96)]
     pq.write_table(pa.Table.from_pylist(rows), folder / "big.parquet", row_group_size=8)
     output = tmp_path / "out"
-    command = [
-        sys.executable,
-        str(ROOT / "jobs" / "caption_corpus.py"),
-        "--input",
+    command = job_command(
         str(folder),
-        "--output",
         str(output),
-        "--model",
         tiny_model_dir,
         "--keep",
         "16",
@@ -218,7 +212,7 @@ def test_killed_job_resumes_without_losing_or_duplicating_rows(ray_cluster, tiny
         "2",
         "--address",
         ray_cluster,
-    ]
+    )
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     first = subprocess.Popen(
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,7 +19,7 @@ from pipeline.output import Output
 from pipeline.synthetic import img2dataset_samples, tar_bytes, write_parquet_corpus
 from tokencarve.engine import EngineConfig
 
-from .conftest import wait_until
+from .conftest import job_command, wait_until
 
 pytestmark = pytest.mark.slow  # a real Ray cluster, servers, 200,000 rows
 
@@ -38,14 +37,9 @@ def test_a_killed_run_of_200k_rows_resumes_exactly_once(ray_cluster, tiny_model_
     shards, per_shard = 20, 10_000
     rows = write_parquet_corpus(str(tmp_path / "corpus"), shards, per_shard, real_every=2500)
     out = tmp_path / "out"
-    command = [
-        sys.executable,
-        str(ROOT / "jobs" / "caption_corpus.py"),
-        "--input",
+    command = job_command(
         str(tmp_path / "corpus"),
-        "--output",
         str(out),
-        "--model",
         tiny_model_dir,
         "--keep",
         "16",
@@ -57,7 +51,7 @@ def test_a_killed_run_of_200k_rows_resumes_exactly_once(ray_cluster, tiny_model_
         "1",
         "--address",
         ray_cluster,
-    ]
+    )
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     first = subprocess.Popen(
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
