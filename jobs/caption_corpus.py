@@ -31,18 +31,10 @@ from monitoring.push import push_summary  # noqa: E402
 from pipeline.batch import CaptionJob, run  # noqa: E402
 from pipeline.output import Output, SettingsMismatch  # noqa: E402
 from pipeline.sources import FORMATS  # noqa: E402
-from tokencarve.engine import IMAGE_POLICIES, METHODS, EngineConfig  # noqa: E402
+from tokencarve.engine import IMAGE_POLICIES, METHODS, EngineConfig, parse_budget  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "models" / "carve-tiny"
 DEFAULT_INPUT = ROOT / "data" / "sample"
-
-
-def budget(text: str) -> int | float:
-    """--keep 128 (tokens per image) or --keep 0.1 (a fraction of each image's tokens)."""
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="local folder or hub id (default: bundled carve-tiny)")
     p.add_argument(
         "--keep",
-        type=budget,
+        type=parse_budget,
         default=64,
         help="visual tokens kept per image, or a fraction of each image's tokens (0.1) (default: %(default)s)",
     )

@@ -26,6 +26,14 @@ IMAGE_POLICIES = ("auto", "processor")
 METHODS = ("none", *tokencarve.METHODS)  # "none": the stock model; the baselines are there for A/B runs
 
 
+def parse_budget(text: str) -> int | float:
+    """A budget on a command line: tokens per image ("128") or a fraction of each image's tokens ("0.1")."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str  # a local folder or a hub id

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine import CaptionEngine, EngineConfig
+from ..engine import CaptionEngine, EngineConfig, parse_budget
 from . import report
 from .questions import read_llava_jsonl, read_parquet
 from .runner import BUDGETS, METHODS, Evaluator, settings
@@ -58,14 +58,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def budget(text: str) -> int | float:
-    """A budget: tokens per image (128) or a fraction of each image's tokens (0.1)."""
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
-
-
 def main(argv=None) -> dict:
     from tqdm.auto import tqdm
 
@@ -88,7 +80,9 @@ def main(argv=None) -> dict:
         )
     )
     evaluator = Evaluator(engine, args.batch_size)
-    grid = settings(args.methods.split(","), [budget(b) for b in args.budgets.split(",")], evaluator.tokens_per_image)
+    grid = settings(
+        args.methods.split(","), [parse_budget(b) for b in args.budgets.split(",")], evaluator.tokens_per_image
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
