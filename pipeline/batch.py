@@ -383,8 +383,7 @@ def finish_unit(output: Output, end: dict, job: CaptionJob) -> None:
     # A row written twice (a task re-run after a lost node) must go; many small parts (a write bundle
     # holds every unit in flight, so it splits into small per-unit parts) are merged while small enough.
     if distinct < len(table) or 1 < parts and len(table) <= job.merge_rows:
-        merge_unit(output, end["unit"], job.run_id)
-        table = output.unit_rows(end["unit"], TOTALS_COLUMNS)
+        table = merge_unit(output, end["unit"], job.run_id).select(TOTALS_COLUMNS)
     code, message = end["error_code"], end["error_message"]
     if code is None and distinct != end["rows"]:
         code, message = "incomplete_unit", f"{distinct} of {end['rows']} rows are written; a rerun completes it"
@@ -403,17 +402,19 @@ def finish_unit(output: Output, end: dict, job: CaptionJob) -> None:
     )
 
 
-def merge_unit(output: Output, unit: str, run: str) -> None:
-    """Rewrite a unit's parts as one part holding each source row once. Safe to interrupt: the
+def merge_unit(output: Output, unit: str, run: str) -> pa.Table:
+    """Rewrite a unit's parts as one part holding each source row once (returned). Safe to interrupt: the
     merged part is complete before any old one is deleted, and a part left over from an interrupted
     merge is a duplicate the next finish of the unit removes (before its record is written)."""
     old = output.unit_parts(unit)
     table = output.unit_rows(unit, None)
     _, first = np.unique(table.column("source_row").to_numpy(), return_index=True)
-    name = output.write_part(unit, table.take(first), run)
+    merged = table.take(first)
+    name = output.write_part(unit, merged, run)
     for path in old:
         if not path.endswith("/" + name):
             output.fs.delete_file(path)
+    return merged
 
 
 class Progress:

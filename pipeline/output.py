@@ -146,11 +146,22 @@ class Output:
         self.location = location
         self.fs, self.root = pafs.FileSystem.from_uri(_location(location))
         self.root = self.root.rstrip("/")
+        self._schema: pa.Schema | None = None
 
     # -- settings -------------------------------------------------------------------------------------
 
     def settings(self) -> dict | None:
         return self._read_json(JOB_FILE)
+
+    def schema(self) -> pa.Schema:
+        """The output's columns (the carried ones named in _job.json), read once per Output: the
+        driver finishes every unit through one Output, and a claimed output's settings never change."""
+        if self._schema is None:
+            settings = self.settings()
+            if settings is None:  # nothing claimed yet: the columns every output has
+                return output_schema()
+            self._schema = output_schema(tuple(settings.get("carry", ())))
+        return self._schema
 
     def claim(self, settings: dict) -> None:
         """Make the output this job's, or refuse: an output holds the rows of one setting only
@@ -211,12 +222,12 @@ class Output:
         parts = [p for p in self.unit_parts(unit) if before_run is None or not _part_run(p) == before_run]
         if not parts:
             return None
-        schema = output_schema(tuple((self.settings() or {}).get("carry", ())))
+        schema = self.schema()
         return pads.dataset(parts, filesystem=self.fs, format="parquet", schema=schema).to_table(columns=columns)
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
         """Every row written so far (tests and small outputs; a large one is read with Ray Data or DuckDB)."""
-        schema = output_schema(tuple((self.settings() or {}).get("carry", ())))
+        schema = self.schema()
         if self.fs.get_file_info(self.root).type == pafs.FileType.NotFound:
             empty = schema.empty_table()
             return empty if columns is None else empty.select(columns)

@@ -307,8 +307,6 @@ def _read_tar(unit: Unit, carry) -> Iterator[pa.Table]:
         if samples:
             yield _from_samples(samples, unit.path, index, carry)
         raise ShardError("truncated_shard", f"{unit.path} after sample {index + len(samples)}: {err}") from None
-    except ShardError:
-        raise
     if samples:
         yield _from_samples(samples, unit.path, index, carry)
 
