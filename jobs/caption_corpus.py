@@ -31,7 +31,7 @@ from monitoring.push import push_summary  # noqa: E402
 from pipeline.batch import CaptionJob, run  # noqa: E402
 from pipeline.output import Output, SettingsMismatch  # noqa: E402
 from pipeline.sources import FORMATS  # noqa: E402
-from tokencarve.engine import IMAGE_POLICIES, METHODS, EngineConfig, parse_budget  # noqa: E402
+from tokencarve.engine import DEFAULT_METHOD, IMAGE_POLICIES, METHODS, EngineConfig, parse_budget  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "models" / "carve-tiny"
 DEFAULT_INPUT = ROOT / "data" / "sample"
@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=64,
         help="visual tokens kept per image, or a fraction of each image's tokens (0.1) (default: %(default)s)",
     )
-    p.add_argument("--method", choices=METHODS, default="tokencarve")
+    p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD, help="(default: %(default)s)")
     p.add_argument("--no-carve", action="store_true", help="run the stock model (same as --method none)")
     p.add_argument(
         "--image-policy",

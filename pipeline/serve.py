@@ -34,7 +34,7 @@ from ray import serve
 from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
 from monitoring.metrics import MetricsRecorder
-from tokencarve.engine import METHODS, CaptionEngine, EngineConfig
+from tokencarve.engine import DEFAULT_METHOD, METHODS, CaptionEngine, EngineConfig
 from tokencarve.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, RowError, decode_image
 
 from .auth import ENV_VAR, load_api_keys, log_api_keys
@@ -49,7 +49,7 @@ class ServeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = "models/carve-tiny"
     keep: int | float = Field(64, gt=0)  # tokens per image, or a fraction of each image's tokens (0.1)
-    method: str = "tokencarve"  # one of tokencarve.engine.METHODS (checked by EngineConfig)
+    method: str = DEFAULT_METHOD  # one of tokencarve.engine.METHODS (checked by EngineConfig)
     layer: int = Field(2, ge=1)
     max_new_tokens: int = Field(64, ge=1)  # the default per request
     max_new_tokens_limit: int = Field(512, ge=1)  # the most a request may ask for

@@ -45,7 +45,8 @@ class CarveConfig:
     fraction of that image's tokens (keep=0.1: ceil(0.1 N), see `budget`), or None for the stock model
     (nothing carved, the figures still measured); layer: K, the cut sits before decoder
     layer K (after K layers); attention_weight: w in the rank fusion; mode: TokenCarve's "tokencarve"
-    (the paper's method, default), "information" or "attention" (core.MODES), or a baseline for
+    (the paper's method, default), "information" or "attention" (core.MODES), a redundancy-aware
+    selection, "volume", "dpp", "divprune" or "debiased" (tokencarve.selection), or a baseline for
     comparisons, "fastv", "random" or "pool" (see tokencarve.baselines); seed: the random baseline's."""
 
     keep: int | float | None = 64

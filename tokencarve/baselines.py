@@ -20,23 +20,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .core import MODES, CarveResult, carve_tokens, gather_rows, slot_assignment
+from .core import MODES, CarveResult, carve_tokens, kept_only
+from .selection import SELECTIONS, select_tokens
 
 BASELINES = ("fastv", "random", "pool")
-
-
-def _pruned(hidden: torch.Tensor, index: torch.Tensor) -> CarveResult:
-    """Keep the tokens at `index` ([B, T], any order) unchanged and prune the rest."""
-    index = index.sort(dim=1).values
-    batch, num_tokens, _ = hidden.shape
-    merged = torch.zeros(batch, num_tokens, dtype=torch.bool, device=hidden.device)
-    return CarveResult(gather_rows(hidden, index), index, slot_assignment(index, num_tokens), merged)
 
 
 def fastv_tokens(hidden: torch.Tensor, attention: torch.Tensor, keep: int) -> CarveResult:
     """The `keep` most attended tokens (ties to the lower position, as in TokenCarve's ranking)."""
     order = torch.sort(attention, dim=-1, descending=True, stable=True).indices
-    return _pruned(hidden, order[:, :keep])
+    return kept_only(hidden, order[:, :keep])
 
 
 def random_tokens(hidden: torch.Tensor, keep: int, seed: int = 0) -> CarveResult:
@@ -44,7 +37,7 @@ def random_tokens(hidden: torch.Tensor, keep: int, seed: int = 0) -> CarveResult
     so the same seed and batch give the same selection on every run."""
     generator = torch.Generator().manual_seed(seed)
     noise = torch.rand(hidden.shape[:2], generator=generator).to(hidden.device)
-    return _pruned(hidden, noise.topk(keep, dim=-1).indices)
+    return kept_only(hidden, noise.topk(keep, dim=-1).indices)
 
 
 def pool_grid(keep: int) -> tuple[int, int]:
@@ -87,7 +80,7 @@ def pooled_tokens(hidden: torch.Tensor, keep: int) -> CarveResult:
     return CarveResult(pooled, centre.expand(batch, -1).clone(), assignment, merged)
 
 
-METHODS = (*MODES, *BASELINES)
+METHODS = (*MODES, *SELECTIONS, *BASELINES)
 
 
 def reduce_tokens(
@@ -99,15 +92,18 @@ def reduce_tokens(
     attention_weight: float = 0.5,
     seed: int = 0,
 ) -> CarveResult:
-    """`carve_tokens` for TokenCarve's own modes, the baselines above for the others (keep >= N: identity)."""
+    """`carve_tokens` for TokenCarve's own modes, tokencarve.selection's redundancy-aware selections,
+    the baselines above for the others (keep >= N: identity)."""
     if method in MODES:
         return carve_tokens(hidden, attention, keep, attention_weight=attention_weight, mode=method)
-    if method not in BASELINES:
+    if method not in (*SELECTIONS, *BASELINES):
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     if keep >= hidden.shape[1]:
         return carve_tokens(hidden, attention, keep)
+    if method in SELECTIONS:
+        return select_tokens(hidden, attention, keep, method, attention_weight=attention_weight)
     if method == "fastv":
         return fastv_tokens(hidden, attention, keep)
     if method == "random":

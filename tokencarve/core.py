@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .eigh import gram_eigh
+
 MODES = ("tokencarve", "information", "attention")
 
 
@@ -52,7 +54,7 @@ def stage_sizes(num_tokens: int, keep: int) -> tuple[int, int]:
     return survivors, keep // 2
 
 
-def information_scores(hidden: torch.Tensor) -> torch.Tensor:
+def information_scores(hidden: torch.Tensor, solver: str | None = None) -> torch.Tensor:
     """Each token's contribution to the spectrum of H: sv_i = sum_j |U_ij| S_j, for [B, N, D] -> [B, N].
 
     Row i of U S equals row i of H V, so no SVD is needed, only the eigenvectors of a Gram matrix:
@@ -62,14 +64,15 @@ def information_scores(hidden: torch.Tensor) -> torch.Tensor:
     reference's full_matrices SVD builds a D x D V it never uses), it is a single symmetric eigh
     of the smaller side, and it batches. It runs in float64: a Gram matrix squares the condition
     number, and float64 keeps the scores accurate to far better than the reference's float32 SVD.
+    The eigensolver is one batched call (`tokencarve.eigh`: `solver` None means its default).
     """
     h = hidden.to(torch.float64)
     num_tokens, dim = h.shape[-2:]
     if num_tokens >= dim:
-        _, right_vectors = torch.linalg.eigh(h.mT @ h)
+        _, right_vectors = gram_eigh(h.mT @ h, solver)
         scaled_left = h @ right_vectors
     else:
-        eigenvalues, left_vectors = torch.linalg.eigh(h @ h.mT)
+        eigenvalues, left_vectors = gram_eigh(h @ h.mT, solver)
         scaled_left = left_vectors * eigenvalues.clamp_min(0).sqrt().unsqueeze(-2)
     return scaled_left.abs().sum(-1)
 
@@ -108,6 +111,14 @@ def slot_assignment(index: torch.Tensor, num_tokens: int) -> torch.Tensor:
     CarveResult.assignment before merged tokens are given their target's slot."""
     slots = torch.arange(index.shape[1], device=index.device).expand_as(index)
     return torch.full((index.shape[0], num_tokens), -1, dtype=torch.long, device=index.device).scatter(1, index, slots)
+
+
+def kept_only(hidden: torch.Tensor, index: torch.Tensor) -> CarveResult:
+    """Keep the tokens at `index` ([B, T], any order) unchanged and prune the rest (nothing merged)."""
+    index = index.sort(dim=1).values
+    batch, num_tokens, _ = hidden.shape
+    merged = torch.zeros(batch, num_tokens, dtype=torch.bool, device=hidden.device)
+    return CarveResult(gather_rows(hidden, index), index, slot_assignment(index, num_tokens), merged)
 
 
 def carve_tokens(

@@ -34,11 +34,16 @@ def parse_budget(text: str) -> int | float:
         return float(text)
 
 
+# The method the batch job and Serve use unless told otherwise (the library's CarveConfig keeps the
+# paper's "tokencarve"); docs/EVALUATION.md has the measurements behind the choice.
+DEFAULT_METHOD = "tokencarve"
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str  # a local folder or a hub id
     keep: int | float = 64  # visual tokens per image, or a fraction of each image's (0.1); ignored for "none"
-    method: str = "tokencarve"
+    method: str = DEFAULT_METHOD
     layer: int = 2
     max_new_tokens: int = 64
     device: str = "auto"  # "auto": cuda if available

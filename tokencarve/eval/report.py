@@ -12,6 +12,10 @@ COLOURS = {
     "fastv": "tab:red",
     "random": "tab:purple",
     "pool": "tab:brown",
+    "volume": "tab:cyan",
+    "dpp": "tab:olive",
+    "divprune": "tab:pink",
+    "debiased": "tab:gray",
 }  # the same in every figure
 LINE_STYLES = {
     "tokencarve": "o-",
@@ -20,6 +24,10 @@ LINE_STYLES = {
     "fastv": "v-",
     "random": "x:",
     "pool": "d-.",
+    "volume": "P-",
+    "dpp": "*-",
+    "divprune": "h--",
+    "debiased": "o:",
 }
 
 
