@@ -12,6 +12,7 @@ the same work. Prints Markdown tables; --write docs/BENCHMARKS.md replaces the G
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import re
 import statistics
@@ -24,7 +25,7 @@ import transformers
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import tokencarve
-from tokencarve import CarveConfig, carve_tokens, information_scores
+from tokencarve import CarveConfig, carve_tokens, eigh, information_scores
 
 BUDGETS = [None, 192, 128, 64]
 IMAGE_TOKEN = 32000
@@ -138,9 +139,11 @@ def bench_setting(model, keep, device, dtype, new_tokens, repeats, batches) -> d
     tokencarve.apply(model, CarveConfig(keep=keep))
     row = {"keep": keep or 576}
     with torch.inference_mode():
-        for batch in (1, 8):
+        for batch in (1, 8, 64):
             inputs = inputs_for(batch, device, dtype)
             row[f"prefill_b{batch}"] = timed(lambda: model(**inputs, use_cache=True), device, repeats)
+            if keep is not None:  # the carve step inside that prefill (the last timed run's)
+                row[f"carve_ms_b{batch}"] = model.tokencarve.last_stats.carve_seconds * 1e3
         inputs = inputs_for(8, device, dtype)
 
         def generate(tokens: int):
@@ -150,13 +153,49 @@ def bench_setting(model, keep, device, dtype, new_tokens, repeats, batches) -> d
         decode = timed(lambda: generate(new_tokens), device, repeats) - timed(lambda: generate(1), device, repeats)
         row["decode_tok_s"] = 8 * (new_tokens - 1) / decode if decode > 0 else float("nan")
         row["kv_bytes_b8"] = kv_bytes(model)
-        row["carve_ms_b8"] = model.tokencarve.last_stats.carve_seconds * 1e3
         row["best_batch"], row["captions_s"], row["peak_gib"], row["tried"] = best_throughput(
             model, device, dtype, new_tokens, batches
         )
     tokencarve.remove(model)
     row["flop_ratio"] = flop_ratio(model.config, keep, new_tokens)
+    for batch in (1, 8, 64):
+        row.setdefault(f"carve_ms_b{batch}", 0.0)
     return row
+
+
+def figures(args, device: str, rows: list[dict]) -> dict:
+    """The run as JSON (docs/benchmarks/gpu.json): device, date, versions, and per setting the best
+    batch, captions/s and ratio vs stock, the carve step and its share of the carved prefill, KV bytes."""
+    stock = rows[0]
+    return {
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.machine() + " CPU",
+        "date": str(date.today()),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "eigh_solver": eigh.resolve(
+            eigh.default_solver(), device.split(":")[0], eigh.torch_version(), eigh.installed("nvmath")
+        ),
+        "model": f"LLaVA-1.5 architecture, scale {args.scale}, {args.dtype}, SDPA",
+        "prompt": {"text_tokens": TEXT_TOKENS, "visual_tokens": 576, "new_tokens": args.new_tokens},
+        "settings": [
+            {
+                "visual_tokens": r["keep"],
+                "best_batch": r["best_batch"],
+                "captions_per_s": r["captions_s"],
+                "captions_ratio_vs_stock": r["captions_s"] / stock["captions_s"],
+                "peak_gib": r["peak_gib"],
+                "prefill_ms": {str(b): r[f"prefill_b{b}"] * 1e3 for b in (1, 8, 64)},
+                "carve_ms": {str(b): r[f"carve_ms_b{b}"] for b in (1, 8, 64)},
+                "carve_share_of_prefill": {str(b): r[f"carve_ms_b{b}"] / 1e3 / r[f"prefill_b{b}"] for b in (1, 8, 64)},
+                "kv_bytes_b8": r["kv_bytes_b8"],
+                "decode_tokens_per_s_b8": r["decode_tok_s"],
+                "analytic_flop_ratio": r["flop_ratio"],
+                "batches_tried": r["tried"],
+            }
+            for r in rows
+        ],
+    }
 
 
 def best_throughput(model, device, dtype, new_tokens, batches) -> tuple[int, float, float, str]:
@@ -241,8 +280,9 @@ def report(args, device, rows, carve_rows) -> str:
         f"--scale {args.scale}`",
         "",
         "| visual tokens | prefill b1 ms | prefill b8 ms | vs stock | decode tok/s (b8) | vs stock | KV cache b8 MiB | vs stock "
-        "| best batch | captions/s | vs stock | peak GiB | analytic LM FLOPs | carve step ms (b8) | share of prefill |",
-        "|" + "---|" * 15,
+        "| best batch | captions/s | vs stock | peak GiB | analytic LM FLOPs | carve step ms (b8) | share of prefill "
+        "| carve step ms (b64) | share of prefill |",
+        "|" + "---|" * 17,
     ]
     for r in rows:
         lines.append(
@@ -250,7 +290,8 @@ def report(args, device, rows, carve_rows) -> str:
             f"| {r['decode_tok_s']:.0f} | {r['decode_tok_s'] / stock['decode_tok_s']:.2f}x | {r['kv_bytes_b8'] / 2**20:.0f} "
             f"| {r['kv_bytes_b8'] / stock['kv_bytes_b8']:.2f}x | {r['best_batch']} | {r['captions_s']:.2f} "
             f"| {r['captions_s'] / stock['captions_s']:.2f}x | {r['peak_gib']:.1f} | {r['flop_ratio']:.2f} "
-            f"(best {1 / r['flop_ratio']:.2f}x) | {r['carve_ms_b8']:.2f} | {100 * r['carve_ms_b8'] / 1e3 / r['prefill_b8']:.1f} % |"
+            f"(best {1 / r['flop_ratio']:.2f}x) | {r['carve_ms_b8']:.2f} | {100 * r['carve_ms_b8'] / 1e3 / r['prefill_b8']:.1f} % "
+            f"| {r['carve_ms_b64']:.2f} | {100 * r['carve_ms_b64'] / 1e3 / r['prefill_b64']:.1f} % |"
         )
     lines += ["", "| visual tokens | batches tried: captions/s |", "|---|---|"]
     lines += [f"| {r['keep']} | {r['tried']} |" for r in rows]
@@ -278,6 +319,7 @@ def main() -> None:
         help="also write torch.profiler kernel tables of a batch-8 prefill (stock, keep=128) into this folder",
     )
     p.add_argument("--write", help="replace the GPU section of this Markdown file (e.g. docs/BENCHMARKS.md)")
+    p.add_argument("--json", help="also write the figures as JSON (e.g. docs/benchmarks/gpu.json)")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args.dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
@@ -287,6 +329,9 @@ def main() -> None:
     rows = [bench_setting(model, keep, device, dtype, args.new_tokens, args.repeats, batches) for keep in BUDGETS]
     text = report(args, device, rows, bench_carve_step(model, device, dtype, args.repeats))
     print(text)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(figures(args, device, rows), indent=2) + "\n")
     if args.profile:
         folder = Path(args.profile)
         folder.mkdir(parents=True, exist_ok=True)

@@ -1,22 +1,31 @@
 """Ways to compute TokenCarve's information score on a GPU: time and agreement with the SVD definition.
 
-    python benchmarks/bench_information_score.py            # [8, 576, 4096] bf16 hidden states, as LLaVA-1.5-7B
+    python benchmarks/bench_information_score.py            # [B, 576, 4096] bf16 hidden states, as LLaVA-1.5-7B
+    python benchmarks/bench_information_score.py --batches 8,64,256 --json $OUT/eigh.json   # the GPU session
 
 The score is sv_i = sum_j |U_ij| S_j of the layer-K visual hidden states (ALGORITHM.md). Every route
 below computes the same quantity; they differ in precision and in how the GPU's solvers batch. Agreement
 is measured against a float64 SVD on two kinds of input: Gaussian noise (a flat spectrum) and a
-"realistic" one (a few dominant directions and heavy per-channel outliers, as LLM hidden states have).
+"realistic" one (a few dominant directions and heavy per-channel outliers, as LLM hidden states have),
+at the first batch size (the solvers are deterministic per matrix, so agreement does not depend on
+the batch); time is measured at every batch size. The library's routes (tokencarve.eigh: torch,
+nvmath's cusolverDnXsyevBatched, CuPy, the host) run through `information_scores(solver=...)`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 from concurrent.futures import ThreadPoolExecutor
+from datetime import date
+from pathlib import Path
 
 import torch
 from bench_gpu import timed  # this folder is on sys.path when the script runs
 
-from tokencarve import information_scores
+from tokencarve import eigh, information_scores
 
 
 def gram_eigh(hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -47,10 +56,19 @@ def gram_eigh_streams(hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def gram_eigh_cpu(hidden: torch.Tensor) -> torch.Tensor:
+def host_pool(hidden: torch.Tensor) -> torch.Tensor:
+    """One float64 eigh per image on the host, spread over a pool of one-thread workers (all cores)."""
     h = hidden.double()
-    eigenvalues, left = torch.linalg.eigh((h @ h.mT).cpu())
-    return (left * eigenvalues.clamp_min(0).sqrt().unsqueeze(-2)).abs().sum(-1).to(hidden.device)
+    gram = (h @ h.mT).cpu()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one LAPACK thread per worker: the pool is the parallelism
+    try:
+        with ThreadPoolExecutor(os.cpu_count()) as pool:
+            parts = list(pool.map(torch.linalg.eigh, gram.unbind(0)))
+    finally:
+        torch.set_num_threads(threads)
+    values, vectors = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+    return (vectors * values.clamp_min(0).sqrt().unsqueeze(-2)).abs().sum(-1).to(hidden.device)
 
 
 def svd_route(hidden: torch.Tensor, driver: str | None) -> torch.Tensor:
@@ -71,13 +89,16 @@ def with_library(library: str, fn):
 
 
 ROUTES = {
-    "eigh f64 (ours)": information_scores,
+    "eigh f64 (ours, torch)": lambda h: information_scores(h, solver="torch"),
+    "eigh f64, nvmath cusolverDnXsyevBatched": lambda h: information_scores(h, solver="nvmath"),
+    "eigh f64, cupy": lambda h: information_scores(h, solver="cupy"),
+    "eigh f64, host, one batched LAPACK call": lambda h: information_scores(h, solver="cpu"),
+    "eigh f64, host, pool of 1-thread workers": host_pool,
     "eigh f32": lambda h: gram_eigh(h, torch.float32),
     "eigh f64, stream per image": lambda h: gram_eigh_streams(h, torch.float64),
     "eigh f32, stream per image": lambda h: gram_eigh_streams(h, torch.float32),
     "eigh f64, magma": with_library("magma", lambda h: gram_eigh(h, torch.float64)),
     "eigh f32, magma": with_library("magma", lambda h: gram_eigh(h, torch.float32)),
-    "eigh f64 on the CPU": gram_eigh_cpu,
     "svd f32 (reference's precision)": lambda h: svd_route(h, None),
     "svd f32, gesvdj": lambda h: svd_route(h, "gesvdj"),
 }
@@ -104,37 +125,73 @@ def agreement(scores: torch.Tensor, exact: torch.Tensor, keep: int) -> tuple[flo
     return error, shared / exact_top.numel()
 
 
+def time_route(fn, hidden: torch.Tensor, repeats: int) -> float:
+    """Seconds per image of `fn` on the batch `hidden`."""
+    return timed(lambda: fn(hidden), str(hidden.device), repeats) / hidden.shape[0]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batches", default="8", help="batch sizes to time (agreement: at the first)")
     p.add_argument("--tokens", type=int, default=576)
     p.add_argument("--dim", type=int, default=4096)
     p.add_argument("--keep", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", help="also write every figure to this JSON file")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    routes = ROUTES if device == "cuda" else {k: v for k, v in ROUTES.items() if "magma" not in k and "stream" not in k}
-    print(
-        f"| route | batch-{args.batch} ms | ms per image | max rel. error (noise / realistic) "
-        f"| top-{args.keep} agreement (noise / realistic) |\n|---|---|---|---|---|"
-    )
-    data = {kind: inputs(kind, args.batch, args.tokens, args.dim, device) for kind in ("noise", "realistic")}
+    gpu_only = ("magma", "stream", "nvmath", "cupy")
+    routes = ROUTES if device == "cuda" else {k: v for k, v in ROUTES.items() if not any(g in k for g in gpu_only)}
+    batches = [int(b) for b in args.batches.split(",")]
+    data = {kind: inputs(kind, batches[0], args.tokens, args.dim, device) for kind in ("noise", "realistic")}
     exact = {}
     for kind, hidden in data.items():
         u, s, _ = torch.linalg.svd(hidden.double().cpu(), full_matrices=False)
         exact[kind] = (u * s.unsqueeze(-2)).abs().sum(-1).to(device)
+    print(
+        f"| route | {' | '.join(f'ms per image at batch {b}' for b in batches)} | max rel. error (noise / realistic) "
+        f"| top-{args.keep} agreement (noise / realistic) |\n|---|{'---|' * len(batches)}---|---|"
+    )
+    results = []
     for name, fn in routes.items():
         try:
-            seconds = timed(lambda: fn(data["realistic"]), device, args.repeats)
             checks = [agreement(fn(data[kind]), exact[kind], args.keep) for kind in data]
+            per_image = {}
+            for batch in batches:
+                repeats = args.repeats if batch <= 64 else 2
+                per_image[batch] = time_route(fn, inputs("realistic", batch, args.tokens, args.dim, device), repeats)
         except Exception as error:  # a solver this build lacks: say so and go on
-            print(f"| {name} | failed: {type(error).__name__}: {str(error)[:80]} | | | |")
+            print(f"| {name} | failed: {type(error).__name__}: {str(error)[:80]} |")
+            results.append({"route": name, "error": f"{type(error).__name__}: {error}"})
             continue
+        results.append(
+            {
+                "route": name,
+                "ms_per_image": {str(b): t * 1e3 for b, t in per_image.items()},
+                "max_relative_error": {"noise": checks[0][0], "realistic": checks[1][0]},
+                f"top{args.keep}_agreement": {"noise": checks[0][1], "realistic": checks[1][1]},
+            }
+        )
+        times = " | ".join(f"{t * 1e3:.3f}" for t in per_image.values())
         print(
-            f"| {name} | {seconds * 1e3:.2f} | {seconds * 1e3 / args.batch:.2f} | {checks[0][0]:.1e} / {checks[1][0]:.1e} "
+            f"| {name} | {times} | {checks[0][0]:.1e} / {checks[1][0]:.1e} "
             f"| {100 * checks[0][1]:.2f} % / {100 * checks[1][1]:.2f} % |",
             flush=True,
         )
+    if args.json:
+        device_name = torch.cuda.get_device_name() if device == "cuda" else f"{platform.machine()} CPU"
+        record = {
+            "device": device_name,
+            "date": str(date.today()),
+            "torch": torch.__version__,
+            "nvmath": eigh.installed("nvmath"),
+            "cupy": eigh.installed("cupy"),
+            "shape": [args.tokens, args.dim],
+            "keep": args.keep,
+            "routes": results,
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":
