@@ -1,6 +1,7 @@
 """Write generated scene corpora as Parquet shards (read them with tokencarve.eval.read_parquet).
 
     python -m carve_tiny.data --rows 300 --seed 7 --out data/sample --shard-rows 150
+    python -m carve_tiny.data --scenes hard --rows 600 --seed 1234 --out results/hard-eval   # carve-tiny-hard's scenes
 
 Columns: id (string), image (PNG bytes, 336 x 336 RGB), prompt (the question, without the chat
 template), answer, task. Tasks come round-robin (caption, colour, count, exist, position, ocr, ...),
@@ -18,7 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .scenes import TASKS, example, png_bytes
+from .scenes import TASKS, VARIANTS, example, png_bytes
 
 SCHEMA = pa.schema(
     [
@@ -31,20 +32,21 @@ SCHEMA = pa.schema(
 )
 
 
-def rows(count: int, seed: int, tasks=TASKS) -> Iterator[dict]:
+def rows(count: int, seed: int, tasks=TASKS, scenes: str = "simple") -> Iterator[dict]:
     rng = random.Random(seed)
     for i in range(count):
         # exist questions alternate yes / no: an exact 50/50 split, as in POPE
-        image, _, task, prompt, answer = example(rng, tasks[i % len(tasks)], exist_yes=(i // len(tasks)) % 2 == 0)
+        yes = (i // len(tasks)) % 2 == 0
+        image, _, task, prompt, answer = example(rng, tasks[i % len(tasks)], exist_yes=yes, variant=scenes)
         yield {"id": f"s{seed}-{i:07d}", "image": png_bytes(image), "prompt": prompt, "answer": answer, "task": task}
 
 
-def write_corpus(out: str | Path, count: int, seed: int, shard_rows: int = 1000) -> list[Path]:
-    """Write `count` rows as shard-00000.parquet, shard-00001.parquet, ... under `out`."""
+def write_corpus(out: str | Path, count: int, seed: int, shard_rows: int = 1000, scenes: str = "simple") -> list[Path]:
+    """Write `count` rows of `scenes` ("simple" or "hard") as shard-00000.parquet, ... under `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths, shard = [], []
-    for row in rows(count, seed):
+    for row in rows(count, seed, scenes=scenes):
         shard.append(row)
         if len(shard) == shard_rows:
             paths.append(_write_shard(out, len(paths), shard))
@@ -66,8 +68,9 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--shard-rows", type=int, default=1000)
+    p.add_argument("--scenes", choices=sorted(VARIANTS), default="simple", help="scene variant (carve_tiny.scenes)")
     args = p.parse_args(argv)
-    for path in write_corpus(args.out, args.rows, args.seed, args.shard_rows):
+    for path in write_corpus(args.out, args.rows, args.seed, args.shard_rows, args.scenes):
         print(path)
 
 

@@ -3,7 +3,8 @@
 - vision tower: CLIP ViT at 336 px / patch 14 -> 1 CLS + 576 patch tokens; LLaVA takes the last
   layer's hidden states and drops CLS ("default" strategy), so every image is 576 visual tokens;
 - projector: LLaVA-1.5's 2-layer MLP (Linear, GELU, Linear) into the decoder's width;
-- decoder: a Llama with 4 layers (the TokenCarve cut sits before layer 2);
+- decoder: a Llama with 4 layers (carve-tiny) or 8 (carve-tiny-hard; `DECODER_LAYERS`); the TokenCarve
+  cut sits before layer 2;
 - tokenizer: WordPiece over the scene vocabulary (whole words; numbers read digit by digit, "42" ->
   "4" "##2"), special tokens <pad> <s> </s> <unk> <image>, saved as tokenizer.json;
 - prompt: LLaVA-1.5's `USER: <image>\\n{question} ASSISTANT:`; the answer ends with </s>.
@@ -48,10 +49,11 @@ CHAT_TEMPLATE = (
 
 # The architecture (see docs/CARVE-TINY.md): sized so that training fits a 2-core CPU.
 VISION = dict(hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_attention_heads=3)  # head_dim 32
+# decoder depth per scene variant: the hard model's cut (before layer 2) sits at a quarter of its depth
+DECODER_LAYERS = {"simple": 4, "hard": 8}
 TEXT = dict(
     hidden_size=128,
     intermediate_size=384,
-    num_hidden_layers=4,
     num_attention_heads=4,
     num_key_value_heads=4,
     initializer_range=0.08,
@@ -61,9 +63,9 @@ TEXT = dict(
 # 5e5) leaves more rotary channels nearly position-free over the ~600-token prompt, for content lookups
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(scenes: str = "simple") -> PreTrainedTokenizerFast:
     digits = [str(d) for d in range(10)]
-    vocab = {token: i for i, token in enumerate([*SPECIALS, *words(), *digits, *("##" + d for d in digits)])}
+    vocab = {token: i for i, token in enumerate([*SPECIALS, *words(scenes), *digits, *("##" + d for d in digits)])}
     core = Tokenizer(models.WordPiece(vocab, unk_token="<unk>", continuing_subword_prefix="##"))
     core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
     core.pre_tokenizer = pre_tokenizers.Whitespace()  # words and runs of punctuation
@@ -83,7 +85,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_processor() -> LlavaProcessor:
+def build_processor(scenes: str = "simple") -> LlavaProcessor:
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": SIZE},
         crop_size={"height": SIZE, "width": SIZE},
@@ -93,7 +95,7 @@ def build_processor() -> LlavaProcessor:
     )
     return LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=build_tokenizer(),
+        tokenizer=build_tokenizer(scenes),
         patch_size=PATCH,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
@@ -108,7 +110,7 @@ POSITION_DIMS = 32
 LOCAL_SHARPNESS = (0.4, 0.8, 1.5)
 
 
-def build_config(vocab_size: int) -> LlavaConfig:
+def build_config(vocab_size: int, decoder_layers: int = DECODER_LAYERS["simple"]) -> LlavaConfig:
     vision = CLIPVisionConfig(image_size=SIZE, patch_size=PATCH, projection_dim=VISION["hidden_size"], **VISION)
     text = LlamaConfig(
         vocab_size=vocab_size,
@@ -117,6 +119,7 @@ def build_config(vocab_size: int) -> LlavaConfig:
         bos_token_id=BOS,
         eos_token_id=EOS,
         tie_word_embeddings=False,
+        num_hidden_layers=decoder_layers,
         **TEXT,
     )
     return LlavaConfig(
@@ -174,18 +177,24 @@ def init_vision_tower(model: LlavaForConditionalGeneration) -> None:
                 projection.weight[h * dims : (h + 1) * dims, width - dims :] = eye * sharpness**0.5
 
 
-def build_untrained(path: str | Path | None = None, seed: int = 0):
-    """A freshly initialised carve-tiny and its processor (saved to `path` if given)."""
-    processor = build_processor()
+def build_untrained(path: str | Path | None = None, seed: int = 0, scenes: str = "simple"):
+    """A freshly initialised carve-tiny (or carve-tiny-hard, scenes="hard") and its processor (saved to
+    `path` if given)."""
+    processor = build_processor(scenes)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(build_config(len(processor.tokenizer)))
+    model = LlavaForConditionalGeneration(build_config(len(processor.tokenizer), DECODER_LAYERS[scenes]))
     with torch.no_grad():
         # ~unit-norm token embeddings: a question word keeps its identity in the residual stream
         # next to the (larger) visual tokens instead of being drowned by them
         model.model.language_model.embed_tokens.weight.normal_(0.0, 1.0)
     init_vision_tower(model)
     model.generation_config.update(
-        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, max_new_tokens=40, do_sample=False
+        # a hard caption (9 objects) is ~55 tokens
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        max_new_tokens=40 if scenes == "simple" else 64,
+        do_sample=False,
     )
     if path is not None:
         save(model, processor, path)

@@ -1,7 +1,10 @@
 """Seeded synthetic scenes with questions and answers, rendered with Pillow at 336 x 336.
 
-A scene holds 1-6 objects (shape, colour, size) in distinct cells of a 3 x 3 grid and, in about a
-third of the scenes, a short rendered text (a word or a two-digit number) in a free cell. Every
+A scene holds objects (shape, colour, size) in distinct cells of a 3 x 3 grid and, in about a third
+of the scenes, a short rendered text (a word or a two-digit number) in a free cell. Two variants
+(`VARIANTS`): "simple" (carve-tiny's: 1-6 objects of two sizes, one or four patches each, on a flat
+background) and "hard" (carve-tiny-hard's: 1-9 objects of three sizes, up to ~30 patches each, on a
+textured, noisy background). Every
 question has exactly one short answer derived from the scene, so exact match scores it:
 
     caption   "Describe the image."            -> "top left large red circle, center small blue square"
@@ -26,6 +29,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 SIZE = 336  # LLaVA-1.5's input size; 336 / 14 = 24 x 24 = 576 patches
@@ -44,6 +48,30 @@ SIZES = ("small", "large")
 # Objects sit on the 14-px patch grid: a small one (radius 6) inside one patch, a large one
 # (radius 13) centred on a patch corner, over 2 x 2 patches; they move by whole patches in their cell.
 RADIUS = {"small": 6, "large": 13}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What kind of scene a corpus holds. `radius` maps size words to radii in pixels (a radius-6
+    object sits inside one patch, larger ones on a patch corner); `moves` is the range of whole-patch
+    moves of a non-small object inside its cell (small ones move -2..1, as in "simple")."""
+
+    name: str
+    radius: dict
+    max_objects: int
+    textured: bool
+    moves: tuple[int, int] = (-2, 1)
+
+    @property
+    def sizes(self) -> tuple[str, ...]:
+        return tuple(self.radius)
+
+
+VARIANTS = {
+    "simple": Variant("simple", RADIUS, max_objects=6, textured=False),
+    # a large hard object (radius 34, 68 px across) covers ~10-20 patches and touches up to ~30
+    "hard": Variant("hard", {"small": 6, "medium": 13, "large": 34}, max_objects=9, textured=True, moves=(-1, 1)),
+}
 CELLS = (
     "top left",
     "top middle",
@@ -89,21 +117,35 @@ class Scene:
     text: str | None = None
     text_cell: int | None = None
     background: tuple[int, int, int] = (245, 245, 245)
+    variant: str = "simple"
 
 
-def random_scene(rng: random.Random, max_objects: int = 6) -> Scene:
-    count = rng.randint(1, max_objects)
-    has_text = rng.random() < TEXT_PROBABILITY
+def variant_of(name: str) -> Variant:
+    if name not in VARIANTS:
+        raise ValueError(f"unknown scene variant {name!r}; one of {sorted(VARIANTS)}")
+    return VARIANTS[name]
+
+
+def random_scene(rng: random.Random, max_objects: int | None = None, variant: str = "simple") -> Scene:
+    """A scene of 1..max_objects objects (default: the variant's maximum)."""
+    kind = variant_of(variant)
+    count = rng.randint(1, max_objects or kind.max_objects)
+    has_text = rng.random() < TEXT_PROBABILITY and count < 9  # the text needs a free cell
     cells = rng.sample(range(9), count + has_text)
     things = tuple(
         sorted(
-            (Thing(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(SIZES), cell) for cell in cells[:count]),
+            (
+                Thing(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(kind.sizes), cell)
+                for cell in cells[:count]
+            ),
             key=lambda t: t.cell,
         )
     )
     text = (rng.choice(WORDS) if rng.random() < 0.5 else rng.choice(NUMBERS)) if has_text else None
-    shade = rng.randint(225, 255)
-    return Scene(things, text, cells[count] if has_text else None, (shade, shade, rng.randint(215, 255)))
+    low = 200 if kind.textured else 225  # a textured background spans a wider range of shades
+    shade = rng.randint(low, 255)
+    background = (shade, shade, rng.randint(low - 10, 255))
+    return Scene(things, text, cells[count] if has_text else None, background, variant)
 
 
 @lru_cache(maxsize=4)
@@ -121,14 +163,19 @@ def render(scene: Scene, rng: random.Random, with_masks: bool = False):
     With `with_masks`, also return an "L" image of the same size where object k (0-based, in
     `scene.things` order) is painted with value k + 1, and the text's bounding box with 255 (the
     training script derives per-patch targets from it). The scene image is the same either way."""
-    image = Image.new("RGB", (SIZE, SIZE), scene.background)
+    kind = variant_of(scene.variant)
+    if kind.textured:
+        image = textured_background(scene.background, rng)
+    else:
+        image = Image.new("RGB", (SIZE, SIZE), scene.background)
     draw = ImageDraw.Draw(image)
     mask = Image.new("L", (SIZE, SIZE), 0) if with_masks else None
     for index, thing in enumerate(scene.things):
-        radius = RADIUS[thing.size]
+        radius = kind.radius[thing.size]
         cx, cy = cell_centre(thing.cell)  # a patch corner
         shift = 7 if thing.size == "small" else 0  # small: centre of a patch
-        cx, cy = cx + shift + 14 * rng.randint(-2, 1), cy + shift + 14 * rng.randint(-2, 1)
+        low, high = (-2, 1) if thing.size == "small" else kind.moves
+        cx, cy = cx + shift + 14 * rng.randint(low, high), cy + shift + 14 * rng.randint(low, high)
         _draw_shape(draw, thing.shape, cx, cy, radius, COLOURS[thing.colour])
         if mask is not None:
             _draw_shape(ImageDraw.Draw(mask), thing.shape, cx, cy, radius, index + 1)
@@ -137,7 +184,37 @@ def render(scene: Scene, rng: random.Random, with_masks: bool = False):
         if mask is not None:
             box = draw.textbbox(cell_centre(scene.text_cell), scene.text, font=_font(FONT_SIZE), anchor="mm")
             ImageDraw.Draw(mask).rectangle(box, fill=255)
+    if kind.textured:  # sensor-like noise over everything, objects included: no two patches are identical
+        image = _add_noise(image, rng, sigma=4.0)
     return (image, mask) if with_masks else image
+
+
+TEXTURES = ("noise", "stripes", "checker", "blotches")
+
+
+def textured_background(tint: tuple[int, int, int], rng: random.Random) -> Image.Image:
+    """A SIZE x SIZE background: the tint plus one of TEXTURES, +-10..25 grey levels, drawn from `rng`."""
+    noise = np.random.default_rng(rng.randrange(2**32))
+    kind, amplitude = rng.choice(TEXTURES), rng.uniform(10, 25)
+    ys, xs = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    if kind == "noise":
+        pattern = noise.normal(0, 0.5, (SIZE, SIZE))
+    elif kind == "stripes":  # a sine grating at a random angle and period
+        angle, period = rng.uniform(0, math.pi), rng.uniform(8, 40)
+        pattern = np.sin(2 * math.pi * (xs * math.cos(angle) + ys * math.sin(angle)) / period)
+    elif kind == "checker":
+        block = rng.randint(6, 28)
+        pattern = ((ys // block + xs // block) % 2) * 2.0 - 1.0
+    else:  # blotches: a coarse random field, smoothly upsampled
+        coarse = Image.fromarray(noise.uniform(0, 255, (6, 6)).astype(np.uint8), "L")
+        pattern = np.asarray(coarse.resize((SIZE, SIZE), Image.BICUBIC), dtype=np.float32) / 127.5 - 1.0
+    pixels = np.asarray(tint, dtype=np.float32) + amplitude * pattern[..., None]
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+
+
+def _add_noise(image: Image.Image, rng: random.Random, sigma: float) -> Image.Image:
+    noise = np.random.default_rng(rng.randrange(2**32)).normal(0, sigma, (SIZE, SIZE, 3))
+    return Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255).astype(np.uint8), "RGB")
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: int, cy: int, r: int, fill) -> None:
@@ -217,12 +294,12 @@ def cell_question(scene: Scene, rng: random.Random) -> tuple[str, str]:
 
 
 def example(
-    rng: random.Random, task: str | None = None, exist_yes: bool | None = None
+    rng: random.Random, task: str | None = None, exist_yes: bool | None = None, variant: str = "simple"
 ) -> tuple[Image.Image, Scene, str, str, str]:
     """One (image, scene, task, prompt, answer); a scene the task does not apply to is redrawn."""
     chosen = task or rng.choice(TASKS)
     while True:
-        scene = random_scene(rng)
+        scene = random_scene(rng, variant=variant)
         try:
             prompt, answer = question(scene, chosen, rng, exist_yes)
         except LookupError:
@@ -236,13 +313,13 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def words() -> list[str]:
-    """Every whole word a prompt or answer can contain, split as the tokenizer's pre-tokenizer splits
-    (numbers are left out: the tokenizer reads them digit by digit)."""
+def words(variant: str = "simple") -> list[str]:
+    """Every whole word a prompt or answer of the variant can contain, split as the tokenizer's
+    pre-tokenizer splits (numbers are left out: the tokenizer reads them digit by digit)."""
     texts = [t.format(colour=c, shape=s) for t in PROMPTS.values() for c in COLOURS for s in SHAPES]
     texts += [
         *COLOURS,
-        *SIZES,
+        *variant_of(variant).sizes,
         *WORDS,
         *CELLS,
         "yes",

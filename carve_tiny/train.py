@@ -1,6 +1,7 @@
 """Train carve-tiny from scratch on generated scenes; reproducible from a seed, on a CPU.
 
     python -m carve_tiny.train --out models/carve-tiny --seed 0     # the bundled model: 42.8 min on 2 CPU cores
+    python -m carve_tiny.train --scenes hard --out models/carve-tiny-hard --seed 0   # the harder one (8 layers)
 
 Data: generated on the fly from the seed (nothing is read from disk). Every training row is one
 scene: its image followed by up to `QUESTIONS[task]` questions of every task that applies to the
@@ -40,8 +41,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import BOS, EOS, IMAGE, IMAGE_TOKENS, PAD, PATCH, build_untrained, pixel_values, save
-from .scenes import COLOURS, SHAPES, SIZE, SIZES, WORDS, Scene, cell_question, question, random_scene, render
+from .model import BOS, DECODER_LAYERS, EOS, IMAGE, IMAGE_TOKENS, PAD, PATCH, build_untrained, pixel_values, save
+from .scenes import (
+    COLOURS,
+    SHAPES,
+    SIZE,
+    VARIANTS,
+    WORDS,
+    Scene,
+    cell_question,
+    question,
+    random_scene,
+    render,
+    variant_of,
+)
 
 IGNORE = -100
 GRID = SIZE // PATCH  # 24
@@ -49,7 +62,7 @@ GRID = SIZE // PATCH  # 24
 PATCH_HEADS = {
     "colour": 1 + len(COLOURS),
     "shape": 1 + len(SHAPES),
-    "size": 1 + len(SIZES),
+    "size": 1 + len(VARIANTS["simple"].sizes),  # patch_heads() sets it per scene variant
     "cell": 9,
     "word": 1 + len(WORDS),
     "tens": 11,
@@ -66,10 +79,11 @@ CONTENT_COLUMNS = [column for name, column in COLUMN.items() if name != "cell"]
 CELL_TARGETS = ("every-patch", "objects")
 
 
-def patch_heads(cell_target: str = "every-patch") -> dict[str, int]:
+def patch_heads(cell_target: str = "every-patch", scenes: str = "simple") -> dict[str, int]:
     if cell_target not in CELL_TARGETS:
         raise ValueError(f"unknown cell target {cell_target!r}; one of {CELL_TARGETS}")
-    return {**PATCH_HEADS, "cell": 9 if cell_target == "every-patch" else 10}
+    sizes = 1 + len(variant_of(scenes).sizes)
+    return {**PATCH_HEADS, "size": sizes, "cell": 9 if cell_target == "every-patch" else 10}
 
 
 class Encoder:
@@ -117,7 +131,7 @@ def patch_targets(scene: Scene, mask, cell_target: str = "every-patch") -> torch
             where = covered & (best == k)
             targets[where, COLUMN["colour"]] = 1 + list(COLOURS).index(thing.colour)
             targets[where, COLUMN["shape"]] = 1 + SHAPES.index(thing.shape)
-            targets[where, COLUMN["size"]] = 1 + SIZES.index(thing.size)
+            targets[where, COLUMN["size"]] = 1 + variant_of(scene.variant).sizes.index(thing.size)
             if where.any():  # one "anchor" patch per object (its first patch in reading order), for counting
                 targets[where.nonzero()[0][0], COLUMN["anchor"]] = 1
     if scene.text is not None:
@@ -138,12 +152,17 @@ QUESTIONS = {"caption": 1, "colour": 2, "count": 3, "exist": 4, "position": 6, "
 
 
 def training_row(
-    encode: Encoder, rng: random.Random, max_objects: int = 6, questions=None, cell_target: str = "every-patch"
+    encode: Encoder,
+    rng: random.Random,
+    max_objects: int = 6,
+    questions=None,
+    cell_target: str = "every-patch",
+    scenes: str = "simple",
 ) -> Row:
     """One scene: the prefix `<s> USER: <image>*576`, then one branch per question: up to
     `questions[task]` of each task that applies (existence alternating yes / no), including the
     training-only "What is in the <cell> cell?"."""
-    scene = random_scene(rng, max_objects)
+    scene = random_scene(rng, max_objects, scenes)
     ids = [BOS, *encode("USER:"), *[IMAGE] * IMAGE_TOKENS]
     labels, branch, tasks, seen = [IGNORE] * len(ids), [0] * len(ids), [], set()
     for task, count in (questions or QUESTIONS).items():
@@ -231,9 +250,9 @@ def answer_hits(logits: torch.Tensor, labels: torch.Tensor, rows: list[Row]) -> 
 class PatchProbe(torch.nn.Module):
     """Training-only linear probe on the projector's output: one softmax per `patch_heads` entry."""
 
-    def __init__(self, width: int, cell_target: str = "every-patch"):
+    def __init__(self, width: int, cell_target: str = "every-patch", scenes: str = "simple"):
         super().__init__()
-        self.heads = patch_heads(cell_target)
+        self.heads = patch_heads(cell_target, scenes)
         self.dense = {"cell"} if cell_target == "every-patch" else set()  # heads where class 0 is a real class
         self.linear = torch.nn.Linear(width, sum(self.heads.values()))
 
@@ -268,9 +287,47 @@ class PatchProbe(torch.nn.Module):
         return out
 
 
+@torch.no_grad()
+def warm_start(model: torch.nn.Module, tokenizer, source_path: str | Path) -> int:
+    """Start `model` from a trained checkpoint (progressive growing, as in Net2Net / Gopher-style depth
+    growth): every weight whose name and shape match is copied; rows of the token embedding and the
+    output head are matched by token string, so a vocabulary that gained words (hard scenes' "medium")
+    keeps every known word; decoder layers the source lacks start as identity blocks (their attention
+    output and MLP down projections zeroed, so they add nothing until trained). Returns how many
+    tensors were copied whole."""
+    from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
+
+    source = LlavaForConditionalGeneration.from_pretrained(source_path)
+    old_vocab = PreTrainedTokenizerFast.from_pretrained(source_path).get_vocab()
+    new_vocab = tokenizer.get_vocab()
+    shared = [(new_vocab[t], old_vocab[t]) for t in new_vocab if t in old_vocab]
+    new_rows, old_rows = (torch.tensor(ids) for ids in zip(*shared))
+    source_state, copied = source.state_dict(), 0
+    for name, tensor in model.state_dict().items():
+        old = source_state.get(name)
+        if old is None:
+            continue
+        if old.shape == tensor.shape:
+            tensor.copy_(old)
+            copied += 1
+        elif name.endswith(("embed_tokens.weight", "lm_head.weight")) and old.shape[1:] == tensor.shape[1:]:
+            tensor[new_rows] = old[old_rows]
+    source_layers = source.config.text_config.num_hidden_layers
+    for layer in model.model.language_model.layers[source_layers:]:
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    return copied
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="models/carve-tiny")
+    p.add_argument("--scenes", choices=sorted(VARIANTS), default="simple", help="scene variant (carve_tiny.scenes)")
+    p.add_argument("--out", default=None, help="default: models/carve-tiny, or models/carve-tiny-hard for hard scenes")
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="start from this trained checkpoint (see warm_start; carve-tiny-hard starts from models/carve-tiny)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=2900)
     p.add_argument("--batch-size", type=int, default=8)
@@ -283,7 +340,10 @@ def main(argv=None) -> None:
         help="questions per scene and task (cell: training-only grounding questions)",
     )
     p.add_argument(
-        "--curriculum", type=int, default=300, help="scenes hold at most 2 objects at first, growing to 6 by this step"
+        "--curriculum",
+        type=int,
+        default=300,
+        help="scenes hold at most 2 objects at first, growing to the variant's maximum by this step",
     )
     p.add_argument(
         "--hide-background",
@@ -312,8 +372,12 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
-    model, processor = build_untrained(seed=args.seed)
-    probe = PatchProbe(model.config.text_config.hidden_size, args.cell_target)
+    model, processor = build_untrained(seed=args.seed, scenes=args.scenes)
+    if args.init_from:
+        copied = warm_start(model, processor.tokenizer, args.init_from)
+        print(f"warm start from {args.init_from}: {copied} tensors copied", flush=True)
+    probe = PatchProbe(model.config.text_config.hidden_size, args.cell_target, args.scenes)
+    most = variant_of(args.scenes).max_objects
     model.to(args.device).train()
     probe.to(args.device)
     captured = {}
@@ -331,7 +395,7 @@ def main(argv=None) -> None:
     encode = Encoder(processor.tokenizer)
     rng = random.Random(args.seed)
     print(
-        f"carve-tiny: {sum(q.numel() for q in model.parameters()) / 1e6:.2f} M parameters, {args.steps} steps "
+        f"carve-tiny ({args.scenes} scenes): {sum(q.numel() for q in model.parameters()) / 1e6:.2f} M parameters, {args.steps} steps "
         f"of {args.batch_size} scenes, device {args.device}, {args.threads} thread(s)",
         flush=True,
     )
@@ -344,8 +408,11 @@ def main(argv=None) -> None:
             break
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
-        max_objects = min(6, 2 + (4 * step) // max(1, args.curriculum))
-        rows = [training_row(encode, rng, max_objects, questions, args.cell_target) for _ in range(args.batch_size)]
+        max_objects = min(most, 2 + ((most - 2) * step) // max(1, args.curriculum))
+        rows = [
+            training_row(encode, rng, max_objects, questions, args.cell_target, args.scenes)
+            for _ in range(args.batch_size)
+        ]
         hide = float(min(1.0, max(0.0, (hide_until - step / args.steps) / max(1e-9, hide_until - hide_from))))
         batch = collate(rows, args.device, hide, rng)
         with torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=args.precision == "bfloat16"):
@@ -379,9 +446,12 @@ def main(argv=None) -> None:
         step = args.steps
     hook.remove()
     minutes = (time.time() - started) / 60
-    out_dir = Path(args.out)
+    out_dir = Path(args.out or ("models/carve-tiny" if args.scenes == "simple" else "models/carve-tiny-hard"))
     save(model.eval().to("cpu"), processor, out_dir)
     record = {
+        "scenes": args.scenes,
+        "init_from": args.init_from,
+        "decoder_layers": DECODER_LAYERS[args.scenes],
         "seed": args.seed,
         "steps": step,
         "planned_steps": args.steps,
