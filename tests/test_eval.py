@@ -223,3 +223,20 @@ def test_token_grid_picture(bundled, method):
         view = np.asarray(image.resize((672, 672), Image.NEAREST), dtype=np.int32)
         inner = (slice(r * 28 + 4, r * 28 + 24), slice(c * 28 + 4, c * 28 + 24))
         assert np.abs(pixels[inner] - view[inner]).max() <= 2  # kept cells are shown as they are
+
+
+def test_visualize_cli_draws_several_methods_side_by_side(tmp_path, capsys):
+    from tokencarve import visualize
+
+    image = question_files.read_parquet(SAMPLE, limit=1)[0].image
+    image.save(tmp_path / "scene.png")
+    out = tmp_path / "kept.png"
+    visualize.main(
+        ["--image", str(tmp_path / "scene.png"), "--keep", "32", "--method", "tokencarve,volume", "--out", str(out)]
+    )
+    strip = Image.open(out)
+    assert strip.size == (2 * 672 + 8, 672 + 22)  # two pictures and their labels
+    printed = capsys.readouterr().out
+    assert "tokencarve: kept 32" in printed and "volume: kept 32 (clear), merged 0" in printed
+    with pytest.raises(ValueError, match="mode must be one of"):
+        visualize.main(["--image", str(tmp_path / "scene.png"), "--method", "magic", "--out", str(out)])

@@ -163,6 +163,18 @@ def test_debiased_keeps_the_papers_two_stages():
     assert ours.merged.sum(1).tolist() == [32, 32]  # stage II merged M = 32 per image
 
 
+def test_volume_merge_is_volume_order_through_the_papers_stage_two():
+    hidden, _ = scene_rows(batch_size=2)
+    attention = torch.full(hidden.shape[:2], 1.0 / N)
+    result = baselines.reduce_tokens(hidden, attention, 64, method="volume-merge")
+    order = selection.volume_order(hidden, 96)  # P = 1.5 T survivors, best first
+    survivors = result.assignment >= 0
+    for b in range(2):
+        assert set(survivors[b].nonzero().flatten().tolist()) == set(order[b].tolist())
+        assert set(order[b, :48].tolist()) <= set(result.index[b].tolist())  # group A is always kept
+    assert result.merged.sum(1).tolist() == [32, 32] and result.index.shape == (2, 64)
+
+
 @pytest.mark.parametrize("method", ["volume", "dpp"])
 def test_selections_through_the_adapter_are_batch_invariant(sdpa_model, carved, method):
     carved(keep=40, mode=method)

@@ -152,6 +152,15 @@ def carve_tokens(
     num_survivors, num_merges = stage_sizes(num_tokens, keep)
     score = fused_scores(hidden, attention, attention_weight, mode)
     survivors = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :num_survivors]
+    return merge_survivors(hidden, survivors, num_merges)
+
+
+def merge_survivors(hidden: torch.Tensor, survivors: torch.Tensor, num_merges: int) -> CarveResult:
+    """Stage II on stage I's P survivors ([B, P] token positions, best first): the first half is A,
+    the rest B; the `num_merges` B tokens most similar to their nearest A token are merged into it."""
+    batch, num_tokens, _ = hidden.shape
+    device = hidden.device
+    num_survivors = survivors.shape[1]
     group_a, group_b = survivors[:, : num_survivors // 2], survivors[:, num_survivors // 2 :]
 
     # Stage II: each B token's most similar A token (cosine on rows of H); merge the most similar.

@@ -29,8 +29,12 @@ K-1, [B, N]), batched over images: one N x N Gram (a GEMM) and then `keep` cheap
                above the image's median: massive activations that attract attention whatever the
                prompt) get the image's median attention. Prune and merge as in the paper.
 
-`volume`, `dpp` and `divprune` prune (the unselected tokens are dropped); `debiased` keeps the
-paper's two stages.
+    volume-merge  volume's greedy order as the paper's stage I ranking: the first P = 1.5 T picks
+               survive and stage II merges M = T / 2 of them into their most similar earlier picks
+               (core.merge_survivors), so the budget's last tokens carry averages instead of picks.
+
+`volume`, `dpp` and `divprune` prune (the unselected tokens are dropped); `debiased` and
+`volume-merge` keep the paper's two stages.
 """
 
 from __future__ import annotations
@@ -38,9 +42,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .core import CarveResult, carve_tokens, kept_only
+from .core import CarveResult, carve_tokens, kept_only, merge_survivors, stage_sizes
 
-SELECTIONS = ("volume", "dpp", "divprune", "debiased")
+SELECTIONS = ("volume", "volume-merge", "dpp", "divprune", "debiased")
 DPP_THETA = 2.0  # relevance weight of the dpp mode: the most attended token's q is e^2 ~ 7.4x the least's
 SINK_NORM_RATIO = 8.0  # a token whose hidden-state norm is this many times the median is an attention sink
 
@@ -149,6 +153,9 @@ def select_tokens(
     """One of SELECTIONS for a batch ([B, N, D], [B, N]; 1 <= keep < N)."""
     if method == "debiased":
         return carve_tokens(hidden, debiased_attention(hidden, attention), keep, attention_weight=attention_weight)
+    if method == "volume-merge":
+        num_survivors, num_merges = stage_sizes(hidden.shape[1], keep)
+        return merge_survivors(hidden, volume_order(hidden, num_survivors), num_merges)
     if method == "volume":
         order = volume_order(hidden, keep)
     elif method == "dpp":

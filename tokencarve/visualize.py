@@ -2,6 +2,7 @@
 
     python -m tokencarve.visualize --model models/carve-tiny --image scene.png \\
         --prompt "What colour is the star?" --keep 64 --out kept.png
+    python -m tokencarve.visualize ... --method tokencarve,information,volume   # side by side, labelled
 
 Kept tokens are clear; pruned tokens are greyed out; merged tokens are tinted with the colour of
 the kept token they were merged into, and a line links them to it (that token gets an outline of
@@ -112,24 +113,41 @@ def carve_picture(
     return render(view, carve, scale), carve
 
 
+def side_by_side(pictures: list[Image.Image], labels: list[str]) -> Image.Image:
+    """Pictures in one row, each with its label above it."""
+    band = 22
+    width, height = sum(p.width for p in pictures) + 8 * (len(pictures) - 1), max(p.height for p in pictures) + band
+    strip = Image.new("RGB", (width, height), (255, 255, 255))
+    draw, x = ImageDraw.Draw(strip), 0
+    for picture, label in zip(pictures, labels):
+        strip.paste(picture, (x, band))
+        draw.text((x + 4, 4), label, fill=(0, 0, 0))
+        x += picture.width + 8
+    return strip
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="models/carve-tiny")
     p.add_argument("--image", required=True)
     p.add_argument("--prompt", default="Describe the image.")
     p.add_argument("--keep", type=int, default=64)
-    p.add_argument("--method", default="tokencarve", choices=tokencarve.METHODS)
+    p.add_argument("--method", default="tokencarve", help=f"one or several, comma-separated, of {tokencarve.METHODS}")
     p.add_argument("--layer", type=int, default=2)
     p.add_argument("--scale", type=int, default=2, help="upscale the picture this many times")
     p.add_argument("--out", default="kept.png")
     args = p.parse_args(argv)
     model, processor = load_llava(args.model, device="cpu", dtype="float32")
-    config = CarveConfig(keep=args.keep, layer=args.layer, mode=args.method)
-    picture, carve = carve_picture(
-        model, processor, Image.open(args.image).convert("RGB"), args.prompt, config, args.scale
-    )
-    picture.save(args.out)
-    print(f"{args.out}: {legend(carve)}")
+    image, methods = Image.open(args.image).convert("RGB"), args.method.split(",")
+    pictures = []
+    for method in methods:
+        config = CarveConfig(keep=args.keep, layer=args.layer, mode=method)  # checks the method's name
+        picture, carve = carve_picture(model, processor, image, args.prompt, config, args.scale)
+        pictures.append(picture)
+        print(f"{method}: {legend(carve)}")
+    labels = [f"{m}, {args.keep} tokens" for m in methods]
+    (pictures[0] if len(pictures) == 1 else side_by_side(pictures, labels)).save(args.out)
+    print(f"written to {args.out}")
 
 
 if __name__ == "__main__":
