@@ -1,6 +1,7 @@
 """Accuracy of a model on fresh generated scenes, per task, with blank- and shuffled-image controls.
 
     python -m carve_tiny.evaluate --model models/carve-tiny --seed 1234 --per-task 100
+    python -m carve_tiny.evaluate --model models/carve-tiny-hard --scenes hard --seed 1234 --per-task 100
 
 Questions come from a seed the model never trained on. Answers are generated greedily through the
 production engine (`tokencarve.engine.CaptionEngine`, the stock model: the batch job's preprocessing,
@@ -27,20 +28,25 @@ from tokencarve import load_llava
 from tokencarve.engine import CaptionEngine, EngineConfig
 from tokencarve.eval.scoring import normalize, summarize
 
-from .scenes import SIZE, TASKS, example
+from .scenes import SIZE, TASKS, VARIANTS, example
 
 CONTROLS = ("vanilla", "blank", "shuffled")
 
 
-def question_set(seed: int, per_task: int) -> list[dict]:
-    """`per_task` fresh questions of every task (task-major order), each with its own scene; existence
-    questions alternate yes / no."""
+def question_set(seed: int, per_task: int, scenes: str = "simple") -> list[dict]:
+    """`per_task` fresh questions of every task (task-major order), each with its own scene of the
+    `scenes` variant; existence questions alternate yes / no."""
     rng = random.Random(seed)
     keys = ("image", "scene", "task", "prompt", "answer")
-    return [dict(zip(keys, example(rng, task, exist_yes=i % 2 == 0))) for task in TASKS for i in range(per_task)]
+    return [
+        dict(zip(keys, example(rng, task, exist_yes=i % 2 == 0, variant=scenes)))
+        for task in TASKS
+        for i in range(per_task)
+    ]
 
 
-def generate_answers(model, processor, images, prompts, batch_size: int = 16, max_new_tokens: int = 48) -> list[str]:
+# a hard scene's caption (9 objects) is ~55 tokens
+def generate_answers(model, processor, images, prompts, batch_size: int = 16, max_new_tokens: int = 64) -> list[str]:
     """Greedy answers of the stock model (a loaded or just-trained one), through the engine in batches."""
     config = EngineConfig(model=model.config.name_or_path or "carve-tiny", method="none", max_new_tokens=max_new_tokens)
     engine = CaptionEngine(config, model=model, processor=processor)
@@ -103,6 +109,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="models/carve-tiny")
     p.add_argument("--seed", type=int, default=1234, help="question seed (training uses 0, the sample corpus 7)")
     p.add_argument("--per-task", type=int, default=100)
+    p.add_argument("--scenes", choices=sorted(VARIANTS), default="simple", help="scene variant of the questions")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--controls", default=",".join(CONTROLS))
     p.add_argument("--threads", type=int, default=1)
@@ -110,7 +117,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, processor = load_llava(args.model, device="cpu", dtype="float32")
-    questions = question_set(args.seed, args.per_task)
+    questions = question_set(args.seed, args.per_task, args.scenes)
     results = {}
     for control in args.controls.split(","):
         started = time.time()
@@ -122,7 +129,9 @@ def main(argv=None) -> None:
     print(table(results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"seed": args.seed, "per_task": args.per_task, "results": results}, f, indent=2)
+            json.dump(
+                {"seed": args.seed, "per_task": args.per_task, "scenes": args.scenes, "results": results}, f, indent=2
+            )
 
 
 if __name__ == "__main__":

@@ -140,3 +140,27 @@ def test_warm_start_grows_carve_tiny_without_changing_what_it_computes(tmp_path)
     )
     record = json.loads((record_path / "training.json").read_text())
     assert (record["scenes"], record["decoder_layers"], record["init_from"]) == ("hard", 8, str(SIMPLE_MODEL))
+
+
+@pytest.fixture(scope="module")
+def hard_model():
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    path = ROOT / "models" / "carve-tiny-hard"
+    return LlavaForConditionalGeneration.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+
+
+@pytest.mark.slow  # 60 generations on an 8-layer model
+def test_bundled_hard_model_answers_fresh_hard_questions_and_fails_blind(hard_model):
+    from carve_tiny import evaluate
+
+    llava, processor = hard_model
+    assert llava.config.text_config.num_hidden_layers == 8
+    questions = evaluate.question_set(seed=77, per_task=5, scenes="hard")  # a seed no run trained on
+    prompts = [q["prompt"] for q in questions]
+    vanilla = evaluate.generate_answers(llava, processor, [q["image"] for q in questions], prompts, batch_size=10)
+    blank = evaluate.generate_answers(llava, processor, evaluate.control_images(questions, "blank"), prompts, 10)
+    vanilla_accuracy = evaluate.accuracy(questions, vanilla)["overall"]
+    assert vanilla_accuracy >= 0.9, list(zip(vanilla, [q["answer"] for q in questions]))
+    assert evaluate.accuracy(questions, blank)["overall"] <= 0.4
+    assert max(len(q["scene"].things) for q in questions if q["task"] == "caption") >= 5  # long captions too
