@@ -18,7 +18,7 @@ import tokencarve
 from tokencarve import CarveConfig
 from tokencarve.eval import __main__ as cli
 from tokencarve.eval import questions as question_files
-from tokencarve.eval import runner, scoring
+from tokencarve.eval import report, runner, scoring
 from tokencarve.loading import chat_prompt
 from tokencarve.visualize import carve_picture, legend
 
@@ -240,3 +240,22 @@ def test_visualize_cli_draws_several_methods_side_by_side(tmp_path, capsys):
     assert "tokencarve: kept 32" in printed and "volume: kept 32 (clear), merged 0" in printed
     with pytest.raises(ValueError, match="mode must be one of"):
         visualize.main(["--image", str(tmp_path / "scene.png"), "--method", "magic", "--out", str(out)])
+
+
+def test_retention_table_compares_with_the_stock_model_and_the_best_reference():
+    def result(method, keep, overall, caption, colour):
+        tasks = {"caption": caption, "colour": colour}
+        return {"setting": {"method": method, "keep": keep}, "summary": {"overall": overall, "tasks": tasks}}
+
+    results = [
+        result("none", 576, 0.9, 1.0, 0.8),
+        result("tokencarve", 64, 0.6, 0.3, 0.9),
+        result("information", 64, 0.7, 0.8, 0.6),
+        result("volume", 64, 0.855, 0.95, 0.8),
+    ]
+    lines = report.retention_table(results).splitlines()
+    assert (
+        lines[2] == "| tokencarve | 64 | 66.7 | 30.0 | caption +50.0 |"
+    )  # information's captions are 50 points better
+    assert lines[4] == "| volume | 64 | 95.0 | 95.0 | colour +10.0 |"  # tokencarve's colour is 10 points better
+    assert report.retention_table(results[1:]) == "(no uncompressed run to compare with)"

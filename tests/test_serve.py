@@ -14,7 +14,7 @@ from ray import serve
 
 from pipeline.auth import ENV_VAR
 from pipeline.serve import ServeSettings, build_app, deployment
-from tokencarve.engine import METHODS
+from tokencarve.engine import DEFAULT_METHOD, METHODS
 
 from .bad_images import broken_images, encode, gradient, valid_images
 from .conftest import free_port
@@ -63,7 +63,7 @@ def test_health_and_caption(server):
     body = reply.json()
     assert body["text"] and body["visual_tokens_in"] == 576 and body["visual_tokens_kept"] == 64
     assert body["kv_bytes_saved"] == body["kv_bytes_uncompressed"] - body["kv_bytes_held"] > 0
-    assert body["generated_tokens"] == 4 and body["method"] == "tokencarve"
+    assert body["generated_tokens"] == 4 and body["method"] == DEFAULT_METHOD == "volume"
 
 
 def test_a_non_square_image_is_seen_as_the_batch_job_sees_it(server, tiny_model_dir):

@@ -130,6 +130,7 @@ def main(argv=None) -> dict:
     )
     tables = (
         f"## Overall accuracy (%)\n\n{report.overall_table(results)}\n\n## Per task\n\n{report.task_table(results)}\n"
+        f"\n## Retention\n\n{report.retention_table(results)}\n"
     )
     (out / "table.md").write_text(tables)
     if not args.no_plots:

@@ -58,6 +58,41 @@ def overall_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# the methods a new selection is held against: the paper's modes and the published baselines
+REFERENCE_METHODS = ("tokencarve", "information", "attention", "fastv", "random", "pool")
+
+
+def retention_table(results: list[dict], caption_task: str = "caption") -> str:
+    """Per method and budget: overall and caption accuracy as a share of the stock model's, and the
+    task where the method falls furthest below the best reference method (REFERENCE_METHODS) at the
+    same budget (points; <= 0 means it is at least as good on every task)."""
+    table = _by_setting(results)
+    stock = next((summary for (method, _), summary in table.items() if method == "none"), None)
+    if stock is None:
+        return "(no uncompressed run to compare with)"
+    tasks = sorted(stock["tasks"])
+    lines = [
+        "| method | tokens | overall, % of uncompressed | captions, % of uncompressed | worst task vs best reference method |",
+        "|---|---|---|---|---|",
+    ]
+    for (method, keep), summary in table.items():
+        if method == "none":
+            continue
+        references = [table[(m, keep)] for m in REFERENCE_METHODS if (m, keep) in table]
+        gaps = {t: max(r["tasks"].get(t, 0.0) for r in references) - summary["tasks"].get(t, 0.0) for t in tasks}
+        worst = max(gaps, key=gaps.get) if gaps else ""
+        caption = (
+            _percent(summary["tasks"][caption_task] / stock["tasks"][caption_task])
+            if stock["tasks"].get(caption_task)
+            else ""
+        )
+        lines.append(
+            f"| {method} | {keep} | {_percent(summary['overall'] / stock['overall'])} | {caption} "
+            f"| {worst} {100 * gaps.get(worst, 0.0):+.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def task_table(results: list[dict]) -> str:
     """One row per setting: accuracy per task, POPE F1 of the yes/no tasks, information figures."""
     tasks = sorted({t for r in results for t in r["summary"]["tasks"]})
@@ -68,7 +103,7 @@ def task_table(results: list[dict]) -> str:
         s, setting = r["summary"], r["setting"]
         cells = [
             setting["method"],
-            str(setting["keep"]),
+            str(setting["keep"] or "all"),
             _percent(s["overall"]),
             *(_percent(s["tasks"][t]) if t in s["tasks"] else "" for t in tasks),
             *(_percent(s["yes_no"][t]["f1"]) if t in s["yes_no"] else "" for t in yes_no),
