@@ -61,7 +61,8 @@ def resolve(solver: str, device_type: str, version: tuple[int, int], nvmath_inst
 def gram_eigh(gram: torch.Tensor, solver: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(eigenvalues [B, n], eigenvectors [B, n, n]) of symmetric `gram` [B, n, n], as torch.linalg.eigh."""
     route = resolve(solver or default_solver(), gram.device.type, torch_version(), installed("nvmath"))
-    if route == "torch" or gram.device.type != "cuda" and route in ("nvmath", "cupy"):
+    off_the_gpu = gram.device.type != "cuda" and route in ("nvmath", "cupy")  # CUDA-only routes: torch's
+    if route == "torch" or off_the_gpu:
         return torch.linalg.eigh(gram)
     if route == "cpu":
         values, vectors = torch.linalg.eigh(gram.cpu())
