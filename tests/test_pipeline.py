@@ -138,7 +138,9 @@ def test_every_input_row_gives_exactly_one_output_row(ray_cluster, tiny_model_di
     before = sorted(p.name for p in (tmp_path / "out").iterdir())
     other_budget = job(tiny_model_dir, tmp_path / "corpus", tmp_path / "out")
     other_budget.engine = EngineConfig(model=tiny_model_dir, keep=16, max_new_tokens=4)
-    with pytest.raises(SettingsMismatch, match="keep=32 carry=\\[\\]; this run is model=.* method=tokencarve keep=16"):
+    with pytest.raises(
+        SettingsMismatch, match=f"keep=32 carry=\\[\\]; this run is model=.* method={DEFAULT_METHOD} keep=16"
+    ):
         run(other_budget)
     other_budget.engine = EngineConfig(model=tiny_model_dir, method="none", max_new_tokens=4)
     with pytest.raises(SettingsMismatch, match="method=none keep=None"):
