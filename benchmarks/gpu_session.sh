@@ -3,7 +3,9 @@
 # every file lands under $OUT. Prepare the wheels here first (docs/BENCHMARKS.md, "GPU session"):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux2014_x86_64 -d .whl nvmath-python==0.5.0 transformers==5.24.0
+#       --platform manylinux2014_x86_64 -d .whl nvmath-python==0.5.0 "cuda-core>=0.3,<0.4" transformers==5.24.0
+#   (nvmath-python also needs cuda-bindings; the image's CuPy may bring it: `pip show cuda-bindings` there
+#   first, and carry a wheel matching the image's CUDA major version if it is missing)
 # and run, with carry [".whl"] and a timeout that leaves room for one rerun:
 #   bash benchmarks/gpu_session.sh
 set -uo pipefail
