@@ -16,36 +16,18 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 from datetime import date
 from pathlib import Path
 
 import torch
 import transformers
+from bench_gpu import timed  # this folder is on sys.path when the script runs
 
 import tokencarve
 from tokencarve import reduce_tokens
 
 TOKENS, WIDTH, TEXT = 576, 4096, 60
 BUDGETS = (128, 64)
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_seconds(fn, device: str, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        started = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def hidden_states(batch: int, device: str, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +57,7 @@ def prefill_flops_per_image() -> float:
 def gemm_rate(device: str, dtype) -> float:
     """Dense matmul FLOP/s on this device at this precision (4096^3, median)."""
     a = torch.randn(4096, 4096, device=device, dtype=dtype)
-    seconds = median_seconds(lambda: a @ a, device, 5)
+    seconds = timed(lambda: a @ a, device, 5)
     return 2 * 4096**3 / seconds
 
 
@@ -86,7 +68,7 @@ def run(batches, repeats: int, device: str, dtype) -> tuple[list[dict], float]:
         hidden, attention = hidden_states(batch, device, dtype)
         for keep in BUDGETS:
             for method in tokencarve.METHODS:
-                seconds = median_seconds(lambda: reduce_tokens(hidden, attention, keep, method=method), device, repeats)
+                seconds = timed(lambda: reduce_tokens(hidden, attention, keep, method=method), device, repeats)
                 rows.append(
                     dict(
                         batch=batch,

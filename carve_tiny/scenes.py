@@ -44,7 +44,6 @@ COLOURS = {
     "orange": (245, 130, 20),
     "black": (20, 20, 20),
 }
-SIZES = ("small", "large")
 # Objects sit on the 14-px patch grid: a small one (radius 6) inside one patch, a large one
 # (radius 13) centred on a patch corner, over 2 x 2 patches; they move by whole patches in their cell.
 RADIUS = {"small": 6, "large": 13}

@@ -93,8 +93,8 @@ def test_reduce_tokens_dispatches_and_keeps_tokencarve_exact():
         CarveConfig(mode="magic")
 
 
-@pytest.mark.parametrize("method", ["fastv", "pool"])
-def test_baselines_through_the_adapter_are_batch_invariant(sdpa_model, carved, method):
+@pytest.mark.parametrize("method", ["fastv", "pool", "volume", "dpp"])  # baselines and the set selections
+def test_other_methods_through_the_adapter_are_batch_invariant(sdpa_model, carved, method):
     carved(keep=48, mode=method)
     inputs = batch()
     tokens, _ = generate(sdpa_model, inputs, steps=10)

@@ -1,15 +1,13 @@
 """The redundancy-aware selections (tokencarve.selection): exact against slow definitions, keep every
-object where the one-by-one scores keep copies, batch-invariant, and usable through the adapter."""
+object where the one-by-one scores keep copies, and batch-invariant (also through the adapter, in
+tests/test_baselines.py)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import tokencarve
-from tokencarve import CarveConfig, baselines, selection
+from tokencarve import baselines, selection
 from tokencarve.core import carve_tokens
-
-from .tiny_llava import CUT, PROMPTS, batch, generate, single
 
 N = 576  # visual tokens per image (LLaVA-1.5 and the tiny test model)
 
@@ -173,18 +171,3 @@ def test_volume_merge_is_volume_order_through_the_papers_stage_two():
         assert set(survivors[b].nonzero().flatten().tolist()) == set(order[b].tolist())
         assert set(order[b, :48].tolist()) <= set(result.index[b].tolist())  # group A is always kept
     assert result.merged.sum(1).tolist() == [32, 32] and result.index.shape == (2, 64)
-
-
-@pytest.mark.parametrize("method", ["volume", "dpp"])
-def test_selections_through_the_adapter_are_batch_invariant(sdpa_model, carved, method):
-    carved(keep=40, mode=method)
-    inputs = batch()
-    tokens, _ = generate(sdpa_model, inputs, steps=6)
-    stats = sdpa_model.tokencarve.last_stats
-    assert stats.visual_tokens_kept == [40] * len(PROMPTS)
-    together = stats.images
-    for row in range(len(PROMPTS)):
-        alone_tokens, _ = generate(sdpa_model, single(inputs, row), steps=6)
-        assert torch.equal(sdpa_model.tokencarve.last_stats.images[0].index, together[row].index)
-        assert torch.equal(alone_tokens[0], tokens[row])
-    assert CarveConfig(layer=CUT, keep=40, mode=method).mode in tokencarve.METHODS

@@ -46,7 +46,7 @@ class CarveConfig:
     (nothing carved, the figures still measured); layer: K, the cut sits before decoder
     layer K (after K layers); attention_weight: w in the rank fusion; mode: TokenCarve's "tokencarve"
     (the paper's method, default), "information" or "attention" (core.MODES), a redundancy-aware
-    selection, "volume", "dpp", "divprune" or "debiased" (tokencarve.selection), or a baseline for
+    selection, "volume", "volume-merge", "dpp", "divprune" or "debiased" (tokencarve.selection), or a baseline for
     comparisons, "fastv", "random" or "pool" (see tokencarve.baselines); seed: the random baseline's."""
 
     keep: int | float | None = 64

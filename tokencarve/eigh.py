@@ -43,7 +43,9 @@ def torch_version(version: str = torch.__version__) -> tuple[int, int]:
     return int(major), int(minor)
 
 
+@lru_cache(maxsize=None)
 def installed(module: str) -> bool:
+    """Whether `module` can be imported (asked once per process: gram_eigh runs on every carve)."""
     return importlib.util.find_spec(module) is not None
 
 

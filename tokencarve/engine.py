@@ -37,7 +37,7 @@ def parse_budget(text: str) -> int | float:
 # The method the batch job and Serve use unless told otherwise; the library's CarveConfig keeps the
 # paper's "tokencarve", one flag away (--method tokencarve). "volume" keeps >= 96.9 % of the
 # uncompressed accuracy and >= 96 % of the captions down to 32 tokens on both test models, where the
-# paper's score keeps 4-37 % of the captions at 128 (docs/EVALUATION.md).
+# paper's score keeps 13-37 % of the captions at 128 (docs/EVALUATION.md).
 DEFAULT_METHOD = "volume"
 
 

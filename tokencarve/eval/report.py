@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tokencarve.baselines import BASELINES
+from tokencarve.core import MODES
+
 COLOURS = {
     "none": "black",
     "tokencarve": "tab:blue",
@@ -59,7 +62,7 @@ def overall_table(results: list[dict]) -> str:
 
 
 # the methods a new selection is held against: the paper's modes and the published baselines
-REFERENCE_METHODS = ("tokencarve", "information", "attention", "fastv", "random", "pool")
+REFERENCE_METHODS = (*MODES, *BASELINES)
 
 
 def retention_table(results: list[dict], caption_task: str = "caption") -> str:
