@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from PIL import Image
@@ -41,25 +41,53 @@ def parse_budget(text: str) -> int | float:
 DEFAULT_METHOD = "volume"
 
 
+DECODE_PATHS = ("static", "generate")
+
+
+def _setting(default, help: str, **extra):
+    """An EngineConfig field with the help text that the job's options and Serve's schema show."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str  # a local folder or a hub id
-    keep: int | float = 64  # visual tokens per image, or a fraction of each image's (0.1); ignored for "none"
-    method: str = DEFAULT_METHOD
-    layer: int = 2
-    max_new_tokens: int = 64
-    device: str = "auto"  # "auto": cuda if available
-    dtype: str = "auto"  # "auto": bfloat16 on cuda, float32 on cpu
+    """Every engine setting, with its default and its meaning: the one place the job's command line,
+    Serve's settings and the evaluation harness take them from (each field's metadata has its help)."""
+
+    model: str = field(metadata={"help": "a local folder or a hub id"})
+    keep: int | float = _setting(
+        64, "visual tokens per image, or a fraction of each image's tokens (0.1); ignored for method none"
+    )
+    method: str = _setting(DEFAULT_METHOD, "token selection (none: the stock model)", choices=METHODS)
+    layer: int = _setting(2, "the cut sits before this decoder layer (after that many layers)")
+    max_new_tokens: int = _setting(64, "the most tokens generated per row")
+    device: str = _setting("auto", "auto: cuda if available")
+    dtype: str = _setting("auto", "auto: bfloat16 on cuda, float32 on cpu")
     # "...<image>...{prompt}...": a fixed template; None: the checkpoint's own chat template (LLaVA-1.5's
     # USER/ASSISTANT form when it has none), as the evaluation harness uses
-    prompt_template: str | None = None
+    prompt_template: str | None = _setting(
+        None, "a fixed template with <image> and {prompt}; default: the checkpoint's chat template"
+    )
     # prompt tokens a row may use (the template's included); None: what the context window leaves
     # after the image's tokens and max_new_tokens. Longer prompts are refused before any model work.
-    max_prompt_tokens: int | None = None
+    max_prompt_tokens: int | None = _setting(
+        None, "prompt tokens a row may use; default: what the context window leaves"
+    )
     # "auto": LLaVA-1.5's pad-to-square (any-resolution families: shrunk to their largest grid);
     # "processor": the image as it is, for the processor's own resize and centre crop
-    image_policy: str = "auto"
-    seed: int = 0  # the random baseline's
+    image_policy: str = _setting(
+        "auto",
+        "auto: pad to square (any-resolution: shrink to the largest grid); processor: as is",
+        choices=IMAGE_POLICIES,
+    )
+    seed: int = _setting(0, "the random method's seed")
+    # "static": prefill as generate() does, then a fixed-shape compiled greedy decode over a slot pool
+    # with continuous refill (tokencarve.decode); "generate": Hugging Face generate() per batch
+    decode: str = _setting(
+        "generate", "decode path: static (compiled, refilled slots) or generate", choices=DECODE_PATHS
+    )
+    # rows decoded at once on the static path; None: the batch handed to caption()
+    decode_slots: int | None = _setting(None, "rows decoded at once on the static path (default: the batch size)")
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -74,6 +102,10 @@ class EngineConfig:
             raise ValueError(f"image_policy must be one of {IMAGE_POLICIES}, got {self.image_policy!r}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError("max_prompt_tokens must be >= 1")
+        if self.decode not in DECODE_PATHS:
+            raise ValueError(f"decode must be one of {DECODE_PATHS}, got {self.decode!r}")
+        if self.decode_slots is not None and self.decode_slots < 1:
+            raise ValueError("decode_slots must be >= 1")
         if self.method != "none":
             CarveConfig(keep=self.keep, layer=self.layer, mode=self.method)  # validates keep/layer early
 
