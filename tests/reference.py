@@ -34,7 +34,7 @@ def budget(keep, n: int) -> int:
     return keep if isinstance(keep, int) else math.ceil(keep * n - 1e-9)
 
 
-def select(H: torch.Tensor, attention: torch.Tensor, keep: int, weight: float = 0.5, mode: str = "tokencarve"):
+def select(H: torch.Tensor, attention: torch.Tensor, keep: int, weight: float = 0.5, method: str = "tokencarve"):
     """Returns (kept positions ascending, {position: value}) for one image's N x D matrix H."""
     n = H.shape[0]
     if keep >= n:
@@ -47,7 +47,7 @@ def select(H: torch.Tensor, attention: torch.Tensor, keep: int, weight: float = 
         "tokencarve": [weight * points_av[i] + (1 - weight) * points_sv[i] for i in range(n)],
         "information": [float(p) for p in points_sv],
         "attention": [float(p) for p in points_av],
-    }[mode]
+    }[method]
     ranking = sorted(range(n), key=lambda i: (-fused[i], i))
     survivors = math.floor(1.5 * keep)
     merges = math.floor(0.5 * keep)
@@ -141,7 +141,7 @@ def reference_prefill(
     keep,
     cut: int = 2,
     weight: float = 0.5,
-    mode: str = "tokencarve",
+    method: str = "tokencarve",
     **image_inputs,
 ) -> ReferenceRun:
     """Carve one unpadded prompt and run the language model by hand on the kept tokens.
@@ -167,7 +167,7 @@ def reference_prefill(
     kept_per_image = []
     for positions in images:
         kept, image_values = select(
-            entering_cut[positions], last_row[positions], budget(keep, len(positions)), weight, mode
+            entering_cut[positions], last_row[positions], budget(keep, len(positions)), weight, method
         )
         kept_per_image.append(kept)
         kept_sequence += [positions[k] for k in kept]

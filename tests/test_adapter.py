@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import tokencarve
-from tokencarve import CarveConfig
+from tokencarve import CarveConfig, methods
 
 from . import reference
 from .tiny_llava import CUT, PROMPTS, TOKENS_PER_IMAGE, batch, generate, left_padded, load, pixels, prompt, single
@@ -38,9 +38,9 @@ def test_keep_all_tokens_is_exactly_the_stock_model(sdpa_model, carved, keep):
 # 2. Batch invariance ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", tokencarve.MODES)
-def test_each_sample_is_carved_as_if_it_were_alone(sdpa_model, carved, mode):
-    carved(keep=64, mode=mode)
+@pytest.mark.parametrize("method", methods.names("paper"))
+def test_each_sample_is_carved_as_if_it_were_alone(sdpa_model, carved, method):
+    carved(keep=64, method=method)
     inputs = batch()
     tokens, _ = generate(sdpa_model, inputs, steps=16)
     batched = sdpa_model.tokencarve.last_stats.images
@@ -67,7 +67,7 @@ def carved_hidden_entering_cut(model):
 
 
 @pytest.mark.parametrize(
-    "keep,mode",
+    "keep,method",
     [
         (192, "tokencarve"),
         (128, "tokencarve"),
@@ -83,8 +83,8 @@ def carved_hidden_entering_cut(model):
         (31, "attention"),
     ],
 )
-def test_fast_path_matches_the_slow_reference(sdpa_model, eager_model, carved, keep, mode):
-    carved(keep=keep, mode=mode)
+def test_fast_path_matches_the_slow_reference(sdpa_model, eager_model, carved, keep, method):
+    carved(keep=keep, method=method)
     inputs = batch()
     seen, handle = carved_hidden_entering_cut(sdpa_model)
     try:
@@ -95,7 +95,9 @@ def test_fast_path_matches_the_slow_reference(sdpa_model, eager_model, carved, k
     stats = sdpa_model.tokencarve.last_stats
     mask = inputs["attention_mask"]
     for row, ids in enumerate(PROMPTS):
-        ref = reference.reference_prefill(eager_model, ids, inputs["pixel_values"][row : row + 1], keep, CUT, mode=mode)
+        ref = reference.reference_prefill(
+            eager_model, ids, inputs["pixel_values"][row : row + 1], keep, CUT, method=method
+        )
         assert stats.images[row].index.tolist() == ref.kept[0]
         # The carved row is right-aligned in the batch; its real tokens are the last ones.
         real = seen["hidden"][row, -ref.carved_hidden.shape[0] :]
@@ -222,7 +224,7 @@ def hook_ids(model):
         (dict(keep=2.5), "keep must be an integer >= 1"),
         (dict(layer=0), "layer must be an integer >= 1"),
         (dict(attention_weight=1.5), "attention_weight"),
-        (dict(mode="fastest"), "mode must be one of"),
+        (dict(method="fastest"), "method must be one of"),
     ],
 )
 def test_bad_configuration_is_refused(kwargs, message):
@@ -261,7 +263,7 @@ def test_eager_attention_model_carves_the_same_tokens(tiny_llava_path, sdpa_mode
 def test_using_is_a_temporary_config_restored_on_exit_and_on_error(sdpa_model, carved):
     carver = carved(keep=64).tokencarve
     inputs = batch()
-    with carver.using(CarveConfig(layer=CUT, keep=16, mode="fastv")) as inside:
+    with carver.using(CarveConfig(layer=CUT, keep=16, method="fastv")) as inside:
         assert inside is carver and carver.config.keep == 16
         generate(sdpa_model, inputs, steps=1)
         assert carver.last_stats.visual_tokens_kept == [16, 16, 16]

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tokencarve
-from tokencarve import CarveConfig, baselines
+from tokencarve import CarveConfig, baselines, methods
 from tokencarve.core import carve_tokens
 
 from .tiny_llava import CUT, PROMPTS, batch, generate, single
@@ -78,24 +77,30 @@ def test_pool_with_uneven_windows_covers_every_token_once():
 
 def test_reduce_tokens_dispatches_and_keeps_tokencarve_exact():
     hidden, attention = _tensors()
-    for mode in tokencarve.MODES:
+    for method, weight in (("tokencarve", 0.3), ("attention", 1.0), ("information", 0.0)):
         ours, direct = (
-            baselines.reduce_tokens(hidden, attention, 77, method=mode),
-            carve_tokens(hidden, attention, 77, mode=mode),
+            methods.reduce_tokens(hidden, attention, 77, method=method, attention_weight=0.3),
+            carve_tokens(hidden, attention, 77, attention_weight=weight),
         )
         assert torch.equal(ours.index, direct.index) and torch.equal(ours.hidden, direct.hidden)
-    for method in baselines.BASELINES:
-        assert baselines.reduce_tokens(hidden, attention, 600, method=method).index.shape == (3, 576)  # keep >= N
-        assert baselines.reduce_tokens(hidden, attention, 32, method=method).index.shape == (3, 32)
+    direct = {
+        "fastv": baselines.fastv_tokens(hidden, attention, 32),
+        "random": baselines.random_tokens(hidden, 32, seed=5),
+        "pool": baselines.pooled_tokens(hidden, 32),
+    }
+    for method in methods.names("baseline"):
+        assert methods.reduce_tokens(hidden, attention, 600, method=method).index.shape == (3, 576)  # keep >= N
+        ours = methods.reduce_tokens(hidden, attention, 32, method=method, seed=5)
+        assert torch.equal(ours.index, direct[method].index) and torch.equal(ours.hidden, direct[method].hidden)
     with pytest.raises(ValueError, match="unknown method"):
-        baselines.reduce_tokens(hidden, attention, 32, method="magic")
+        methods.reduce_tokens(hidden, attention, 32, method="magic")
     with pytest.raises(ValueError, match="one of"):
-        CarveConfig(mode="magic")
+        CarveConfig(method="magic")
 
 
 @pytest.mark.parametrize("method", ["fastv", "pool", "volume", "dpp"])  # baselines and the set selections
 def test_other_methods_through_the_adapter_are_batch_invariant(sdpa_model, carved, method):
-    carved(keep=48, mode=method)
+    carved(keep=48, method=method)
     inputs = batch()
     tokens, _ = generate(sdpa_model, inputs, steps=10)
     stats = sdpa_model.tokencarve.last_stats
@@ -112,10 +117,10 @@ def test_fastv_through_the_adapter_keeps_the_attention_modes_top_tokens(sdpa_mod
     """Same attention row, same ranking: FastV's kept set is the attention-only ranking's top `keep`,
     which contains the attention mode's stage-I group A (its top 0.75 keep)."""
     inputs = batch()
-    carved(keep=64, mode="fastv")
+    carved(keep=64, method="fastv")
     generate(sdpa_model, inputs, steps=1)
     fastv = [set(i.index.tolist()) for i in sdpa_model.tokencarve.last_stats.images]
-    sdpa_model.tokencarve.reconfigure(CarveConfig(layer=CUT, keep=64, mode="attention"))
+    sdpa_model.tokencarve.reconfigure(CarveConfig(layer=CUT, keep=64, method="attention"))
     generate(sdpa_model, inputs, steps=1)
     for image, kept in zip(sdpa_model.tokencarve.last_stats.images, fastv):
         survivors = set(torch.nonzero(image.assignment >= 0).flatten().tolist())  # kept or merged

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokencarve import CarveResult, carve_tokens, information_scores, stage_sizes
-from tokencarve.core import borda_points
+from tokencarve import CarveResult, carve_tokens, information_scores, methods, stage_sizes
+from tokencarve.core import borda_points, fused_scores
 
 from . import reference
 
@@ -57,14 +57,14 @@ def random_inputs(batch=3, n=576, d=48, seed=0):
     return torch.randn(batch, n, d, generator=g), torch.rand(batch, n, generator=g).softmax(-1)
 
 
-@pytest.mark.parametrize("mode", ["tokencarve", "information", "attention"])
+@pytest.mark.parametrize("method", methods.names("paper"))
 @pytest.mark.parametrize("keep", [192, 128, 64, 33, 1, 400])
-def test_carve_tokens_matches_the_reference_selection(mode, keep):
+def test_the_papers_methods_match_the_reference_selection(method, keep):
     hidden, attention = random_inputs()
-    result = carve_tokens(hidden, attention, keep, mode=mode)
+    result = methods.reduce_tokens(hidden, attention, keep, method=method)
     assert result.hidden.shape == (3, keep, 48) and result.index.shape == (3, keep)
     for b in range(3):
-        kept, values = reference.select(hidden[b], attention[b], keep, mode=mode)
+        kept, values = reference.select(hidden[b], attention[b], keep, method=method)
         assert result.index[b].tolist() == kept
         torch.testing.assert_close(result.hidden[b], torch.stack([values[i] for i in kept]))
 
@@ -82,13 +82,19 @@ def test_assignment_describes_every_token():
             torch.testing.assert_close(result.hidden[b, slot], hidden[b, members].mean(0), rtol=1e-5, atol=1e-6)
 
 
-def test_attention_weight_moves_the_fused_ranking_between_the_two_pure_modes():
+def test_attention_weight_moves_the_fused_ranking_between_the_two_single_scores():
+    """w = 1 and w = 0 are the attention and information ablations: the reference's single-score
+    rankings, and bit for bit the fused formula, although only one ranking is computed."""
     hidden, attention = random_inputs(batch=1)
-    only_attention = carve_tokens(hidden, attention, 64, mode="attention").index
-    only_information = carve_tokens(hidden, attention, 64, mode="information").index
-    assert torch.equal(carve_tokens(hidden, attention, 64, attention_weight=1.0).index, only_attention)
-    assert torch.equal(carve_tokens(hidden, attention, 64, attention_weight=0.0).index, only_information)
+    only_attention = carve_tokens(hidden, attention, 64, attention_weight=1.0).index
+    only_information = carve_tokens(hidden, attention, 64, attention_weight=0.0).index
+    assert only_attention.tolist() == [reference.select(hidden[0], attention[0], 64, method="attention")[0]]
+    assert only_information.tolist() == [reference.select(hidden[0], attention[0], 64, method="information")[0]]
     assert not torch.equal(only_attention, only_information)
+    attention_points, information_points = borda_points(attention), borda_points(information_scores(hidden))
+    for w in (1.0, 0.0):
+        formula = w * attention_points + (1 - w) * information_points
+        assert torch.equal(fused_scores(hidden, attention, w), formula)
 
 
 def test_keep_at_least_n_is_the_identity():
@@ -115,5 +121,7 @@ def test_half_precision_inputs_keep_their_dtype():
 def test_bad_arguments(keep, shape, message):
     with pytest.raises(ValueError, match=message):
         carve_tokens(torch.randn(*shape), torch.rand(1, 10), keep)
-    with pytest.raises(ValueError, match="unknown mode"):
-        carve_tokens(torch.randn(1, 10, 4), torch.rand(1, 10), 4, mode="magic")
+    with pytest.raises(ValueError, match=message):
+        methods.reduce_tokens(torch.randn(*shape), torch.rand(1, 10), keep, method="volume")
+    with pytest.raises(ValueError, match="unknown method"):
+        methods.reduce_tokens(torch.randn(1, 10, 4), torch.rand(1, 10), 4, method="magic")

@@ -204,7 +204,7 @@ def test_the_harness_stock_setting_is_the_stock_model(bundled):
 def test_token_grid_picture(bundled, method):
     model, processor = bundled
     image = question_files.read_parquet(SAMPLE, limit=1)[0].image
-    picture, carve = carve_picture(model, processor, image, "Describe the image.", CarveConfig(keep=64, mode=method))
+    picture, carve = carve_picture(model, processor, image, "Describe the image.", CarveConfig(keep=64, method=method))
     assert not tokencarve.is_applied(model)  # applied for the picture only
     assert picture.size == (672, 672)
     pruned, merged = int((carve.assignment < 0).sum()), int(carve.merged.sum())
@@ -238,7 +238,7 @@ def test_visualize_cli_draws_several_methods_side_by_side(tmp_path, capsys):
     assert strip.size == (2 * 672 + 8, 672 + 22)  # two pictures and their labels
     printed = capsys.readouterr().out
     assert "tokencarve: kept 32" in printed and "volume: kept 32 (clear), merged 0" in printed
-    with pytest.raises(ValueError, match="mode must be one of"):
+    with pytest.raises(ValueError, match="method must be one of"):
         visualize.main(["--image", str(tmp_path / "scene.png"), "--method", "magic", "--out", str(out)])
 
 

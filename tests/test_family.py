@@ -139,7 +139,7 @@ def carved_hidden_entering_cut(model, seen):
 
 
 @pytest.mark.parametrize(
-    "keep,mode",
+    "keep,method",
     [
         (8, "tokencarve"),
         (30, "tokencarve"),
@@ -150,9 +150,9 @@ def carved_hidden_entering_cut(model, seen):
         (12, "attention"),
     ],
 )
-def test_prefill_matches_the_slow_reference(family, carved, keep, mode):
+def test_prefill_matches_the_slow_reference(family, carved, keep, method):
     model, batch = family["sdpa"], family["batch"]
-    carved(keep=keep, mode=mode)
+    carved(keep=keep, method=method)
     seen = {}
     handle = carved_hidden_entering_cut(model, seen)
     try:
@@ -164,7 +164,7 @@ def test_prefill_matches_the_slow_reference(family, carved, keep, mode):
     for row, ids in enumerate(batch.ids):
         r = batch.rows[row]
         ref = reference.reference_prefill(
-            family["eager"], ids, r["pixel_values"], keep, CUT, mode=mode, **image_kwargs(r)
+            family["eager"], ids, r["pixel_values"], keep, CUT, method=method, **image_kwargs(r)
         )
         assert stats.images[row].index.tolist() == ref.kept[0]
         torch.testing.assert_close(
@@ -317,10 +317,10 @@ def test_sliding_window_decoders_are_refused():
     tokencarve.apply(tiny_llava_next(), CarveConfig())  # the stock tiny config has no window
 
 
-@pytest.mark.parametrize("mode", ["fastv", "random"])
-def test_baselines_run_per_image_on_any_family(family, carved, mode):
+@pytest.mark.parametrize("method", ["fastv", "random"])
+def test_baselines_run_per_image_on_any_family(family, carved, method):
     model, batch = family["sdpa"], family["batch"]
-    carved(keep=0.25, mode=mode)
+    carved(keep=0.25, method=method)
     tokens, _ = generate(model, batch.inputs, 4)
     stats = model.tokencarve.last_stats
     assert stats.visual_tokens_kept == [math.ceil(c[0] / 4) for c in batch.counts] and tokens.shape == (4, 4)
@@ -328,7 +328,7 @@ def test_baselines_run_per_image_on_any_family(family, carved, mode):
 
 def test_pooling_is_refused_without_a_square_grid(family):
     with pytest.raises(ValueError, match="square token grid"):
-        tokencarve.apply(family["sdpa"], CarveConfig(mode="pool", keep=16))
+        tokencarve.apply(family["sdpa"], CarveConfig(method="pool", keep=16))
     assert not tokencarve.is_applied(family["sdpa"])
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokencarve import baselines, selection
+from tokencarve import methods, selection
 from tokencarve.core import carve_tokens
 
 N = 576  # visual tokens per image (LLaVA-1.5 and the tiny test model)
@@ -96,11 +96,11 @@ def test_selections_keep_every_object_where_scores_keep_copies(method):
     copies of the largest objects."""
     hidden, objects = scene_rows(batch_size=3)
     attention = torch.full(hidden.shape[:2], 1.0 / N)
-    result = baselines.reduce_tokens(hidden, attention, 16, method=method)
+    result = methods.reduce_tokens(hidden, attention, 16, method=method)
     for b, spans in enumerate(objects):
         kept = set(result.index[b].tolist())
         assert all(kept & span for span in spans), method
-    information = carve_tokens(hidden, attention, 16, mode="information")
+    information = carve_tokens(hidden, attention, 16, attention_weight=0.0)  # the information ranking
     missed = sum(not (set(information.index[b].tolist()) & span) for b, spans in enumerate(objects) for span in spans)
     assert missed > 0  # what the selection fixes
 
@@ -135,27 +135,27 @@ def test_debiased_attention_removes_the_recency_trend_and_sinks():
     assert torch.equal(debiased[:, 7], debiased.median(-1).values)
 
 
-@pytest.mark.parametrize("method", selection.SELECTIONS)
+@pytest.mark.parametrize("method", methods.names("selection"))
 def test_selections_are_valid_and_batch_invariant(method):
     hidden, _ = scene_rows(batch_size=3)
     attention = torch.rand(3, N, generator=torch.Generator().manual_seed(5)).softmax(-1)
     for keep in (192, 64, 1):
-        together = baselines.reduce_tokens(hidden, attention, keep, method=method)
+        together = methods.reduce_tokens(hidden, attention, keep, method=method)
         assert together.index.shape == (3, keep) and (together.index.diff(dim=1) > 0).all()
         assert together.hidden.shape == (3, keep, hidden.shape[-1])
         kept_slots = together.assignment.gather(1, together.index)
         assert kept_slots.tolist() == [list(range(keep))] * 3
         for b in range(3):
-            alone = baselines.reduce_tokens(hidden[b : b + 1], attention[b : b + 1], keep, method=method)
+            alone = methods.reduce_tokens(hidden[b : b + 1], attention[b : b + 1], keep, method=method)
             assert torch.equal(alone.index[0], together.index[b])
             torch.testing.assert_close(alone.hidden[0], together.hidden[b])
-    assert baselines.reduce_tokens(hidden, attention, N, method=method).index.shape == (3, N)  # identity
+    assert methods.reduce_tokens(hidden, attention, N, method=method).index.shape == (3, N)  # identity
 
 
 def test_debiased_keeps_the_papers_two_stages():
     hidden, _ = scene_rows(batch_size=2)
     attention = torch.rand(2, N, generator=torch.Generator().manual_seed(6)).softmax(-1)
-    ours = baselines.reduce_tokens(hidden, attention, 64, method="debiased")
+    ours = methods.reduce_tokens(hidden, attention, 64, method="debiased")
     direct = carve_tokens(hidden, selection.debiased_attention(hidden, attention), 64)
     assert torch.equal(ours.index, direct.index) and torch.equal(ours.hidden, direct.hidden)
     assert ours.merged.sum(1).tolist() == [32, 32]  # stage II merged M = 32 per image
@@ -164,7 +164,7 @@ def test_debiased_keeps_the_papers_two_stages():
 def test_volume_merge_is_volume_order_through_the_papers_stage_two():
     hidden, _ = scene_rows(batch_size=2)
     attention = torch.full(hidden.shape[:2], 1.0 / N)
-    result = baselines.reduce_tokens(hidden, attention, 64, method="volume-merge")
+    result = methods.reduce_tokens(hidden, attention, 64, method="volume-merge")
     order = selection.volume_order(hidden, 96)  # P = 1.5 T survivors, best first
     survivors = result.assignment >= 0
     for b in range(2):

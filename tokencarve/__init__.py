@@ -8,21 +8,20 @@ tokencarve.remove(model)                                            # stock mode
 """
 
 from .adapter import CarveConfig, CarveStats, ImageCarve, TokenCarver
-from .baselines import BASELINES, METHODS, reduce_tokens
-from .core import MODES, CarveResult, carve_tokens, information_scores, stage_sizes
+from .core import CarveResult, carve_tokens, information_scores, stage_sizes
 from .families import FAMILIES, Family, family_for_config, family_of, max_tokens_per_image, tokens_per_image
 from .loading import load_llava
+from .methods import METHODS, Method, reduce_tokens
 
 __all__ = [
-    "BASELINES",
     "FAMILIES",
     "METHODS",
-    "MODES",
     "CarveConfig",
     "CarveResult",
     "CarveStats",
     "Family",
     "ImageCarve",
+    "Method",
     "TokenCarver",
     "apply",
     "carve_tokens",

@@ -32,8 +32,8 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.masking_utils import create_causal_mask
 
+from . import methods
 from .attention import last_token_attention
-from .baselines import METHODS, reduce_tokens
 from .core import CarveResult
 from .families import ImageSpans, family_of, image_spans
 from .repack import Repacked, repack
@@ -44,15 +44,14 @@ class CarveConfig:
     """keep: the budget per image, visual tokens left as a count (576 -> 128 with keep=128) or as a
     fraction of that image's tokens (keep=0.1: ceil(0.1 N), see `budget`), or None for the stock model
     (nothing carved, the figures still measured); layer: K, the cut sits before decoder
-    layer K (after K layers); attention_weight: w in the rank fusion; mode: TokenCarve's "tokencarve"
-    (the paper's method, default), "information" or "attention" (core.MODES), a redundancy-aware
-    selection, "volume", "volume-merge", "dpp", "divprune" or "debiased" (tokencarve.selection), or a baseline for
-    comparisons, "fastv", "random" or "pool" (see tokencarve.baselines); seed: the random baseline's."""
+    layer K (after K layers); attention_weight: w in the rank fusion; method: a name of
+    tokencarve.methods.REGISTRY, by default "tokencarve" (the paper's method); seed: the random
+    method's."""
 
     keep: int | float | None = 64
     layer: int = 2
     attention_weight: float = 0.5
-    mode: str = "tokencarve"
+    method: str = "tokencarve"
     seed: int = 0
 
     def __post_init__(self):
@@ -72,8 +71,8 @@ class CarveConfig:
             raise ValueError(f"CarveConfig.layer must be an integer >= 1 (the cut needs layer K-1), got {self.layer!r}")
         if not 0.0 <= self.attention_weight <= 1.0:
             raise ValueError(f"CarveConfig.attention_weight must lie in [0, 1], got {self.attention_weight!r}")
-        if self.mode not in METHODS:
-            raise ValueError(f"CarveConfig.mode must be one of {METHODS}, got {self.mode!r}")
+        if self.method not in methods.REGISTRY:
+            raise ValueError(f"CarveConfig.method must be one of {methods.METHODS}, got {self.method!r}")
 
     def budget(self, num_tokens: int) -> int:
         """Tokens to keep of an image with `num_tokens` visual tokens (>= num_tokens: left uncarved).
@@ -169,7 +168,7 @@ class TokenCarver:
         self.model = model
         # LLaVA-1.5's fixed N (576); None for NeXT / OneVision, whose images vary in size
         self.tokens_per_image = self.family.fixed_tokens(model.config)
-        self._check_mode(config)
+        self._check_method(config)
         self.config = config
         self.last_stats: CarveStats | None = None
         # Diagnostics: keep each image's visual rows entering layer K in last_stats.images, also
@@ -190,13 +189,13 @@ class TokenCarver:
         ]
 
     def reconfigure(self, config: CarveConfig) -> None:
-        """Change the budget, weight or mode between forwards (the cut's layer stays where it is)."""
+        """Change the budget, weight or method between forwards (the cut's layer stays where it is)."""
         if config.layer != self.config.layer:
             raise ValueError(
                 f"reconfigure cannot move the cut from layer {self.config.layer} to {config.layer}; "
                 "remove() and apply() instead"
             )
-        self._check_mode(config)
+        self._check_method(config)
         self.config = config
 
     @contextmanager
@@ -210,12 +209,12 @@ class TokenCarver:
         finally:
             self.config = previous  # was valid before; no re-check that could raise over the original error
 
-    def _check_mode(self, config: CarveConfig) -> None:
-        # pooling needs the image's square token grid; NeXT / OneVision images are a base grid,
-        # tiles and newline tokens in one span, which no square grid describes
-        if config.mode == "pool" and self.tokens_per_image is None:
+    def _check_method(self, config: CarveConfig) -> None:
+        # NeXT / OneVision images are a base grid, tiles and newline tokens in one span, which no
+        # square grid describes
+        if methods.REGISTRY[config.method].square_grid and self.tokens_per_image is None:
             raise ValueError(
-                f"mode='pool' needs LLaVA-1.5's square token grid; {self.family.name} images are "
+                f"method={config.method!r} needs LLaVA-1.5's square token grid; {self.family.name} images are "
                 "base + tiles + newline tokens"
             )
 
@@ -366,11 +365,11 @@ class TokenCarver:
             rows = torch.tensor([spans.rows[i] for i in images], device=hidden.device).unsqueeze(1)
             positions = torch.stack([spans.positions[i] for i in images])
             n = positions.shape[1]
-            result = reduce_tokens(
+            result = methods.reduce_tokens(
                 hidden[rows, positions],
                 attention[rows, positions] if attention is not None else hidden.new_zeros(positions.shape),
                 n if keep_all else cfg.budget(n),
-                method=cfg.mode,
+                method=cfg.method,
                 attention_weight=cfg.attention_weight,
                 seed=cfg.seed,
             )

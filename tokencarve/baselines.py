@@ -1,8 +1,6 @@
-"""Baseline token reducers, for comparing TokenCarve against under one protocol.
+"""The published baselines TokenCarve is compared against (tokencarve.methods names them).
 
-They run at the same cut (before decoder layer K) through the same adapter as TokenCarve, so token
-counts, RoPE positions and the KV cache are handled identically; only the choice of tokens differs.
-Each returns a `CarveResult` like `core.carve_tokens`:
+Each takes a batch with 1 <= keep < N and returns a `CarveResult` like `core.carve_tokens`:
 
     fastv   FastV-style (Chen et al. 2024): the `keep` tokens the last prompt token attends to most
             in layer K-1; the rest are pruned, nothing is merged.
@@ -20,10 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .core import MODES, CarveResult, carve_tokens, kept_only
-from .selection import SELECTIONS, select_tokens
-
-BASELINES = ("fastv", "random", "pool")
+from .core import CarveResult, kept_only
 
 
 def fastv_tokens(hidden: torch.Tensor, attention: torch.Tensor, keep: int) -> CarveResult:
@@ -78,34 +73,3 @@ def pooled_tokens(hidden: torch.Tensor, keep: int) -> CarveResult:
     merged[:, centre] = False
     assignment[:, centre] = torch.arange(keep, device=hidden.device)
     return CarveResult(pooled, centre.expand(batch, -1).clone(), assignment, merged)
-
-
-METHODS = (*MODES, *SELECTIONS, *BASELINES)
-
-
-def reduce_tokens(
-    hidden: torch.Tensor,
-    attention: torch.Tensor,
-    keep: int,
-    *,
-    method: str = "tokencarve",
-    attention_weight: float = 0.5,
-    seed: int = 0,
-) -> CarveResult:
-    """`carve_tokens` for TokenCarve's own modes, tokencarve.selection's redundancy-aware selections,
-    the baselines above for the others (keep >= N: identity)."""
-    if method in MODES:
-        return carve_tokens(hidden, attention, keep, attention_weight=attention_weight, mode=method)
-    if method not in (*SELECTIONS, *BASELINES):
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    if keep < 1:
-        raise ValueError(f"keep must be >= 1, got {keep}")
-    if keep >= hidden.shape[1]:
-        return carve_tokens(hidden, attention, keep)
-    if method in SELECTIONS:
-        return select_tokens(hidden, attention, keep, method, attention_weight=attention_weight)
-    if method == "fastv":
-        return fastv_tokens(hidden, attention, keep)
-    if method == "random":
-        return random_tokens(hidden, keep, seed)
-    return pooled_tokens(hidden, keep)

@@ -22,8 +22,6 @@ import torch.nn.functional as F
 
 from .eigh import gram_eigh
 
-MODES = ("tokencarve", "information", "attention")
-
 
 @dataclass
 class CarveResult:
@@ -88,17 +86,18 @@ def borda_points(score: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(score, dtype=torch.float64).scatter_(-1, order, points.expand_as(order))
 
 
-def fused_scores(hidden: torch.Tensor, attention: torch.Tensor, attention_weight: float, mode: str) -> torch.Tensor:
-    """The score that orders tokens for selection ([B, N], higher is better)."""
-    if mode == "attention":
+def fused_scores(hidden: torch.Tensor, attention: torch.Tensor, attention_weight: float) -> torch.Tensor:
+    """The score that orders tokens for selection ([B, N], higher is better): w * attention points +
+    (1 - w) * information points. At w = 1 or w = 0 only one ranking counts (the single-score
+    ablations `attention` and `information` of tokencarve.methods), so the other is not computed:
+    the result is the same, bit for bit, and w = 1 skips the eigendecomposition."""
+    if attention_weight == 1.0:
         return borda_points(attention)
-    if mode == "information":
+    if attention_weight == 0.0:
         return borda_points(information_scores(hidden))
-    if mode == "tokencarve":
-        attention_points = borda_points(attention)
-        information_points = borda_points(information_scores(hidden))
-        return attention_weight * attention_points + (1 - attention_weight) * information_points
-    raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    attention_points = borda_points(attention)
+    information_points = borda_points(information_scores(hidden))
+    return attention_weight * attention_points + (1 - attention_weight) * information_points
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -121,26 +120,31 @@ def kept_only(hidden: torch.Tensor, index: torch.Tensor) -> CarveResult:
     return CarveResult(gather_rows(hidden, index), index, slot_assignment(index, num_tokens), merged)
 
 
-def carve_tokens(
-    hidden: torch.Tensor,
-    attention: torch.Tensor,
-    keep: int,
-    *,
-    attention_weight: float = 0.5,
-    mode: str = "tokencarve",
-) -> CarveResult:
-    """Reduce N visual tokens per image to `keep` (T): prune the weakest, merge the next weakest.
-
-    hidden:    [B, N, D] visual-token rows of the hidden states entering layer K.
-    attention: [B, N]    the last prompt token's head-averaged attention to them in layer K-1.
-    With keep >= N nothing changes (T = N, identity).
-    """
+def check_inputs(hidden: torch.Tensor, attention: torch.Tensor, keep: int) -> None:
+    """Refuse a budget under one token and shapes other than hidden [B, N, D], attention [B, N]."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     if hidden.ndim != 3 or attention.shape != hidden.shape[:2]:
         raise ValueError(
             f"expected hidden [B, N, D] and attention [B, N]; got {tuple(hidden.shape)} and {tuple(attention.shape)}"
         )
+
+
+def carve_tokens(
+    hidden: torch.Tensor,
+    attention: torch.Tensor,
+    keep: int,
+    *,
+    attention_weight: float = 0.5,
+) -> CarveResult:
+    """Reduce N visual tokens per image to `keep` (T): prune the weakest, merge the next weakest.
+
+    hidden:    [B, N, D] visual-token rows of the hidden states entering layer K.
+    attention: [B, N]    the last prompt token's head-averaged attention to them in layer K-1.
+    attention_weight: w of the rank fusion (1: attention alone, 0: information alone).
+    With keep >= N nothing changes (T = N, identity).
+    """
+    check_inputs(hidden, attention, keep)
     batch, num_tokens, _ = hidden.shape
     device = hidden.device
     if keep >= num_tokens:
@@ -150,7 +154,7 @@ def carve_tokens(
 
     # Stage I: rank by fused score (best first) and keep the P best.
     num_survivors, num_merges = stage_sizes(num_tokens, keep)
-    score = fused_scores(hidden, attention, attention_weight, mode)
+    score = fused_scores(hidden, attention, attention_weight)
     survivors = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :num_survivors]
     return merge_survivors(hidden, survivors, num_merges)
 

@@ -107,7 +107,7 @@ class EngineConfig:
         if self.decode_slots is not None and self.decode_slots < 1:
             raise ValueError("decode_slots must be >= 1")
         if self.method != "none":
-            CarveConfig(keep=self.keep, layer=self.layer, mode=self.method)  # validates keep/layer early
+            CarveConfig(keep=self.keep, layer=self.layer, method=self.method)  # validates keep/layer early
 
     @property
     def model_name(self) -> str:
@@ -125,7 +125,7 @@ class EngineConfig:
         return CarveConfig(
             keep=self.budget,
             layer=self.layer,
-            mode="tokencarve" if self.method == "none" else self.method,
+            method="tokencarve" if self.method == "none" else self.method,
             seed=self.seed,
         )
 

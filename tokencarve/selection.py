@@ -2,7 +2,7 @@
 
 TokenCarve (tokencarve.core) and the attention baselines score tokens one by one, so a few hundred
 near-identical background tokens compete with the handful that carry an object, and the ranking
-keeps many copies of the same thing. The modes here choose a set instead, greedily, each pick
+keeps many copies of the same thing. The methods here choose a set instead, greedily, each pick
 conditioned on the picks before it. All work on the same inputs as the core (the visual rows H of
 the hidden states entering layer K, [B, N, D], and the last prompt token's attention in layer
 K-1, [B, N]), batched over images: one N x N Gram (a GEMM) and then `keep` cheap O(N * keep) steps.
@@ -34,7 +34,8 @@ K-1, [B, N]), batched over images: one N x N Gram (a GEMM) and then `keep` cheap
                (core.merge_survivors), so the budget's last tokens carry averages instead of picks.
 
 `volume`, `dpp` and `divprune` prune (the unselected tokens are dropped); `debiased` and
-`volume-merge` keep the paper's two stages.
+`volume-merge` keep the paper's two stages. tokencarve.methods names them (`*_tokens` below); each
+takes a batch with 1 <= keep < N.
 """
 
 from __future__ import annotations
@@ -44,8 +45,7 @@ import torch.nn.functional as F
 
 from .core import CarveResult, carve_tokens, kept_only, merge_survivors, stage_sizes
 
-SELECTIONS = ("volume", "volume-merge", "dpp", "divprune", "debiased")
-DPP_THETA = 2.0  # relevance weight of the dpp mode: the most attended token's q is e^2 ~ 7.4x the least's
+DPP_THETA = 2.0  # relevance weight of the dpp method: the most attended token's q is e^2 ~ 7.4x the least's
 SINK_NORM_RATIO = 8.0  # a token whose hidden-state norm is this many times the median is an attention sink
 
 
@@ -147,21 +147,26 @@ def debiased_attention(hidden: torch.Tensor, attention: torch.Tensor) -> torch.T
     return torch.where(sinks, debiased.median(dim=-1, keepdim=True).values, debiased)
 
 
-def select_tokens(
-    hidden: torch.Tensor, attention: torch.Tensor, keep: int, method: str, *, attention_weight: float = 0.5
+def volume_tokens(hidden: torch.Tensor, keep: int) -> CarveResult:
+    return kept_only(hidden, volume_order(hidden, keep))
+
+
+def volume_merge_tokens(hidden: torch.Tensor, keep: int) -> CarveResult:
+    """Volume's first P = 1.5 T picks survive stage I; stage II merges as the paper's does."""
+    num_survivors, num_merges = stage_sizes(hidden.shape[1], keep)
+    return merge_survivors(hidden, volume_order(hidden, num_survivors), num_merges)
+
+
+def dpp_tokens(hidden: torch.Tensor, attention: torch.Tensor, keep: int) -> CarveResult:
+    return kept_only(hidden, dpp_order(hidden, attention, keep))
+
+
+def divprune_tokens(hidden: torch.Tensor, keep: int) -> CarveResult:
+    return kept_only(hidden, divprune_order(hidden, keep))
+
+
+def debiased_tokens(
+    hidden: torch.Tensor, attention: torch.Tensor, keep: int, *, attention_weight: float = 0.5
 ) -> CarveResult:
-    """One of SELECTIONS for a batch ([B, N, D], [B, N]; 1 <= keep < N)."""
-    if method == "debiased":
-        return carve_tokens(hidden, debiased_attention(hidden, attention), keep, attention_weight=attention_weight)
-    if method == "volume-merge":
-        num_survivors, num_merges = stage_sizes(hidden.shape[1], keep)
-        return merge_survivors(hidden, volume_order(hidden, num_survivors), num_merges)
-    if method == "volume":
-        order = volume_order(hidden, keep)
-    elif method == "dpp":
-        order = dpp_order(hidden, attention, keep)
-    elif method == "divprune":
-        order = divprune_order(hidden, keep)
-    else:
-        raise ValueError(f"unknown selection {method!r}; one of {SELECTIONS}")
-    return kept_only(hidden, order)
+    """The paper's prune and merge on the debiased attention row."""
+    return carve_tokens(hidden, debiased_attention(hidden, attention), keep, attention_weight=attention_weight)

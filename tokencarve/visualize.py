@@ -141,7 +141,7 @@ def main(argv=None) -> None:
     image, methods = Image.open(args.image).convert("RGB"), args.method.split(",")
     pictures = []
     for method in methods:
-        config = CarveConfig(keep=args.keep, layer=args.layer, mode=method)  # checks the method's name
+        config = CarveConfig(keep=args.keep, layer=args.layer, method=method)  # checks the method's name
         picture, carve = carve_picture(model, processor, image, args.prompt, config, args.scale)
         pictures.append(picture)
         print(f"{method}: {legend(carve)}")

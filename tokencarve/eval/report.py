@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokencarve.baselines import BASELINES
-from tokencarve.core import MODES
+from tokencarve.methods import names
 
 COLOURS = {
     "none": "black",
@@ -61,8 +60,8 @@ def overall_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# the methods a new selection is held against: the paper's modes and the published baselines
-REFERENCE_METHODS = (*MODES, *BASELINES)
+# the methods a new selection is held against: the paper's and the published baselines
+REFERENCE_METHODS = (*names("paper"), *names("baseline"))
 
 
 def retention_table(results: list[dict], caption_task: str = "caption") -> str:

@@ -1,0 +1,191 @@
+"""Every token-selection method, in one registry: its name, what it does, and its properties.
+
+The method lists of the library (`tokencarve.METHODS`), the engine, the job's and Serve's choices,
+the evaluation's reference methods and the docs' table are all read from `REGISTRY`; adding a method
+is one entry here. Each method runs at the same cut through the same adapter, so token counts, RoPE
+positions and the KV cache are handled identically; only the choice of tokens differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import baselines, selection
+from .core import CarveResult, carve_tokens, check_inputs
+
+# select(hidden [B, N, D], attention [B, N], keep, attention_weight, seed) for 1 <= keep < N
+Select = Callable[[torch.Tensor, torch.Tensor, int, float, int], CarveResult]
+
+KINDS = {
+    "paper": "the paper's ranking and its single-score ablations",
+    "selection": "redundancy-aware: chooses a set, each pick conditioned on the picks before it",
+    "baseline": "published comparison methods",
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str  # one of KINDS
+    summary: str  # one line, for the docs' table and the command lines' help
+    merges: bool  # some kept tokens carry the mean of several (stage II's merge, or pooling); else it only prunes
+    needs_attention: bool  # reads the last prompt token's attention row from layer K-1
+    square_grid: bool  # needs a square token grid: LLaVA-1.5 only (NeXT / OneVision images are base + tiles)
+    select: Select
+
+
+REGISTRY: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method(
+            "tokencarve",
+            "paper",
+            "the paper (arXiv 2503.10501): Borda fusion of the information and attention ranks, prune, merge",
+            merges=True,
+            needs_attention=True,
+            square_grid=False,
+            select=lambda h, a, keep, w, seed: carve_tokens(h, a, keep, attention_weight=w),
+        ),
+        Method(
+            "information",
+            "paper",
+            "the paper's prune and merge on the information (SVD) rank alone",
+            merges=True,
+            needs_attention=False,
+            square_grid=False,
+            select=lambda h, a, keep, w, seed: carve_tokens(h, a, keep, attention_weight=0.0),
+        ),
+        Method(
+            "attention",
+            "paper",
+            "the paper's prune and merge on the attention rank alone",
+            merges=True,
+            needs_attention=True,
+            square_grid=False,
+            select=lambda h, a, keep, w, seed: carve_tokens(h, a, keep, attention_weight=1.0),
+        ),
+        Method(
+            "volume",
+            "selection",
+            "greedy volume: pivoted QR of the centred hidden states, each pick what the others do not carry",
+            merges=False,
+            needs_attention=False,
+            square_grid=False,
+            select=lambda h, a, keep, w, seed: selection.volume_tokens(h, keep),
+        ),
+        Method(
+            "volume-merge",
+            "selection",
+            "volume's pick order as the paper's stage I ranking, then the paper's merge",
+            merges=True,
+            needs_attention=False,
+            square_grid=False,
+            select=lambda h, a, keep, w, seed: selection.volume_merge_tokens(h, keep),
+        ),
+        Method(
+            "dpp",
+            "selection",
+            "CDPruner-style conditional DPP: diversity weighted by the attention row",
+            merges=False,
+            needs_attention=True,
+            square_grid=False,
+            select=lambda h, a, keep, w, seed: selection.dpp_tokens(h, a, keep),
+        ),
+        Method(
+            "divprune",
+            "selection",
+            "DivPrune's max-min diversity on cosine distance",
+            merges=False,
+            needs_attention=False,
+            square_grid=False,
+            select=lambda h, a, keep, w, seed: selection.divprune_tokens(h, keep),
+        ),
+        Method(
+            "debiased",
+            "selection",
+            "the paper's method on an attention row with its recency trend and sinks removed",
+            merges=True,
+            needs_attention=True,
+            square_grid=False,
+            select=lambda h, a, keep, w, seed: selection.debiased_tokens(h, a, keep, attention_weight=w),
+        ),
+        Method(
+            "fastv",
+            "baseline",
+            "FastV-style: the most attended tokens, pruned, nothing merged",
+            merges=False,
+            needs_attention=True,
+            square_grid=False,
+            select=lambda h, a, keep, w, seed: baselines.fastv_tokens(h, a, keep),
+        ),
+        Method(
+            "random",
+            "baseline",
+            "a seeded uniform subset",
+            merges=False,
+            needs_attention=False,
+            square_grid=False,
+            select=lambda h, a, keep, w, seed: baselines.random_tokens(h, keep, seed),
+        ),
+        Method(
+            "pool",
+            "baseline",
+            "average pooling of the square token grid (24 x 24 on LLaVA-1.5)",
+            merges=True,
+            needs_attention=False,
+            square_grid=True,
+            select=lambda h, a, keep, w, seed: baselines.pooled_tokens(h, keep),
+        ),
+    )
+}
+
+METHODS = tuple(REGISTRY)  # every method's name, in the order the docs list them
+
+
+def names(kind: str) -> tuple[str, ...]:
+    """The methods of one kind (a key of KINDS), in registry order."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; one of {tuple(KINDS)}")
+    return tuple(m.name for m in REGISTRY.values() if m.kind == kind)
+
+
+def get(name: str) -> Method:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose one of {METHODS}") from None
+
+
+def reduce_tokens(
+    hidden: torch.Tensor,
+    attention: torch.Tensor,
+    keep: int,
+    *,
+    method: str = "tokencarve",
+    attention_weight: float = 0.5,
+    seed: int = 0,
+) -> CarveResult:
+    """Any method on a batch of images: hidden [B, N, D] and attention [B, N] in, `keep` tokens per
+    image out (a `CarveResult`, as `core.carve_tokens` returns). keep >= N is the identity for every
+    method."""
+    chosen = get(method)
+    check_inputs(hidden, attention, keep)
+    if keep >= hidden.shape[1]:
+        return carve_tokens(hidden, attention, keep)
+    return chosen.select(hidden, attention, keep, attention_weight, seed)
+
+
+def markdown_table() -> str:
+    """The methods as a Markdown table (the README holds this; a test keeps the two equal)."""
+    yes = {True: "yes", False: ""}
+    lines = [
+        "| method | kind | what it keeps | merges | attention row | square grid only |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in REGISTRY.values():
+        cells = [f"`{m.name}`", m.kind, m.summary, yes[m.merges], yes[m.needs_attention], yes[m.square_grid]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
