@@ -3,6 +3,8 @@ resident memory of the driver and of the Ray worker processes.
 
     python benchmarks/bench_dataplane.py [--sizes 10000 100000 1000000] [--out docs/benchmarks/dataplane.md]
 
+Prints the report as Markdown; `--out` also writes it to a file (nothing is written unless asked).
+
 Each corpus is img2dataset-style Parquet shards of 10,000 rows (key, jpg, url, caption). Most rows have no
 image (a failed download), so millions of rows go through reading, checking, writing and the books
 without the model dominating; every 5,000th row is a real image, captioned by the bundled carve-tiny.
@@ -123,7 +125,7 @@ def drop_half_the_records(output: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "dataplane.md"))
+    parser.add_argument("--out", help="also write the report here (e.g. docs/benchmarks/dataplane.md)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
@@ -192,8 +194,9 @@ def main() -> None:
     lines.append("(The rows/s of a resume counts every row of the output: skipped and re-checked.)")
     text = "\n".join(lines) + "\n"
     print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
 
 
 if __name__ == "__main__":

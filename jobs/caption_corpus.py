@@ -8,7 +8,9 @@ Inputs: Parquet shards (id or key; image bytes, jpg, or image_path; optional pro
 img2dataset's layout works as it is), folders of images, WebDataset .tar shards. Output: one Parquet row per
 input row (caption, or error_code + error_message; source_file + source_row; carried columns as source_<name>)
 plus _summary.json. A rerun into the same output resumes: finished shards are skipped, unfinished ones
-re-checked. A rerun with another model, method, budget or --carry is refused (exit status 2). Shards that
+re-checked. A rerun with another setting (model, method, budget, generation, --carry, ...) is refused
+(exit status 2). A row whose generation fails gets an error row; a block whose worker keeps faulting is
+retried --block-attempts times, then its rows get worker_failed error rows (exit status 0). Shards that
 cannot be read are skipped and listed in the summary (exit status 0, or 3 with --strict); a rerun retries them.
 """
 
@@ -31,7 +33,7 @@ from monitoring.push import push_summary  # noqa: E402
 from pipeline.batch import CaptionJob, run  # noqa: E402
 from pipeline.output import Output, SettingsMismatch  # noqa: E402
 from pipeline.sources import FORMATS  # noqa: E402
-from tokencarve.engine import DEFAULT_METHOD, IMAGE_POLICIES, METHODS, EngineConfig, parse_budget  # noqa: E402
+from tokencarve.settings import add_engine_arguments, engine_config_from_args  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "models" / "carve-tiny"
 DEFAULT_INPUT = ROOT / "data" / "sample"
@@ -48,31 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "(e.g. url,caption,key,json; in WebDataset: member suffixes, key, caption = .txt, or .json fields)",
     )
     p.add_argument("--output", default="out/captions", help="output folder or URI (default: %(default)s)")
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="local folder or hub id (default: bundled carve-tiny)")
-    p.add_argument(
-        "--keep",
-        type=parse_budget,
-        default=64,
-        help="visual tokens kept per image, or a fraction of each image's tokens (0.1) (default: %(default)s)",
-    )
-    p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD, help="(default: %(default)s)")
+    add_engine_arguments(p, model_default=str(DEFAULT_MODEL))  # --model, --keep, --method, --max-new-tokens, ...
     p.add_argument("--no-carve", action="store_true", help="run the stock model (same as --method none)")
-    p.add_argument(
-        "--image-policy",
-        choices=IMAGE_POLICIES,
-        default="auto",
-        help="auto: LLaVA-1.5's pad to a square (NeXT / OneVision: any resolution); processor: "
-        "the processor's own resize and centre crop",
-    )
-    p.add_argument("--layer", type=int, default=2, help="the cut sits before decoder layer K (default: 2)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument(
-        "--max-prompt-tokens",
-        type=int,
-        default=None,
-        help="refuse longer prompts (prompt_too_long); default: what the context window leaves",
-    )
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--batch-size", type=int, default=8, help="rows per generate() call")
     p.add_argument("--min-actors", type=int, default=1)
     p.add_argument("--max-actors", type=int, default=1)
@@ -83,6 +62,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=int,
         default=CaptionJob.rows_per_file,
         help="rows per written bundle; a part file holds one shard's share of it",
+    )
+    p.add_argument(
+        "--block-attempts",
+        type=int,
+        default=CaptionJob.block_attempts,
+        help="attempts at a block whose actor faults (out of memory, lost device, died) before its rows "
+        "become worker_failed error rows (default: %(default)s)",
     )
     p.add_argument("--max-image-bytes", type=int, default=CaptionJob.max_image_bytes)
     p.add_argument("--max-image-pixels", type=int, default=CaptionJob.max_image_pixels)
@@ -107,17 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_job(args: argparse.Namespace) -> CaptionJob:
-    method = "none" if args.no_carve else args.method
-    engine = EngineConfig(
-        model=args.model,
-        keep=args.keep,
-        method=method,
-        layer=args.layer,
-        max_new_tokens=args.max_new_tokens,
-        dtype=args.dtype,
-        max_prompt_tokens=args.max_prompt_tokens,
-        image_policy=args.image_policy,
-    )
+    engine = engine_config_from_args(args, **({"method": "none"} if args.no_carve else {}))
     return CaptionJob(
         inputs=args.input or [str(DEFAULT_INPUT)],
         output=args.output,
@@ -130,6 +106,7 @@ def build_job(args: argparse.Namespace) -> CaptionJob:
         num_gpus=args.num_gpus,
         actor_cpus=args.actor_cpus,
         rows_per_file=args.rows_per_file,
+        block_attempts=args.block_attempts,
         max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels,
         progress_every_s=args.progress_every,
@@ -158,6 +135,12 @@ def main(argv=None) -> int:
     print(json.dumps(summary, indent=2))
     for shard in summary["failed_shards"]:
         print(f"failed shard: {shard['source']}: {shard['error_code']}: {shard['error_message']}", file=sys.stderr)
+    if summary["rows_worker_failed"]:
+        print(
+            f"warning: {summary['rows_worker_failed']:,} rows are worker_failed error rows: their blocks failed "
+            f"on every one of {job.block_attempts} attempts (see their error_message)",
+            file=sys.stderr,
+        )
     return 3 if args.strict and summary["units_failed"] else 0
 
 

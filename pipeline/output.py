@@ -1,6 +1,7 @@
 """A job's output: where rows and records go, what is finished, and the totals, in bounded memory.
 
-    <output>/_job.json                  the settings that own the output (model, method, keep, carried columns)
+    <output>/_job.json                  the setting that owns the output (the engine's whole setting, the
+                                        model's identity, carried columns) and the layout's FORMAT_VERSION
     <output>/<unit>/part-*.parquet      the output rows of one input unit, one row per input row
     <output>/_units/<unit>.<status>.json  a finished unit (status done or failed): its totals, its shard error
     <output>/_summary.json              the sum of every unit record (written at the end of each run)
@@ -30,7 +31,7 @@ import pyarrow.parquet as pq
 
 from .sources import carried_name
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: _job.json holds the engine's whole setting and the model's identity
 JOB_FILE, SUMMARY_FILE, UNITS_DIR = "_job.json", "_summary.json", "_units"
 
 OUTPUT_FIELDS = [
@@ -75,7 +76,36 @@ def output_schema(carry: tuple[str, ...] = ()) -> pa.Schema:
 
 
 class SettingsMismatch(ValueError):
-    """The output already belongs to another model, method, budget or set of carried columns."""
+    """The output already belongs to another setting (model, method, budget, generation, carried
+    columns, ...), or was written in another layout."""
+
+
+HEADLINE = ("model", "method", "keep", "carry")  # what a refusal names first; every difference follows
+
+
+def _headline(settings: dict) -> str:
+    return " ".join(f"{k}={settings[k]}" for k in HEADLINE if k in settings)
+
+
+def _differences(held: dict, new: dict) -> str:
+    names = sorted(k for k in held.keys() | new.keys() if held.get(k) != new.get(k))
+    return "differs in " + ", ".join(f"{k}: {held.get(k)!r} then, {new.get(k)!r} now" for k in names)
+
+
+def _check_format(location: str, version) -> None:
+    """Refuse a layout this version cannot resume, saying what to do."""
+    if version == FORMAT_VERSION:
+        return
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise SettingsMismatch(
+            f"{location} was written by a newer version of the job (output format {version}; this one "
+            f"reads format {FORMAT_VERSION}): upgrade tokencarve to resume it, or write to a new --output"
+        )
+    raise SettingsMismatch(
+        f"{location} was written by an older version of the job (output format {version}; this one "
+        f"writes format {FORMAT_VERSION}): its rows stay readable, but it cannot be resumed. Write to a new "
+        "--output, or finish it with the version that started it"
+    )
 
 
 @dataclass
@@ -165,7 +195,9 @@ class Output:
 
     def claim(self, settings: dict) -> None:
         """Make the output this job's, or refuse: an output holds the rows of one setting only
-        (a resumed run with another budget would mix two runs in one output and one summary)."""
+        (a resumed run with another budget would mix two runs in one output and one summary), and of
+        one layout (FORMAT_VERSION)."""
+        settings = json.loads(json.dumps(settings, default=str))  # as _job.json will hold it
         held = self.settings()
         if held is None:
             if self._has_rows():
@@ -176,14 +208,12 @@ class Output:
             self.fs.create_dir(self.root, recursive=True)
             self._write_json(JOB_FILE, {"format_version": FORMAT_VERSION, **settings})
             return
-        held = {k: v for k, v in held.items() if k != "format_version"}
+        held = dict(held)
+        _check_format(self.location, held.pop("format_version", None))
         if held != settings:
-
-            def describe(s):
-                return " ".join(f"{k}={v}" for k, v in s.items())
-
             raise SettingsMismatch(
-                f"{self.location} already holds rows written with {describe(held)}; this run is {describe(settings)}. "
+                f"{self.location} already holds rows written with {_headline(held)}; this run is "
+                f"{_headline(settings)} ({_differences(held, settings)}). "
                 "Write to a new --output (or remove that one) rather than mix settings in one output"
             )
 

@@ -7,7 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.batch import CaptionJob, prepare_unit
+from pipeline.job import CaptionJob
+from pipeline.prepare import prepare_unit
 from pipeline.sources import plan_units
 from tests.bad_images import encode, gradient
 from tokencarve.engine import CaptionEngine, EngineConfig

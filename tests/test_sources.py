@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -170,7 +171,9 @@ def test_totals_add_up_and_parts_are_named_by_their_rows(tmp_path):
 
 def test_finishing_a_unit_merges_its_parts_and_drops_rows_written_twice(tmp_path):
     """What a task re-run on a lost node can leave: the same source row in two parts."""
-    from pipeline.batch import CaptionJob, finish_unit
+    from pipeline.books import finish_unit
+    from pipeline.job import CaptionJob
+    from pipeline.records import UnitEnd
     from tokencarve.engine import EngineConfig
 
     def rows(numbers):
@@ -192,22 +195,23 @@ def test_finishing_a_unit_merges_its_parts_and_drops_rows_written_twice(tmp_path
     out = Output(job.output)
     out.write_part("u", rows([0, 1, 2]), "run1")
     out.write_part("u", rows([2, 3]), "run2")
-    end = {
-        "unit": "u",
-        "source": "s.parquet",
-        "rows": 4,
-        "error_code": None,
-        "error_message": None,
-        "repeated_ids": 0,
-        "repeated_id_examples": [],
-    }
+    end = UnitEnd(
+        unit="u",
+        source="s.parquet",
+        rows=4,
+        to_caption=0,
+        refused={},
+        shard_error=None,
+        repeated_ids=0,
+        repeated_id_examples=[],
+    )
     finish_unit(out, end, job)
     assert len(out.unit_parts("u")) == 1
     assert sorted(out.unit_rows("u", ["source_row"]).column("source_row").to_pylist()) == [0, 1, 2, 3]
     record = json.loads((tmp_path / "out" / "_units" / "u.done.json").read_text())
     assert record["totals"]["rows"] == 4 and record["totals"]["errors_by_reason"] == {"missing_image": 4}
 
-    end["rows"] = 5  # a row the reader read is missing: not done, a rerun completes it
+    end = replace(end, rows=5)  # a row the reader read is missing: not done, a rerun completes it
     finish_unit(out, end, job)
     assert not (tmp_path / "out" / "_units" / "u.done.json").exists()
     assert json.loads((tmp_path / "out" / "_units" / "u.failed.json").read_text())["error_code"] == "incomplete_unit"

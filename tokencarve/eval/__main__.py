@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..engine import CaptionEngine, EngineConfig, parse_budget
+from ..engine import CaptionEngine, parse_budget
+from ..settings import add_engine_arguments, engine_config_from_args
 from . import report
 from .questions import read_llava_jsonl, read_parquet
 from .runner import BUDGETS, METHODS, Evaluator, settings
@@ -27,7 +28,8 @@ from .runner import BUDGETS, METHODS, Evaluator, settings
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="models/carve-tiny", help="local folder or hub id")
+    # every engine setting but the method and budget, which the harness sweeps (--methods, --budgets)
+    add_engine_arguments(p, model_default="models/carve-tiny", exclude=("keep", "method"))
     source = p.add_argument_group("questions: a Parquet corpus, or LLaVA JSONL files")
     source.add_argument("--data", help="Parquet file or folder (id, image, prompt, answer, task)")
     source.add_argument("--questions", help="LLaVA question file (question_id, image, text, category)")
@@ -41,12 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=",".join(map(str, BUDGETS)),
         help="visual tokens per image (128), or fractions of each image's tokens (0.1)",
     )
-    p.add_argument("--layer", type=int, default=2, help="the cut: before decoder layer K")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--seed", type=int, default=0, help="the random baseline's seed")
-    p.add_argument("--device", default="auto", help="auto: cuda when available")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--out", default="results/eval")
     p.add_argument("--no-plots", action="store_true")
@@ -68,17 +65,7 @@ def main(argv=None) -> dict:
         questions = read_parquet(args.data, args.limit)
     else:
         questions = read_llava_jsonl(args.questions, args.annotations, args.image_folder, args.task, args.limit)
-    engine = CaptionEngine(
-        EngineConfig(
-            model=args.model,
-            method="none",
-            layer=args.layer,
-            device=args.device,
-            dtype=args.dtype,
-            max_new_tokens=args.max_new_tokens,
-            seed=args.seed,
-        )
-    )
+    engine = CaptionEngine(engine_config_from_args(args, method="none"))
     evaluator = Evaluator(engine, args.batch_size)
     grid = settings(
         args.methods.split(","), [parse_budget(b) for b in args.budgets.split(",")], evaluator.tokens_per_image

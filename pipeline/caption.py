@@ -1,0 +1,149 @@
+"""The caption stage: an actor pool, one CaptionEngine (model loaded once) per actor, one generate() per
+block. The failure policy (docs/CLUSTER.md, "When captioning fails"):
+
+- a row-level failure never fails the job: a failing batch is retried row by row, and a row whose
+  generation raises on its own becomes a `generation_failed` error row, whatever the block size;
+- a worker-level fault (out of memory, a lost device: pipeline.faults.is_worker_fault, or the actor's
+  process dying) ends the actor's process; Ray restarts the actor and retries the block. `BlockAttempts`
+  counts the attempts at each block in flight, so that a block that keeps failing is not retried forever:
+  past `CaptionJob.block_attempts` its rows become `worker_failed` error rows, which the summary counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from typing import NoReturn
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+from PIL import Image
+
+from monitoring.metrics import MetricsRecorder
+from tokencarve.engine import Caption, CaptionEngine
+from tokencarve.images import RowError
+
+from .faults import inject, is_worker_fault, parse_faults
+from .job import CaptionJob
+from .records import UnitEnd, captioned_schema, output_row
+
+Result = Caption | RowError
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class BlockAttempts:
+    """The attempts at each block in flight and its last fault, outside the actors (which a fault kills).
+    Holds only blocks in flight: a block's entry goes when it is done."""
+
+    def __init__(self):
+        self.attempts: dict[str, int] = {}
+        self.faults: dict[str, str] = {}
+
+    def start(self, block: str) -> tuple[int, str | None]:
+        """Count an attempt at `block`; returns (this attempt's number, the last fault seen)."""
+        self.attempts[block] = self.attempts.get(block, 0) + 1
+        return self.attempts[block], self.faults.get(block)
+
+    def fault(self, block: str, message: str) -> None:
+        self.faults[block] = message
+
+    def finish(self, block: str) -> None:
+        self.attempts.pop(block, None)
+        self.faults.pop(block, None)
+
+
+def generation_failed(error: Exception) -> RowError:
+    return RowError("generation_failed", f"{type(error).__name__}: {error}")
+
+
+def block_key(rows: pa.Table) -> str:
+    """A block's identity across retries: its units and source rows (a retried task gets the same rows)."""
+    digest = hashlib.sha1()
+    for unit, row in zip(rows.column("unit").to_pylist(), rows.column("source_row").to_numpy()):
+        digest.update(f"{unit}#{row};".encode())
+    return digest.hexdigest()
+
+
+class CaptionActor:
+    """Holds one engine and captions the prepared blocks it is given; passes unit ends on."""
+
+    def __init__(self, job: CaptionJob, attempts=None):
+        self.job, self.attempts = job, attempts  # attempts: a BlockAttempts handle (None: a single attempt)
+        self.faults = parse_faults(job.faults)
+        self.engine = CaptionEngine(job.engine)
+        self.metrics = MetricsRecorder(self.engine.model_name, job.engine.method, job.engine.keep)
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        todo = block.filter(pc.is_null(block.column("unit_end")))
+        rows = todo.to_pylist()
+        out = []
+        for row, result in zip(rows, self._caption_block(todo, rows) if rows else []):
+            if isinstance(result, RowError):
+                self.metrics.failed(result.code)
+            out.append(output_row(row, self.job, result) | {"unit": row["unit"], "unit_end": None})
+        for text in block.filter(pc.is_valid(block.column("unit_end"))).column("unit_end").to_pylist():
+            end = UnitEnd.from_json(text)
+            for code, count in end.refused.items():
+                self.metrics.failed(code, count)  # rows the prepare stage refused
+            out.append(end.closing_row())
+        return pa.Table.from_pylist(out, schema=captioned_schema(self.job.carry))
+
+    def _caption_block(self, todo: pa.Table, rows: list[dict]) -> list[Result]:
+        key = block_key(todo)
+        attempt, last_fault = ray.get(self.attempts.start.remote(key)) if self.attempts else (1, None)
+        if attempt > self.job.block_attempts:
+            results = [self._gave_up(attempt - 1, last_fault)] * len(rows)
+        else:
+            try:
+                results = self._caption_rows(rows, attempt)
+            except Exception as err:
+                if not is_worker_fault(err):
+                    raise  # a bug in this stage, not a row's or a worker's failure: Ray Data reports it
+                self._restart(key, err)
+        if self.attempts:
+            self.attempts.finish.remote(key)
+        return results
+
+    def _caption_rows(self, rows: list[dict], attempt: int) -> list[Result]:
+        """One generate() for the block; if it fails for a row-level reason, one per row, so that one bad
+        row cannot take the others down. Worker-level faults are raised."""
+        images = [Image.frombytes("RGB", (r["width"], r["height"]), r["pixels"]) for r in rows]
+        prompts = [r["prompt"] for r in rows]
+        ids = [r["id"] for r in rows]
+        try:
+            return self._generate(images, prompts, ids, attempt)
+        except Exception as err:
+            if is_worker_fault(err):
+                raise
+            if len(rows) == 1:
+                return [generation_failed(err)]
+        results: list[Result] = []
+        for image, prompt, row_id in zip(images, prompts, ids):
+            try:
+                results += self._generate([image], [prompt], [row_id], attempt)
+            except Exception as err:
+                if is_worker_fault(err):
+                    raise
+                results.append(generation_failed(err))
+        return results
+
+    def _generate(self, images, prompts, ids, attempt) -> list[Caption]:
+        inject(self.faults, ids, attempt)  # the test hook; nothing unless TOKENCARVE_INJECT_FAULTS names a row
+        captions = self.engine.caption(images, prompts)
+        self.metrics.batch(captions, self.engine.last_timing)
+        return captions
+
+    def _gave_up(self, attempts: int, last_fault: str | None) -> RowError:
+        why = last_fault or "the actor's process died while captioning it"
+        return RowError("worker_failed", f"the block failed on {attempts} attempt(s); last: {why}")
+
+    def _restart(self, key: str, error: Exception) -> NoReturn:
+        """End this process: Ray restarts the actor (a fresh device context and memory) and retries the block."""
+        if self.attempts is None:  # not in a Ray actor pool (a test's direct call): nothing would restart it
+            raise error
+        message = f"{type(error).__name__}: {error}"
+        ray.get(self.attempts.fault.remote(key, message))
+        print(f"CaptionActor: worker fault, restarting: {message}", file=sys.stderr, flush=True)
+        os._exit(1)

@@ -1,0 +1,126 @@
+"""Engine settings on a command line, and what identifies a setting's output; both derived from
+`tokencarve.engine.EngineConfig`, the one place engine defaults live.
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser, model_default="models/carve-tiny")   # --model, --keep, --method, ...
+    config = engine_config_from_args(parser.parse_args())
+
+Every EngineConfig field becomes an option (`max_new_tokens` -> `--max-new-tokens`) with the field's
+default, help and choices, so the batch job and the evaluation harness cannot drift from the engine,
+and a field added to EngineConfig is an option everywhere at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+
+from .engine import EngineConfig, parse_budget
+
+# Fields that change how a run goes but not what it writes: left out of an output's claim.
+RUNTIME_ONLY = frozenset({"device", "decode_slots"})
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def _parse(hint) -> tuple[typing.Callable | None, dict]:
+    """(the type= of an option, extra add_argument keywords) for a field's type hint."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    kinds = set(typing.get_args(hint)) - {type(None)} if union else {hint}
+    if kinds == {int, float}:
+        return parse_budget, {}  # a budget: tokens per image ("128") or a fraction ("0.1")
+    if kinds == {bool}:
+        return None, {"action": argparse.BooleanOptionalAction}
+    if len(kinds) == 1 and next(iter(kinds)) in (int, float, str):
+        return next(iter(kinds)), {}
+    raise TypeError(f"EngineConfig field of type {hint} has no command-line form; add one to tokencarve.settings")
+
+
+def add_engine_arguments(
+    parser: argparse.ArgumentParser, model_default: str | None = None, exclude: tuple[str, ...] = ()
+) -> argparse._ArgumentGroup:
+    """One option per EngineConfig field (but `exclude`), in one group; `model_default` is `--model`'s
+    default (the field has none: a job and a harness each have their own bundled model)."""
+    group = parser.add_argument_group("engine", "model and generation settings (tokencarve.engine.EngineConfig)")
+    hints = typing.get_type_hints(EngineConfig)
+    for field in dataclasses.fields(EngineConfig):
+        if field.name in exclude:
+            continue
+        kind, extra = _parse(hints[field.name])
+        default = model_default if field.default is dataclasses.MISSING else field.default
+        help_text = field.metadata.get("help", "")
+        if default is not None:
+            help_text += " (default: %(default)s)"
+        if kind is not None:
+            extra["type"] = kind
+        if "choices" in field.metadata:
+            extra["choices"] = field.metadata["choices"]
+        group.add_argument(
+            "--" + field.name.replace("_", "-"), dest=field.name, default=default, help=help_text, **extra
+        )
+    return group
+
+
+def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:
+    """The EngineConfig the parsed options describe (fields a parser left out keep their defaults)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if hasattr(args, f.name)}
+    return EngineConfig(**(values | overrides))
+
+
+# -- what identifies a setting's output ------------------------------------------------------------------
+
+
+def claim_settings(config: EngineConfig) -> dict:
+    """Everything about an engine that decides the rows it writes: the model's identity (where it
+    resolves to, its revision, a fingerprint of its config and weight files), the method, the budget
+    (None for the stock model) and every other field but the runtime-only ones."""
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(EngineConfig)}
+    others = {k: v for k, v in values.items() if k not in RUNTIME_ONLY | {"model", "method", "keep"}}
+    identity = model_identity(config.model)
+    return {"model": identity["model"], "method": config.method, "keep": config.budget, **others} | {
+        "model_revision": identity["revision"],
+        "model_fingerprint": identity["fingerprint"],
+    }
+
+
+def model_identity(model: str) -> dict:
+    """A local folder: its resolved path and fingerprint. A hub id: the id, and the revision and
+    fingerprint of its snapshot in the local Hugging Face cache (None for both when it is not cached:
+    nothing is downloaded to tell)."""
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        return {"model": str(folder.resolve()), "revision": None, "fingerprint": fingerprint(folder)}
+    snapshot = _cached_snapshot(model)
+    if snapshot is None:
+        return {"model": model, "revision": None, "fingerprint": None}
+    return {"model": model, "revision": snapshot.name, "fingerprint": fingerprint(snapshot)}
+
+
+def fingerprint(folder: Path) -> str:
+    """A digest of a checkpoint folder's config.json, weight indexes and weight files' sizes: another
+    fine-tune saved under the same name differs, and no weight is read."""
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+
+    def digest(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    described = {
+        "config": [digest(p) for p in files if p.name == "config.json"],
+        "indexes": {p.name: digest(p) for p in files if p.name.endswith(".index.json")},
+        "weights": {p.name: p.stat().st_size for p in files if p.name.endswith(WEIGHT_SUFFIXES)},
+    }
+    return "sha256:" + hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # not a valid repo id (a missing local path, say): nothing to resolve
+        return None
+    return Path(found).parent if isinstance(found, str) else None
