@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import pytest
 
 import tokencarve
-from pipeline import auth
+from pipeline import auth, serve_settings
 from pipeline.serve import ServeSettings, build_app
 from tokencarve import engine
 
@@ -25,6 +26,51 @@ def test_the_checked_in_serve_config_is_valid():
     assert app.import_path == "pipeline.serve:build_app"
     settings = ServeSettings(**app.args)
     assert settings.max_ongoing_requests >= settings.max_batch_size and settings.num_gpus == 1
+
+
+def test_every_engine_setting_is_a_serve_setting_with_the_engines_default_and_help():
+    engine_fields = dataclasses.fields(engine.EngineConfig)
+    schema = ServeSettings.model_json_schema()["properties"]
+    for field in engine_fields:
+        assert field.name in ServeSettings.model_fields, field.name
+        assert schema[field.name].get("description") == field.metadata.get("help"), field.name
+        if "choices" in field.metadata:
+            assert schema[field.name]["choices"] == list(field.metadata["choices"])
+    # the defaults are the engine's, field for field (the model's is Serve's bundled one)
+    assert ServeSettings().engine_config() == engine.EngineConfig(model=serve_settings.DEFAULT_MODEL)
+    assert ServeSettings(model="m", keep=0.1, decode="static").engine_config() == engine.EngineConfig(
+        model="m", keep=0.1, decode="static"
+    )
+    serve_only = set(ServeSettings.model_fields) - {f.name for f in engine_fields}
+    assert {"max_new_tokens_limit", "max_batch_size", "max_queued_requests", "api_key_file"} <= serve_only
+
+
+def test_a_field_added_to_the_engine_is_a_serve_setting_at_once():
+    @dataclasses.dataclass(frozen=True)
+    class Grown(engine.EngineConfig):
+        beams: int = dataclasses.field(default=1, metadata={"help": "beams per row"})
+
+    settings = serve_settings.settings_model(Grown)(beams="3")  # `serve run ... beams=3` gives a string
+    assert settings.engine_config() == Grown(model=serve_settings.DEFAULT_MODEL, beams=3)
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"method": "magic"}, "method must be one of"),  # the engine's own checks, once
+        ({"keep": 0}, "CarveConfig.keep"),
+        ({"keep": 1.5}, "CarveConfig.keep"),
+        ({"image_policy": "stretch"}, "image_policy must be one of"),
+        ({"decode": "beam"}, "decode must be one of"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+        ({"max_new_tokens": 600}, "max_new_tokens_limit"),
+        ({"max_batch_size": 32}, "batches never fill"),
+        ({"modle": "typo"}, "Extra inputs are not permitted"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_engines_message(values, message):
+    with pytest.raises(ValueError, match=message):
+        ServeSettings(**values)
 
 
 def test_one_method_list_for_library_job_and_serve():
