@@ -1,34 +1,41 @@
-"""Load test of the Serve app on loopback: throughput and p50/p99 latency, TokenCarve on vs off.
+"""Load tests of the Serve app on loopback: what one replica holds, and TokenCarve on vs off.
 
     python benchmarks/bench_serve.py [--model models/carve-tiny] [--requests 64] [--concurrency 8]
 
-Starts a local Ray + Serve app, then sends the same bounded set of requests (a fixed count, a time
-limit, loopback only) twice per setting, alternating stock (`method: none`) and TokenCarve on the
-same replica, so both run on the same machine in one process. Prints a Markdown table with ratios.
+Starts a local Ray + Serve app (one replica), then sends bounded sets of requests (a fixed count, a
+time limit, loopback only; pipeline.load):
+
+- capacity: a steady load (`--concurrency` clients, as many as the replica takes in flight) and an
+  overload (`--overload` x as many clients): answers by status, 503s with Retry-After, requests lost
+  without an answer, throughput and latency;
+- A/B: the same requests per round, alternating stock (`method: none`) and TokenCarve on the same
+  replica.
+
+Prints Markdown tables with the machine, date and versions.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import os
 import platform
 import socket
-import statistics
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
-from datetime import date
+from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import httpx  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
+from pipeline.load import LoadReport, run_load  # noqa: E402
 from pipeline.serve import build_app  # noqa: E402
+from tokencarve.engine import DEFAULT_METHOD  # noqa: E402
 
 
 def free_port() -> int:
@@ -42,26 +49,27 @@ def sample_images(folder: Path, count: int) -> list[tuple[str, str]]:
     return [(base64.b64encode(r["image"]).decode(), r["prompt"]) for r in (rows * count)[:count]]
 
 
-def load(url: str, payloads: list[dict], concurrency: int, deadline_s: float) -> tuple[float, list[float], int]:
-    """Send every payload (bounded in count and time); returns (seconds, latencies of 200s, failures)."""
-    latencies, failures = [], 0
-    stop = time.time() + deadline_s
+def environment() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+    versions = ", ".join(f"{name} {version(name)}" for name in ("ray", "torch", "transformers", "fastapi", "httpx"))
+    return (
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {platform.machine()} {cpu}, {os.cpu_count()} CPUs "
+        f"(2 for Ray), no GPU; Python {platform.python_version()}, {versions}"
+    )
 
-    def one(payload):
-        if time.time() > stop:
-            return None
-        started = time.perf_counter()
-        reply = httpx.post(f"{url}/v1/caption", json=payload, timeout=deadline_s)
-        return time.perf_counter() - started if reply.status_code == 200 else None
 
-    started = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        for latency in pool.map(one, payloads):
-            if latency is None:
-                failures += 1
-            else:
-                latencies.append(latency)
-    return time.perf_counter() - started, latencies, failures
+def seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def capacity_row(name: str, clients: int, report: LoadReport) -> str:
+    statuses = ", ".join(f"{status}: {n}" for status, n in sorted(report.statuses.items()))
+    with_retry_after = sum(a.retry_after is not None for a in report.refused)
+    return (
+        f"| {name} | {clients} | {len(report.answers) + len(report.lost)} | {statuses} | "
+        f"{with_retry_after} of {len(report.refused)} | {sum(report.other.values())} | {len(report.lost)} | "
+        f"{report.ok_per_second:.2f} | {seconds(report.latency(0.5))} | {seconds(report.latency(0.99))} |"
+    )
 
 
 def main() -> None:
@@ -69,64 +77,75 @@ def main() -> None:
     p.add_argument("--model", default=str(ROOT / "models" / "carve-tiny"))
     p.add_argument("--data", default=str(ROOT / "data" / "sample"))
     p.add_argument("--keep", type=int, default=64)
-    p.add_argument("--requests", type=int, default=64)
-    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--requests", type=int, default=64, help="requests per load (the overload sends 4x)")
+    p.add_argument("--concurrency", type=int, default=8, help="steady clients (and the A/B's)")
+    p.add_argument("--overload", type=int, default=8, help="the overload has this many times the steady clients")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--max-batch-size", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--time-limit", type=float, default=300, help="seconds per round at most")
+    p.add_argument("--max-queued-requests", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=2, help="A/B rounds per setting (0: no A/B)")
+    p.add_argument("--time-limit", type=float, default=300, help="seconds per load at most")
     args = p.parse_args()
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(
-        build_app(
-            {
-                "model": args.model,
-                "keep": args.keep,
-                "max_new_tokens": args.max_new_tokens,
-                "max_batch_size": args.max_batch_size,
-                "max_replicas": 1,
-                "min_replicas": 1,
-                "max_ongoing_requests": 2 * args.max_batch_size,
-                "max_queued_requests": 4 * args.requests,
-            }
-        ),
-        name="bench",
-        route_prefix="/",
-    )
-    url = f"http://127.0.0.1:{port}"
-    images = sample_images(Path(args.data), args.requests)
     settings = {
-        "stock": {"method": "none"},
-        f"TokenCarve keep={args.keep}": {"method": "tokencarve", "keep": args.keep},
+        "model": args.model,
+        "keep": args.keep,
+        "max_new_tokens": args.max_new_tokens,
+        "max_batch_size": args.max_batch_size,
+        "max_replicas": 1,
+        "min_replicas": 1,
+        "max_ongoing_requests": 2 * args.max_batch_size,
+        "max_queued_requests": args.max_queued_requests,
+        "retry_after_s": 2,
     }
-    load(url, [{"image": images[0][0]} for _ in range(args.concurrency)], args.concurrency, args.time_limit)  # warm-up
-    results = {name: [] for name in settings}
+    serve.run(build_app(settings), name="bench", route_prefix="/")
+    url = f"http://127.0.0.1:{port}/v1/caption"
+    images = sample_images(Path(args.data), 4 * args.requests)
+    payloads = [{"image": image, "prompt": prompt} for image, prompt in images]
+    run_load(url, payloads[: args.concurrency], args.concurrency, args.time_limit)  # warm-up
+
+    overload_clients = args.overload * args.concurrency
+    steady = run_load(url, payloads[: args.requests], args.concurrency, args.time_limit)
+    overload = run_load(url, payloads, overload_clients, args.time_limit)
+    ab = {"stock": {"method": "none"}, f"TokenCarve keep={args.keep}": {"method": "tokencarve", "keep": args.keep}}
+    results = {name: [] for name in ab}
     for _ in range(args.rounds):
-        for name, extra in settings.items():
-            payloads = [{"image": image, "prompt": prompt, **extra} for image, prompt in images]
-            results[name].append(load(url, payloads, args.concurrency, args.time_limit))
+        for name, extra in ab.items():
+            results[name].append(
+                run_load(url, [p | extra for p in payloads[: args.requests]], args.concurrency, args.time_limit)
+            )
     serve.shutdown()
 
-    print(f"# Serve load benchmark, {date.today()}")
+    print(f"# Serve load benchmark\n\n{environment()}")
     print(
-        f"machine: {platform.machine()}, 2 CPUs for Ray, no GPU; model {args.model}; {args.requests} requests x "
-        f"{args.rounds} rounds per setting, concurrency {args.concurrency}, max batch {args.max_batch_size}, "
-        f"{args.max_new_tokens} max new tokens, loopback HTTP\n"
+        f"model {Path(args.model).name}, one replica: max_batch_size {args.max_batch_size}, max_ongoing_requests "
+        f"{settings['max_ongoing_requests']}, max_queued_requests {args.max_queued_requests}, retry_after_s 2, "
+        f"{args.max_new_tokens} max new tokens, method {DEFAULT_METHOD} keep {args.keep}; loopback HTTP\n"
     )
+    print(
+        "| load | clients | requests | answers by status | 503s with Retry-After | other errors | lost "
+        "| 200s per second | p50 latency s | p99 latency s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(capacity_row("steady", args.concurrency, steady))
+    print(capacity_row("overload", overload_clients, overload))
+    if not args.rounds:
+        return
+    print(f"\nA/B: {args.requests} requests x {args.rounds} rounds per setting, {args.concurrency} clients\n")
     print("| setting | requests/s | vs stock | p50 latency s | p99 latency s | failed |")
     print("|---|---|---|---|---|---|")
     stock_rate = None
     for name, rounds in results.items():
-        latencies = sorted(seconds for _, lat, _ in rounds for seconds in lat)
-        rate = sum(len(lat) for _, lat, _ in rounds) / sum(s for s, _, _ in rounds)
+        merged = LoadReport(sum(r.seconds for r in rounds), [a for r in rounds for a in r.answers])
+        rate = merged.ok_per_second
         stock_rate = stock_rate or rate
-        p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+        failed = sum(len(r.answers) - len(r.ok) + len(r.lost) + r.not_sent for r in rounds)
         print(
-            f"| {name} | {rate:.2f} | {rate / stock_rate:.2f}x | {statistics.median(latencies):.3f} | {p99:.3f} "
-            f"| {sum(f for _, _, f in rounds)} |"
+            f"| {name} | {rate:.2f} | {rate / stock_rate:.2f}x | {seconds(merged.latency(0.5))} "
+            f"| {seconds(merged.latency(0.99))} | {failed} |"
         )
 
 

@@ -4,7 +4,6 @@ every method on both routes, API keys (settings and key parsing without Ray: tes
 from __future__ import annotations
 
 import base64
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -13,6 +12,7 @@ import pytest
 from ray import serve
 
 from pipeline.auth import ENV_VAR
+from pipeline.load import run_load
 from pipeline.serve import ServeSettings, build_app, deployment
 from tokencarve.engine import DEFAULT_METHOD, METHODS
 
@@ -169,17 +169,19 @@ def test_openai_chat_completions_shape(server):
     assert httpx.post(f"{server}/v1/chat/completions", json=two_images, timeout=60).status_code == 422
 
 
-def test_overload_is_refused_with_503_and_retry_after(ray_cluster, tiny_model_dir, server):
+def test_a_replica_holds_steady_load_and_answers_overload_with_503_and_retry_after(ray_cluster, tiny_model_dir, server):
+    """One small replica (batches of 2, 2 requests in flight, 2 queued per caller): a load it can
+    hold gets 200 for every request; 8x that many concurrent clients get 200 or 503 with Retry-After,
+    no other status, and no request goes without an answer."""
     serve.run(
         build_app(
             {
                 "model": tiny_model_dir,
-                "max_new_tokens": 200,
-                "max_new_tokens_limit": 200,
-                "max_batch_size": 1,
+                "max_new_tokens": 16,
+                "max_batch_size": 2,
                 "max_replicas": 1,
-                "max_ongoing_requests": 1,
-                "max_queued_requests": 1,
+                "max_ongoing_requests": 2,
+                "max_queued_requests": 2,
                 "retry_after_s": 3,
                 "num_cpus": 0.5,
             }
@@ -187,16 +189,17 @@ def test_overload_is_refused_with_503_and_retry_after(ray_cluster, tiny_model_di
         name="tight",
         route_prefix="/tight",
     )
+    url = f"{server}/tight/v1/caption"
+    images = [{"image": b64(encode(gradient(20 + i, 20), "PNG"))} for i in range(48)]
 
-    def one(_):
-        return httpx.post(f"{server}/tight/v1/caption", json={"image": b64(PNG)}, timeout=300)
+    steady = run_load(url, images[:12], concurrency=2, deadline_s=240)
+    assert steady.statuses == {200: 12} and not steady.lost and steady.not_sent == 0
 
-    started = time.time()
-    with ThreadPoolExecutor(8) as pool:
-        replies = list(pool.map(one, range(8)))
-    refused = [r for r in replies if r.status_code == 503]
-    assert refused and all(r.headers.get("retry-after") == "3" for r in refused)
-    assert any(r.status_code == 200 for r in replies) and time.time() - started < 300
+    overload = run_load(url, images, concurrency=16, deadline_s=240)
+    assert not overload.lost and overload.not_sent == 0, overload.lost
+    assert set(overload.statuses) == {200, 503}, overload.statuses
+    assert all(answer.retry_after == "3" for answer in overload.refused)
+    assert overload.seconds < 240
     serve.delete("tight")
 
 
