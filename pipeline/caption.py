@@ -30,6 +30,7 @@ from .job import CaptionJob
 from .records import UnitEnd, captioned_schema, output_row
 
 Result = Caption | RowError
+DIED = "the actor's process died while captioning it"
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -42,9 +43,12 @@ class BlockAttempts:
         self.faults: dict[str, str] = {}
 
     def start(self, block: str) -> tuple[int, str | None]:
-        """Count an attempt at `block`; returns (this attempt's number, the last fault seen)."""
+        """Count an attempt at `block`; returns (this attempt's number, how the attempt before it ended).
+        An attempt that reports no fault and never finishes died with its process."""
         self.attempts[block] = self.attempts.get(block, 0) + 1
-        return self.attempts[block], self.faults.get(block)
+        previous = self.faults.get(block)
+        self.faults[block] = DIED
+        return self.attempts[block], previous
 
     def fault(self, block: str, message: str) -> None:
         self.faults[block] = message
@@ -136,8 +140,7 @@ class CaptionActor:
         return captions
 
     def _gave_up(self, attempts: int, last_fault: str | None) -> RowError:
-        why = last_fault or "the actor's process died while captioning it"
-        return RowError("worker_failed", f"the block failed on {attempts} attempt(s); last: {why}")
+        return RowError("worker_failed", f"the block failed on {attempts} attempt(s); last: {last_fault or DIED}")
 
     def _restart(self, key: str, error: Exception) -> NoReturn:
         """End this process: Ray restarts the actor (a fresh device context and memory) and retries the block."""
