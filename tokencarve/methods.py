@@ -30,7 +30,7 @@ KINDS = {
 class Method:
     name: str
     kind: str  # one of KINDS
-    summary: str  # one line, for the docs' table and the command lines' help
+    summary: str  # one line, for the docs' table (markdown_table)
     merges: bool  # some kept tokens carry the mean of several (stage II's merge, or pooling); else it only prunes
     needs_attention: bool  # reads the last prompt token's attention row from layer K-1
     square_grid: bool  # needs a square token grid: LLaVA-1.5 only (NeXT / OneVision images are base + tiles)
