@@ -17,6 +17,9 @@ from PIL import Image
 
 import tokencarve
 from tokencarve import CarveConfig, load_llava
+from tokencarve.adapter import CarveStats
+from tokencarve.decode import Prefill, StaticDecoder, check_greedy, eos_ids
+from tokencarve.decode import prefill as prefill_rows
 from tokencarve.loading import chat_prompt
 
 from .images import RowError, square
@@ -42,6 +45,7 @@ DEFAULT_METHOD = "volume"
 
 
 DECODE_PATHS = ("static", "generate")
+COMPILE_CHOICES = ("auto", "yes", "no")
 
 
 def _setting(default, help: str, **extra):
@@ -88,6 +92,11 @@ class EngineConfig:
     )
     # rows decoded at once on the static path; None: the batch handed to caption()
     decode_slots: int | None = _setting(None, "rows decoded at once on the static path (default: the batch size)")
+    # "auto": compiled on a GPU (CUDA graphs: where decode is launch-bound) and run eagerly on a CPU, where
+    # one inductor compile per pool shape costs ~40 s cold for a gain of ~1.3x per step (docs/BENCHMARKS.md)
+    compile_decode: str = _setting(
+        "auto", "compile the static decode step: auto (on a GPU), yes, no", choices=COMPILE_CHOICES
+    )
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -104,6 +113,8 @@ class EngineConfig:
             raise ValueError("max_prompt_tokens must be >= 1")
         if self.decode not in DECODE_PATHS:
             raise ValueError(f"decode must be one of {DECODE_PATHS}, got {self.decode!r}")
+        if self.compile_decode not in COMPILE_CHOICES:
+            raise ValueError(f"compile_decode must be one of {COMPILE_CHOICES}, got {self.compile_decode!r}")
         if self.decode_slots is not None and self.decode_slots < 1:
             raise ValueError("decode_slots must be >= 1")
         if self.method != "none":
@@ -261,6 +272,17 @@ class CaptionEngine:
         self.inputs = ModelInputs(config, self.processor, self.model.config)
         self.model_name = config.model_name
         self._timer = _ForwardTimer(self.model)
+        self.decoder = None  # the static path's decode loop (tokencarve.decode); None: generate()
+        if config.decode == "static":
+            check_greedy(self.model.generation_config)
+            self.decoder = StaticDecoder(
+                self.model,
+                self.model.tokencarve.language_model,
+                eos_ids(self.model.generation_config),
+                compile=config.compile_decode == "yes"
+                or config.compile_decode == "auto"
+                and self.model.device.type == "cuda",
+            )
         self.last_timing: BatchTiming | None = None
 
     @torch.inference_mode()
@@ -276,19 +298,25 @@ class CaptionEngine:
         model sees), prompts may be None and must fit (`inputs.prompt_error`). `keep` / `method`
         override the budget for this batch only."""
         setting = replace(self.config, keep=keep or self.config.keep, method=method or self.config.method)
+        max_new_tokens = max_new_tokens or self.config.max_new_tokens
         with self.model.tokencarve.using(setting.carve_config):
+            if self.decoder is not None:
+                return self._decode_static(images, prompts, max_new_tokens)
             return self._generate(images, prompts, max_new_tokens)
 
-    def _generate(self, images, prompts, max_new_tokens) -> list[Caption]:
+    def _model_inputs(self, images, prompts) -> dict:
+        """The processor's tensors for rows of (image, prompt), on the model's device and dtype."""
         texts = [self.inputs.prompt_text(p) for p in prompts]
         images = [self.inputs.image(image) for image in images]  # a no-op on rows the job already squared
         inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.model.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
+
+    def _generate(self, images, prompts, max_new_tokens) -> list[Caption]:
+        inputs = self._model_inputs(images, prompts)
         self._timer.durations = []
         started = time.perf_counter()
-        sequences = self.model.generate(
-            **inputs, max_new_tokens=max_new_tokens or self.config.max_new_tokens, do_sample=False
-        )
+        sequences = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         latency = time.perf_counter() - started
         stats = self.model.tokencarve.last_stats  # the prefill's figures, KV bytes as of the last step
         forwards = self._timer.durations
@@ -309,6 +337,71 @@ class CaptionEngine:
             )
             for i, text in enumerate(texts)
         ]
+
+    def _decode_static(self, images, prompts, max_new_tokens) -> list[Caption]:
+        """Prefill in chunks as slots free up, decode in the compiled fixed-shape pool (tokencarve.decode)."""
+        rows = len(images)
+        slots = self.config.decode_slots or rows
+        if rows < slots:  # a short batch (a block's tail, a quiet Serve): a power of two, few pool shapes
+            slots = min(slots, 1 << (rows - 1).bit_length())
+        chunks: list[_Chunk] = []
+
+        def prefill(chunk_rows: list[int]) -> Prefill:
+            self._timer.durations = []
+            chunk_started = time.perf_counter()
+            inputs = self._model_inputs([images[i] for i in chunk_rows], [prompts[i] for i in chunk_rows])
+            filled = prefill_rows(self.model, inputs)
+            stats = self.model.tokencarve.last_stats
+            seconds = self._timer.durations[0]
+            chunks.append(_Chunk(chunk_rows, stats, cache_bytes_per_token(filled.cache), chunk_started, seconds))
+            return filled
+
+        decoded = self.decoder.run(rows, slots, max_new_tokens, prefill)
+        self.last_timing = BatchTiming(
+            sum(chunk.seconds for chunk in chunks),
+            self.decoder.seconds,
+            sum(chunk.stats.carve_seconds for chunk in chunks),
+        )
+        eos = eos_ids(self.model.generation_config)
+        captions: list[Caption | None] = [None] * rows
+        for chunk in chunks:
+            stats = chunk.stats
+            for i, row in enumerate(chunk.rows):
+                tokens = decoded[row].tokens
+                generated = len(tokens)
+                text = self.processor.decode([t for t in tokens if t not in eos], skip_special_tokens=True)
+                captions[row] = Caption(
+                    caption=text.strip(),
+                    visual_tokens_in=stats.visual_tokens_in[i],
+                    visual_tokens_kept=stats.visual_tokens_kept[i],
+                    # what the row's cache holds at its end: the last token it generated never enters it
+                    kv_bytes_held=chunk.bytes_per_token * (stats.prompt_tokens_kept[i] + generated - 1),
+                    kv_bytes_uncompressed=chunk.bytes_per_token * (stats.prompt_tokens_in[i] + generated - 1),
+                    generated_tokens=generated,
+                    prompt_tokens=stats.prompt_tokens_in[i],
+                    latency_s=decoded[row].finished_at - chunk.started,
+                )
+        return captions
+
+
+@dataclass
+class _Chunk:
+    """Rows prefilled together on the static path, and their figures."""
+
+    rows: list[int]
+    stats: CarveStats
+    bytes_per_token: int  # KV-cache bytes one token holds (all layers, keys and values)
+    started: float
+    seconds: float  # the prefill forward
+
+
+def cache_bytes_per_token(cache) -> int:
+    """KV-cache bytes per token of one row: keys and values of every layer."""
+    return sum(
+        layer.keys[0, :, 0].numel() * layer.keys.element_size() * 2
+        for layer in cache.layers
+        if getattr(layer, "keys", None) is not None
+    )
 
 
 def generated_lengths(new_tokens: torch.Tensor, eos_token_id) -> list[int]:

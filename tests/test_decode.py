@@ -1,0 +1,209 @@
+"""The static decode path (tokencarve.decode) gives generate()'s greedy tokens, row for row.
+
+Every family we support, stock and carved, mixed prompt lengths (left padding), rows finishing at
+different steps, refill (more rows than slots: each row's tokens equal its own single-row
+generation), a pool that grows mid-run; the compiled step compiles whole and once, and the pool's
+buffers keep their addresses across batches."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from tokencarve.decode import StaticDecoder
+from tokencarve.engine import CaptionEngine, EngineConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+HARD = str(ROOT / "models" / "carve-tiny-hard")
+PROMPTS = [None, "What colour is the large object in the top left corner of the picture?", "How many?", None]
+
+
+def sample_rows(count: int):
+    """Images and prompts of the bundled sample corpus: captions and questions, natural lengths."""
+    table = pq.read_table(ROOT / "data" / "sample" / "shard-00000.parquet").slice(0, count)
+    images = [Image.open(io.BytesIO(data)).convert("RGB") for data in table.column("image").to_pylist()]
+    return images, table.column("prompt").to_pylist()
+
+
+def pictures(sizes):
+    return [
+        Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=torch.Generator().manual_seed(i)).byte().numpy())
+        for i, (w, h) in enumerate(sizes)
+    ]
+
+
+def engines(path: str, **static):
+    """A generate() engine and a static one on the same loaded model (eager step unless told)."""
+    reference = CaptionEngine(EngineConfig(model=path, decode="generate", max_new_tokens=12))
+    config = EngineConfig(model=path, decode="static", max_new_tokens=12, **{"compile_decode": "no", **static})
+    return reference, CaptionEngine(config, model=reference.model, processor=reference.processor)
+
+
+def same_tokens(expected, got):
+    assert [c.caption for c in got] == [c.caption for c in expected]
+    assert [c.generated_tokens for c in got] == [c.generated_tokens for c in expected]
+    assert [(c.visual_tokens_in, c.visual_tokens_kept, c.prompt_tokens) for c in got] == [
+        (c.visual_tokens_in, c.visual_tokens_kept, c.prompt_tokens) for c in expected
+    ]
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    from tokencarve.testing import (
+        save_tiny_llava_next_with_processor,
+        save_tiny_llava_onevision_with_processor,
+        save_tiny_llava_with_processor,
+    )
+
+    dirs = {}
+    for name, save in [
+        ("llava", save_tiny_llava_with_processor),
+        ("next", save_tiny_llava_next_with_processor),
+        ("onevision", save_tiny_llava_onevision_with_processor),
+    ]:
+        dirs[name] = str(tmp_path_factory.mktemp(f"decode-{name}"))
+        save(dirs[name])
+    return dirs
+
+
+@pytest.mark.parametrize("family", ["next", "onevision"])
+@pytest.mark.parametrize("keep", [None, 0.3])
+def test_the_decoder_gives_generates_tokens_on_the_model_alone(family_dirs, family, keep):
+    """Below the engine, on the model and the family's own image processor (OneVision's full processor
+    needs torchvision): several images per prompt, text-only rows, left padding, refill through 2 slots."""
+    import tokencarve
+    from tokencarve.decode import eos_ids, prefill
+
+    from .tiny_family import Prompt, load, make_batch
+
+    path = family_dirs[family]
+    model = tokencarve.apply(load(path, family), tokencarve.CarveConfig(keep=keep, method="volume"))
+    prompts = [Prompt(2, [(90, 40)], 3), Prompt(5, [], 2, seed=1), Prompt(1, [(40, 40), (60, 30)], 4, seed=2)]
+    prompts.append(Prompt(3, [(50, 80)], 1, seed=3))
+    batch = make_batch(model, path, family, prompts)
+    with torch.inference_mode():
+        sequences = model.generate(**batch.inputs, max_new_tokens=10, do_sample=False)
+    expected = sequences[:, batch.inputs["input_ids"].shape[1] :].tolist()
+    eos = eos_ids(model.generation_config)
+    decoder = StaticDecoder(model, model.tokencarve.language_model, eos, compile=False)
+    with torch.inference_mode():
+        decoded = decoder.run(
+            len(prompts),
+            2,
+            10,
+            lambda rows: prefill(model, make_batch(model, path, family, [prompts[i] for i in rows]).inputs),
+        )
+    for row, result in zip(expected, decoded):
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        assert result.tokens == row[:cut]
+
+
+@pytest.fixture(scope="module")
+def hard():
+    return engines(HARD, decode_slots=4)
+
+
+@pytest.mark.parametrize("family", ["llava", "next"])
+@pytest.mark.parametrize("method,keep", [("none", 64), ("volume", 16), ("tokencarve", 0.25)])
+@pytest.mark.parametrize("slots", [4, 2])
+def test_the_engine_gives_generates_tokens(family_dirs, family, method, keep, slots):
+    reference, static = engines(family_dirs[family], decode_slots=slots)
+    images = pictures([(90, 40), (40, 40), (60, 120), (50, 50)])  # any-resolution families: different counts
+    expected = reference.caption(images, PROMPTS, method=method, keep=keep)
+    got = static.caption(images, PROMPTS, method=method, keep=keep)
+    same_tokens(expected, got)
+    if method != "none":
+        assert all(c.visual_tokens_kept < c.visual_tokens_in for c in got)
+
+
+@pytest.mark.parametrize("method", ["none", "volume", "tokencarve"])
+def test_rows_of_natural_length_finish_on_their_own_step(hard, method):
+    reference, static = hard
+    images, prompts = sample_rows(12)
+    expected = reference.caption(images, prompts, max_new_tokens=48, method=method)
+    got = static.caption(images, prompts, max_new_tokens=48, method=method)  # 12 rows through 4 slots
+    same_tokens(expected, got)
+    lengths = [c.generated_tokens for c in got]
+    assert len(set(lengths)) >= 3 and max(lengths) < 48  # eos ends rows at different steps
+    # refill: a row's tokens are its own, whoever shared the pool with it
+    alone = [
+        static.caption([image], [prompt], max_new_tokens=48, method=method)[0] for image, prompt in zip(images, prompts)
+    ]
+    assert [c.caption for c in alone] == [c.caption for c in got]
+
+
+def test_figures_and_timing_on_the_static_path(hard):
+    reference, static = hard
+    images, prompts = sample_rows(6)
+    expected = reference.caption(images, prompts, max_new_tokens=48, keep=32)
+    got = static.caption(images, prompts, max_new_tokens=48, keep=32)
+    timing = static.last_timing
+    assert (
+        timing.prefill_seconds > 0 and timing.decode_seconds > 0 and 0 < timing.carve_seconds < timing.prefill_seconds
+    )
+    for mine, theirs in zip(got, expected):
+        # a row's cache: its prompt and what it generated before its last token (generate() holds the
+        # longest row's steps for every row of its batch)
+        steps = max(c.generated_tokens for c in expected) - 1
+        per_token = theirs.kv_bytes_uncompressed // (theirs.prompt_tokens + steps)
+        assert mine.kv_bytes_uncompressed == per_token * (mine.prompt_tokens + mine.generated_tokens - 1)
+        assert mine.kv_bytes_held < mine.kv_bytes_uncompressed and mine.latency_s > 0
+
+
+def test_one_new_token_and_a_pool_that_grows_mid_run(hard, monkeypatch):
+    reference, static = hard
+    images, prompts = sample_rows(8)
+    same_tokens(reference.caption(images, prompts, max_new_tokens=1), static.caption(images, prompts, max_new_tokens=1))
+    # capacities in steps of 8: a longer prompt arriving while rows decode makes the pool grow under them
+    monkeypatch.setattr(StaticDecoder, "CAPACITY_STEP", 8)
+    static.decoder.pool = None
+    long = "What colour is the large object in the top left corner of the picture, next to the small one?"
+    prompts = [None, "How many?", None, "How many?", long, long]  # the long ones arrive on refill
+    expected = reference.caption(images[:6], prompts, max_new_tokens=48)
+    capacities = []
+    grow = StaticDecoder._fit
+
+    def watched(self, slots, needed):
+        grow(self, slots, needed)
+        capacities.append(self.pool.capacity)
+
+    monkeypatch.setattr(StaticDecoder, "_fit", watched)
+    same_tokens(expected, static.caption(images[:6], prompts, max_new_tokens=48))
+    assert len(set(capacities)) > 1
+
+
+def test_checkpoints_whose_greedy_is_not_argmax_are_refused(family_dirs):
+    reference, _ = engines(family_dirs["llava"])
+    reference.model.generation_config.repetition_penalty = 1.2
+    try:
+        with pytest.raises(ValueError, match="repetition_penalty.*--decode generate"):
+            CaptionEngine(
+                EngineConfig(model=family_dirs["llava"], decode="static"),
+                model=reference.model,
+                processor=reference.processor,
+            )
+    finally:
+        reference.model.generation_config.repetition_penalty = 1.0
+
+
+@pytest.mark.slow
+def test_the_compiled_step_compiles_whole_once_and_keeps_its_buffers(family_dirs):
+    """fullgraph=True (a graph break raises), then no recompilation over batches of one pool shape."""
+    reference, static = engines(family_dirs["llava"], decode_slots=4, compile_decode="yes")
+    images = pictures([(40, 40)] * 8)
+    batches = [(images[:4], PROMPTS), (images[4:], PROMPTS[::-1]), (images[2:6], [None] * 4)]
+    first = static.caption(*batches[0], keep=16)
+    same_tokens(reference.caption(*batches[0], keep=16), first)
+    pool = static.decoder.pool
+    assert pool._compiled is not None
+    addresses = [t.data_ptr() for t in pool.buffers()]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for images_, prompts in batches[1:]:
+            same_tokens(reference.caption(images_, prompts, keep=16), static.caption(images_, prompts, keep=16))
+            assert static.decoder.pool is pool
+    assert [t.data_ptr() for t in pool.buffers()] == addresses
