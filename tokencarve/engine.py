@@ -88,7 +88,7 @@ class EngineConfig:
     # "static": prefill as generate() does, then a fixed-shape compiled greedy decode over a slot pool
     # with continuous refill (tokencarve.decode); "generate": Hugging Face generate() per batch
     decode: str = _setting(
-        "generate", "decode path: static (compiled, refilled slots) or generate", choices=DECODE_PATHS
+        "static", "decode path: static (fixed-shape step, refilled slots) or generate", choices=DECODE_PATHS
     )
     # rows decoded at once on the static path; None: the batch handed to caption()
     decode_slots: int | None = _setting(None, "rows decoded at once on the static path (default: the batch size)")
