@@ -268,10 +268,10 @@ class DecodePool:
         out = single_query_attention(query, keys, values, mask, attention.scaling)
         return attention.o_proj(out.reshape(slots, 1, -1))
 
-    def admit(self, slots: list[int], prefill: Prefill, max_new_tokens: int) -> None:
-        """Put prefilled rows into `slots`: their cache, the RoPE position of their next token, and the
-        token the prefill chose (their first generated one)."""
-        if prefill.prefill_mask.shape[1] + max_new_tokens > self.capacity:
+    def admit(self, slots: list[int], prefill: Prefill, max_new_tokens: list[int]) -> None:
+        """Put prefilled rows into `slots`: their cache, the RoPE position of their next token, the
+        token the prefill chose (their first generated one) and how many tokens each may generate."""
+        if prefill.prefill_mask.shape[1] + max(max_new_tokens) > self.capacity:
             raise ValueError("the pool is too short for these rows; grow it first")
         index = torch.tensor(slots, device=self.slot_index.device)
         self.cache.load(index, prefill.cache, prefill.prefill_mask)
@@ -281,8 +281,9 @@ class DecodePool:
         self.tokens[index] = 0
         self.tokens[index, 0] = first
         self.count[index] = 1
-        self.limit[index] = max_new_tokens
-        self.done[index] = torch.isin(first, self.eos) | (max_new_tokens <= 1)
+        limit = torch.tensor(max_new_tokens, device=self.limit.device)
+        self.limit[index] = limit
+        self.done[index] = torch.isin(first, self.eos) | (limit <= 1)
 
     def take_over(self, other: DecodePool) -> None:
         """Carry a smaller pool's rows over (same slots, shorter capacity): a longer prefill arrived."""
@@ -336,10 +337,11 @@ class StaticDecoder:
         self,
         num_rows: int,
         slots: int,
-        max_new_tokens: int,
+        max_new_tokens: int | list[int],
         prefill: Callable[[list[int]], Prefill],
     ) -> list[Decoded]:
         """Decode rows 0..num_rows-1 in order of admission; `prefill(rows)` prefills a chunk of them.
+        `max_new_tokens`: one cap for every row, or each row's own (a benchmark's caption lengths).
 
         A slot frees when its row is done; free slots are refilled once at least `refill_at` of them
         are free (a few rows per prefill, not one: a prefill of one row wastes the GPU), or when no
@@ -348,6 +350,7 @@ class StaticDecoder:
         holder = [-1] * slots  # the row each slot decodes, -1: free
         pending = 0  # rows below this index have been admitted
         refill_at = max(1, slots // 8)
+        caps = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * num_rows
         self.steps, self.seconds = 0, 0.0
         while True:
             looked = time.perf_counter()
@@ -363,8 +366,9 @@ class StaticDecoder:
                 chunk = list(range(pending, min(num_rows, pending + len(free))))
                 pending += len(chunk)
                 filled = prefill(chunk)
-                self._fit(slots, filled.prefill_mask.shape[1] + max_new_tokens)
-                self.pool.admit(free[: len(chunk)], filled, max_new_tokens)
+                limits = [caps[row] for row in chunk]
+                self._fit(slots, filled.prefill_mask.shape[1] + max(limits))
+                self.pool.admit(free[: len(chunk)], filled, limits)
                 for slot, row in zip(free, chunk):
                     holder[slot] = row
                 continue  # rows whose first token ended them are collected before any step
