@@ -15,7 +15,7 @@ import yaml
 from pipeline.faults import Fault, is_worker_fault, parse_faults
 from pipeline.job import CaptionJob
 from pipeline.output import FORMAT_VERSION, JOB_FILE, Output, SettingsMismatch
-from tokencarve.engine import DEFAULT_METHOD, EngineConfig
+from tokencarve.engine import DECODE_PATHS, DEFAULT_METHOD, EngineConfig
 from tokencarve.eval.__main__ import parse_args as eval_args
 from tokencarve.settings import RUNTIME_ONLY, claim_settings, engine_config_from_args
 
@@ -93,7 +93,7 @@ def test_the_claim_records_the_models_identity_and_the_whole_setting(tmp_path):
         EngineConfig(model=a, max_new_tokens=8),
         EngineConfig(model=a, prompt_template="USER: <image>\n{prompt} ASSISTANT:"),
         EngineConfig(model=a, image_policy="processor"),
-        EngineConfig(model=a, decode="static"),
+        EngineConfig(model=a, decode=next(d for d in DECODE_PATHS if d != EngineConfig.decode)),
     ):
         with pytest.raises(SettingsMismatch, match="differs in"):
             out.claim(CaptionJob(inputs=[], output=out.location, engine=other).settings())
