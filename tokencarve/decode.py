@@ -301,9 +301,9 @@ class DecodePool:
         ]:
             mine.copy_(theirs)
 
-    def finished(self) -> torch.Tensor:
-        """Slots whose row is done (one host synchronisation)."""
-        return self.done.cpu()
+    def finished(self) -> list[bool]:
+        """Which slots' rows are done (one host synchronisation)."""
+        return self.done.tolist()
 
     def output(self, slot: int) -> list[int]:
         return self.tokens[slot, : int(self.count[slot])].tolist()
@@ -325,7 +325,10 @@ class StaticDecoder:
     `CAPACITY_STEP` entries so that a stream of batches of similar length compiles once."""
 
     CAPACITY_STEP = 64
-    SYNC_EVERY = 8  # steps between two looks at `done` (the only host synchronisations)
+    # Steps between two looks at `done`, the only host synchronisations: on a GPU a look waits for the
+    # queued steps, so it comes every few; on a CPU steps are synchronous anyway and a look is free,
+    # so it comes after every step (no step is spent on rows already done)
+    SYNC_EVERY = {"cuda": 8}
 
     def __init__(self, model, language_model, eos: list[int], compile: bool):
         self.model, self.language_model, self.eos, self.compile = model, language_model, eos, compile
@@ -357,7 +360,7 @@ class StaticDecoder:
             done = self.pool.finished() if self.pool is not None and self.pool.slots == slots else None
             self.seconds += time.perf_counter() - looked
             for slot, row in enumerate(holder):
-                if row >= 0 and bool(done[slot]):
+                if row >= 0 and done[slot]:
                     results[row] = Decoded(self.pool.output(slot), time.perf_counter())
                     holder[slot] = -1
             free = [slot for slot, row in enumerate(holder) if row < 0]
@@ -375,9 +378,10 @@ class StaticDecoder:
             if not busy:
                 return results
             stepping = time.perf_counter()
-            for _ in range(self.SYNC_EVERY):
+            steps = self.SYNC_EVERY.get(self.pool.eos.device.type, 1)
+            for _ in range(steps):
                 self.pool.step()
-            self.steps += self.SYNC_EVERY
+            self.steps += steps
             self.seconds += time.perf_counter() - stepping  # asynchronous on a GPU: the next look waits
 
     def _fit(self, slots: int, needed: int) -> None:
