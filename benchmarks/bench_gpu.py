@@ -1,118 +1,313 @@
-"""TokenCarve at LLaVA-1.5-7B size on a GPU: speed, KV memory, and the carve step's cost.
+"""TokenCarve at LLaVA-1.5-7B size on a GPU: captions/s per decode path, prefill, KV memory, the carve step.
 
     python benchmarks/bench_gpu.py                      # on an H100/H200: the real 7B architecture, bf16
-    python benchmarks/bench_gpu.py --scale tiny         # anywhere: the same code on a scaled-down model
+    python benchmarks/bench_gpu.py --scale tiny --batches 2 --repeats 1     # anywhere, in seconds
+    python benchmarks/bench_gpu.py --json $OUT/gpu.json --out $OUT/gpu.md  # also write the results
 
-The model is LLaVA-1.5-7B's exact architecture (CLIP ViT-L/14-336, 2-layer MLP projector, 32-layer
-4096-wide Llama, vocab 32064) built from a config with random weights: speed does not depend on the
-values. Every setting generates exactly the same number of tokens (min = max new tokens) so each does
-the same work. Prints Markdown tables; --write docs/BENCHMARKS.md replaces the GPU section there.
+The model is LLaVA-1.5-7B's exact architecture (`tokencarve.testing.llava15_config`: CLIP ViT-L/14-336,
+2-layer MLP projector, 32-layer 4096-wide Llama, vocab 32064) with random weights: speed does not depend
+on the values, and with no eos token every row generates exactly the tokens asked of it. Every prompt
+is 60 text + 576 visual tokens.
+
+Throughput, for every --budgets entry (stock: the uncarved model; 128, 64: visual tokens kept per
+image) x --method (carved budgets only) x --decode:
+
+    generate        Hugging Face generate() in batches of B: every row of a batch runs as long as the
+                    batch's longest row (min = max new tokens = that length), as generate() pads
+    static          tokencarve.decode.StaticDecoder, B slots, fed one batch of B rows at a time
+    static-refill   the same B slots fed all the rows at once: a slot refills as soon as its row ends
+
+Each of them captions the same --blocks x B rows (the same prompts, the same output lengths), so the
+captions/s compare like with like. B runs over --batches (--stock-batches for the stock model, which
+fits fewer rows), ascending; a batch that runs out of memory ends that setting's search, and the
+fastest batch is reported. The static step is compiled on a GPU (CUDA graphs; --compile) and every
+pool shape is compiled and run once before any timing, so the one-time compile is not in the figures.
+
+Output lengths (--lengths):
+
+    fixed     every row generates --max-new-tokens tokens (the benchmark before issue 23)
+    natural   row i generates L_i tokens, drawn once with --seed from a log-normal caption-length
+              distribution: median 20 tokens, sigma 0.55 (p95 ~ 49, mean ~ 23), rounded and clipped
+              to [4, --max-new-tokens], so ~2 % of the rows reach the cap of 64: short web-style
+              captions with a long tail. The same draw for every setting; its p50 / p95 / mean are
+              printed with the results.
+
+Also measured, per budget and method: the prefill alone at --prefill-batches (as generate() runs it:
+logits of the last position only), the carve step inside it and its share, the KV cache bytes; and
+our information score against the reference code's (full SVD, eager attention matrix).
+Prints Markdown; --out and --json write it and the figures (device, date, versions, per setting).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import re
+import math
+import random
 import statistics
+import sys
 import time
-from datetime import date
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import transformers
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 
-import tokencarve
-from tokencarve import CarveConfig, carve_tokens, eigh, information_scores
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when imported by a test
 
-BUDGETS = [None, 192, 128, 64]
-IMAGE_TOKEN = 32000
+from common import environment, header, markdown_table, median_seconds, sync, write_results  # noqa: E402
+
+import tokencarve  # noqa: E402
+from tokencarve import CarveConfig, carve_tokens, eigh, information_scores  # noqa: E402
+from tokencarve.decode import StaticDecoder, prefill  # noqa: E402
+from tokencarve.engine import DEFAULT_METHOD  # noqa: E402
+from tokencarve.testing import LLAVA15_IMAGE_TOKEN, llava15_config  # noqa: E402
+
 TEXT_TOKENS = 60  # LLaVA-1.5's system prompt + a short question
+VISUAL_TOKENS = 576
+DECODES = ("generate", "static", "static-refill")
+LENGTH_MEDIAN, LENGTH_SIGMA, LENGTH_MIN = 20, 0.55, 4  # the natural caption-length distribution
 
 
-def llava_config(scale: str) -> LlavaConfig:
-    if scale == "7b":
-        vision = CLIPVisionConfig(
-            image_size=336,
-            patch_size=14,
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            projection_dim=768,
-        )
-        text = LlamaConfig(
-            vocab_size=32064,
-            hidden_size=4096,
-            intermediate_size=11008,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=32,
-            max_position_embeddings=4096,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    else:
-        vision = CLIPVisionConfig(
-            image_size=336,
-            patch_size=14,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            projection_dim=64,
-        )
-        text = LlamaConfig(
-            vocab_size=32064,
-            hidden_size=256,
-            intermediate_size=512,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=4096,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, vision_feature_layer=-2)
+def caption_lengths(count: int, max_new_tokens: int, mode: str, seed: int) -> list[int]:
+    """Each row's output length: the cap (fixed) or a seeded draw of the log-normal above (natural)."""
+    if mode == "fixed":
+        return [max_new_tokens] * count
+    rng = random.Random(seed)
+    draws = (rng.lognormvariate(math.log(LENGTH_MEDIAN), LENGTH_SIGMA) for _ in range(count))
+    return [min(max_new_tokens, max(LENGTH_MIN, round(d))) for d in draws]
 
 
-def build_model(config: LlavaConfig, device: str, dtype: torch.dtype) -> LlavaForConditionalGeneration:
+def summary(lengths: list[int]) -> dict:
+    ordered = sorted(lengths)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {
+        "min": ordered[0],
+        "p50": pick(0.5),
+        "p95": pick(0.95),
+        "max": ordered[-1],
+        "mean": statistics.mean(ordered),
+    }
+
+
+class Prompts:
+    """Model inputs for any row index: `count` distinct random rows on the device, reused cyclically
+    (their values do not change the speed)."""
+
+    def __init__(self, count: int, device: str, dtype: torch.dtype):
+        g = torch.Generator().manual_seed(0)
+        text = torch.randint(3, LLAVA15_IMAGE_TOKEN, (count, TEXT_TOKENS), generator=g)
+        image = torch.full((count, VISUAL_TOKENS), LLAVA15_IMAGE_TOKEN)
+        self.ids = torch.cat([text[:, :35], image, text[:, 35:]], 1).to(device)
+        self.pixels = torch.randn(count, 3, 336, 336, generator=g).to(device, dtype)
+
+    def take(self, rows) -> dict:
+        index = torch.tensor([row % len(self.ids) for row in rows], device=self.ids.device)
+        ids = self.ids[index]
+        return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=self.pixels[index])
+
+
+def build_model(scale: str, device: str, dtype: torch.dtype) -> LlavaForConditionalGeneration:
     with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+        model = LlavaForConditionalGeneration._from_config(llava15_config(scale), dtype=dtype)
     return model.eval()
 
 
-def inputs_for(batch: int, device: str, dtype) -> dict:
-    g = torch.Generator().manual_seed(0)
-    text = torch.randint(3, 32000, (batch, TEXT_TOKENS), generator=g)
-    ids = torch.cat([text[:, :35], torch.full((batch, 576), IMAGE_TOKEN), text[:, 35:]], 1)
-    return dict(
-        input_ids=ids.to(device),
-        attention_mask=torch.ones_like(ids).to(device),
-        pixel_values=torch.randn(batch, 3, 336, 336, generator=g).to(device, dtype),
-    )
+@contextmanager
+def forward_timer(model, device: str):
+    """The wall time of every forward of `model` (synchronised), in a list, while inside."""
+    durations, started = [], [0.0]
+
+    def start(module, args):
+        sync(device)
+        started[0] = time.perf_counter()
+
+    def stop(module, args, output):
+        sync(device)
+        durations.append(time.perf_counter() - started[0])
+
+    handles = [model.register_forward_pre_hook(start), model.register_forward_hook(stop)]
+    try:
+        yield durations
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: str, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
+def run_generate(model, prompts: Prompts, lengths: list[int], batch: int, device: str) -> dict:
+    """generate() in batches of `batch`; each batch runs to its longest row (generate pads the rest)."""
+    figures = {"prefill": 0.0, "carve": 0.0, "steps": 0, "lengths_exact": None}
+    with forward_timer(model, device) as durations:
         sync(device)
         started = time.perf_counter()
-        fn()
+        for first in range(0, len(lengths), batch):
+            rows = range(first, min(first + batch, len(lengths)))
+            longest = max(lengths[row] for row in rows)
+            before = len(durations)
+            model.generate(**prompts.take(rows), max_new_tokens=longest, min_new_tokens=longest, do_sample=False)
+            figures["prefill"] += durations[before]
+            figures["carve"] += model.tokencarve.last_stats.carve_seconds
+            figures["steps"] += longest - 1  # the first token comes from the prefill
         sync(device)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        figures["seconds"] = time.perf_counter() - started
+    figures["tokens"] = sum(
+        max(lengths[f : f + batch]) * len(lengths[f : f + batch]) for f in range(0, len(lengths), batch)
+    )
+    return figures
 
 
-def flop_ratio(config: LlavaConfig, keep: int | None, new_tokens: int, cut: int = 2) -> float:
+def run_static(model, decoder, prompts: Prompts, lengths: list[int], slots: int, refill: bool, device: str) -> dict:
+    """The static decoder with `slots` slots: batches of `slots` rows one after another, or (refill)
+    every row in one call. Checks that every row generated exactly its own length."""
+    figures = {"prefill": 0.0, "carve": 0.0, "steps": 0, "tokens": 0, "lengths_exact": True}
+    groups = (
+        [list(range(len(lengths)))]
+        if refill
+        else [list(range(first, min(first + slots, len(lengths)))) for first in range(0, len(lengths), slots)]
+    )
+    sync(device)
+    started = time.perf_counter()
+    for group in groups:
+
+        def prefill_rows(chunk: list[int], group=group):
+            sync(device)
+            begun = time.perf_counter()
+            filled = prefill(model, prompts.take(group[i] for i in chunk))
+            sync(device)
+            figures["prefill"] += time.perf_counter() - begun
+            figures["carve"] += model.tokencarve.last_stats.carve_seconds
+            return filled
+
+        decoded = decoder.run(len(group), slots, [lengths[row] for row in group], prefill_rows)
+        figures["steps"] += decoder.steps
+        figures["tokens"] += sum(len(row.tokens) for row in decoded)
+        figures["lengths_exact"] &= [len(row.tokens) for row in decoded] == [lengths[row] for row in group]
+    sync(device)
+    figures["seconds"] = time.perf_counter() - started
+    return figures
+
+
+def measure(model, decoder, prompts, decode: str, lengths: list[int], batch: int, device: str) -> dict:
+    """One timed pass of a decode path over the rows, after a short warm-up of the same shapes
+    (the static pool is compiled and captured there, generate's kernels are loaded)."""
+    cap = max(lengths)
+    if decode == "generate":
+        run_generate(model, prompts, [2] * min(batch, 8), batch, device)
+    else:
+        run_static(model, decoder, prompts, [cap] * min(batch, 4), batch, False, device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    if decode == "generate":
+        figures = run_generate(model, prompts, lengths, batch, device)
+    else:
+        figures = run_static(model, decoder, prompts, lengths, batch, decode == "static-refill", device)
+    figures["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else 0.0
+    figures["decode"] = figures["seconds"] - figures["prefill"]  # the steps and everything around them
+    figures["captions_per_s"] = len(lengths) / figures["seconds"]
+    return figures
+
+
+def throughput(model, args, prompts, lengths_for, device: str) -> list[dict]:
+    """Every budget x method x decode at each batch size; the fastest batch of each setting."""
+    results: dict[tuple, dict] = {}
+    for keep in args.budgets:
+        methods = [None] if keep is None else args.methods
+        for batch in args.stock_batches if keep is None else args.batches:
+            # one decoder (one pool shape: slots x this budget's cache length) per budget and batch
+            decoder = StaticDecoder(model, model.tokencarve.language_model, [], compile=args.compile)
+            for method in methods:
+                config = CarveConfig(keep=keep, method=method or DEFAULT_METHOD)
+                for decode in args.decodes:
+                    key = (keep, method, decode)
+                    best = results.setdefault(key, {"tried": [], "out_of_memory": False})
+                    if best["out_of_memory"]:
+                        continue
+                    try:
+                        with model.tokencarve.using(config):
+                            run = measure(model, decoder, prompts, decode, lengths_for(batch), batch, device)
+                    except torch.OutOfMemoryError:
+                        best["out_of_memory"] = True
+                        best["tried"].append(f"{batch}: out of memory")
+                        decoder = StaticDecoder(model, model.tokencarve.language_model, [], compile=args.compile)
+                        free_memory(device)
+                        continue
+                    best["tried"].append(f"{batch}: {run['captions_per_s']:.1f}/s")
+                    if run["captions_per_s"] > best.get("captions_per_s", 0.0):
+                        best.update(run, batch=batch)
+                    print(
+                        f"  {decode} keep={keep or 'stock'} {method or ''} batch {batch}: "
+                        f"{run['captions_per_s']:.2f} captions/s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    args.progress(rows_of(results))  # partial results survive a timeout
+            del decoder
+            free_memory(device)
+    return rows_of(results)
+
+
+def free_memory(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def rows_of(results: dict) -> list[dict]:
+    """One row per setting that ran, with its ratios to the stock model's generate() and same decode."""
+    rows = []
+    for (keep, method, decode), best in results.items():
+        rows.append(
+            {
+                "decode": decode,
+                "visual tokens": keep or VISUAL_TOKENS,
+                "method": method or "stock",
+                "best batch": best.get("batch", "out of memory"),
+                "captions/s": best.get("captions_per_s", 0.0),
+                "prefill s": best.get("prefill", 0.0),
+                "decode s": best.get("decode", 0.0),
+                "carve s": best.get("carve", 0.0),
+                "steps": best.get("steps", 0),
+                "tokens": best.get("tokens", 0),
+                "lengths exact": best.get("lengths_exact"),
+                "peak GiB": best.get("peak_gib", 0.0),
+                "batches tried": ", ".join(best["tried"]),
+            }
+        )
+    for row in rows:
+        seconds = row["prefill s"] + row["decode s"]
+        row["prefill share"] = row["prefill s"] / seconds if seconds else 0.0
+        row["carve share of prefill"] = row["carve s"] / row["prefill s"] if row["prefill s"] else 0.0
+        row["decode ms/step"] = 1e3 * row["decode s"] / row["steps"] if row["steps"] else 0.0
+        row["vs stock generate"] = ratio(row, rows, "generate")
+        row["vs stock, same decode"] = ratio(row, rows, row["decode"])
+    return rows
+
+
+def ratio(row: dict, rows: list[dict], decode: str) -> float | None:
+    stock = next((r for r in rows if r["method"] == "stock" and r["decode"] == decode), None)
+    return row["captions/s"] / stock["captions/s"] if stock and stock["captions/s"] else None
+
+
+def bench_prefill(model, args, prompts, device: str) -> list[dict]:
+    """The prefill alone per budget and method at each --prefill-batches size: its time, the carve
+    step inside it (the last timed run's) and the KV cache it leaves."""
+    rows = []
+    for keep in args.budgets:
+        for method in [None] if keep is None else args.methods:
+            row = {"visual tokens": keep or VISUAL_TOKENS, "method": method or "stock"}
+            with model.tokencarve.using(CarveConfig(keep=keep, method=method or DEFAULT_METHOD)):
+                for batch in args.prefill_batches:
+                    inputs = prompts.take(range(batch))
+                    seconds = median_seconds(lambda: prefill(model, inputs), args.repeats, device)
+                    stats = model.tokencarve.last_stats
+                    row[f"prefill b{batch} ms"] = seconds * 1e3
+                    row[f"carve b{batch} ms"] = stats.carve_seconds * 1e3
+                    row[f"carve share b{batch}"] = stats.carve_seconds / seconds
+                    row[f"KV b{batch} MiB"] = stats.kv_cache_bytes / 2**20
+            row["analytic LM FLOPs"] = flop_ratio(model.config, keep, args.mean_length)
+            rows.append(row)
+    return rows
+
+
+def flop_ratio(config, keep: int | None, new_tokens: int, cut: int = 2) -> float:
     """Analytic LM FLOPs (projections, MLP, attention) with carving / without: the best possible speedup^-1."""
     t = config.text_config
     layers, d, ff = t.num_hidden_layers, t.hidden_size, t.intermediate_size
@@ -127,114 +322,19 @@ def flop_ratio(config: LlavaConfig, keep: int | None, new_tokens: int, cut: int 
                 total += per_token + 2 * 2 * (n + step) * d
         return total
 
-    full = TEXT_TOKENS + 576
-    return cost(full, TEXT_TOKENS + (keep or 576)) / cost(full, full)
-
-
-def kv_bytes(model) -> int:
-    return model.tokencarve.last_stats.kv_cache_bytes
-
-
-def bench_setting(model, keep, device, dtype, new_tokens, repeats, batches) -> dict:
-    tokencarve.apply(model, CarveConfig(keep=keep))
-    row = {"keep": keep or 576}
-    with torch.inference_mode():
-        for batch in (1, 8, 64):
-            inputs = inputs_for(batch, device, dtype)
-            row[f"prefill_b{batch}"] = timed(lambda: model(**inputs, use_cache=True), device, repeats)
-            if keep is not None:  # the carve step inside that prefill (the last timed run's)
-                row[f"carve_ms_b{batch}"] = model.tokencarve.last_stats.carve_seconds * 1e3
-        inputs = inputs_for(8, device, dtype)
-
-        def generate(tokens: int):
-            return model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-
-        # Decode rate: the difference between N and 1 new tokens, so prefill cancels out.
-        decode = timed(lambda: generate(new_tokens), device, repeats) - timed(lambda: generate(1), device, repeats)
-        row["decode_tok_s"] = 8 * (new_tokens - 1) / decode if decode > 0 else float("nan")
-        row["kv_bytes_b8"] = kv_bytes(model)
-        row["best_batch"], row["captions_s"], row["peak_gib"], row["tried"] = best_throughput(
-            model, device, dtype, new_tokens, batches
-        )
-    tokencarve.remove(model)
-    row["flop_ratio"] = flop_ratio(model.config, keep, new_tokens)
-    for batch in (1, 8, 64):
-        row.setdefault(f"carve_ms_b{batch}", 0.0)
-    return row
-
-
-def figures(args, device: str, rows: list[dict]) -> dict:
-    """The run as JSON (docs/benchmarks/gpu.json): device, date, versions, and per setting the best
-    batch, captions/s and ratio vs stock, the carve step and its share of the carved prefill, KV bytes."""
-    stock = rows[0]
-    return {
-        "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.machine() + " CPU",
-        "date": str(date.today()),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "transformers": transformers.__version__,
-        "eigh_solver": eigh.resolve(
-            eigh.default_solver(), device.split(":")[0], eigh.torch_version(), eigh.installed("nvmath")
-        ),
-        "model": f"LLaVA-1.5 architecture, scale {args.scale}, {args.dtype}, SDPA",
-        "prompt": {"text_tokens": TEXT_TOKENS, "visual_tokens": 576, "new_tokens": args.new_tokens},
-        "settings": [
-            {
-                "visual_tokens": r["keep"],
-                "best_batch": r["best_batch"],
-                "captions_per_s": r["captions_s"],
-                "captions_ratio_vs_stock": r["captions_s"] / stock["captions_s"],
-                "peak_gib": r["peak_gib"],
-                "prefill_ms": {str(b): r[f"prefill_b{b}"] * 1e3 for b in (1, 8, 64)},
-                "carve_ms": {str(b): r[f"carve_ms_b{b}"] for b in (1, 8, 64)},
-                "carve_share_of_prefill": {str(b): r[f"carve_ms_b{b}"] / 1e3 / r[f"prefill_b{b}"] for b in (1, 8, 64)},
-                "kv_bytes_b8": r["kv_bytes_b8"],
-                "decode_tokens_per_s_b8": r["decode_tok_s"],
-                "analytic_flop_ratio": r["flop_ratio"],
-                "batches_tried": r["tried"],
-            }
-            for r in rows
-        ],
-    }
-
-
-def best_throughput(model, device, dtype, new_tokens, batches) -> tuple[int, float, float, str]:
-    """The fastest batch among those that fit (doubling until one runs out of memory): its size,
-    captions/s and peak memory, and a record of every batch tried."""
-    best, tried = (0, 0.0, 0.0), []
-    for batch in batches:
-        try:
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            inputs = inputs_for(batch, device, dtype)
-            seconds = timed(
-                lambda: model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False),
-                device,
-                1,
-            )
-            peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else 0.0
-            tried.append(f"{batch}: {batch / seconds:.1f}/s")
-            if batch / seconds > best[1]:
-                best = (batch, batch / seconds, peak)
-        except torch.OutOfMemoryError:
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()  # the failed batch's blocks, so the next setting starts clean
-            tried.append(f"{batch}: out of memory")
-            break
-    return (*best, ", ".join(tried))
+    full = TEXT_TOKENS + VISUAL_TOKENS
+    return cost(full, TEXT_TOKENS + (keep or VISUAL_TOKENS)) / cost(full, full)
 
 
 def bench_carve_step(model, device, dtype, repeats) -> list[dict]:
     """Our scoring vs the reference's (full SVD with full_matrices, eager attention matrix)."""
-    d = model.config.text_config.hidden_size
+    text = model.config.text_config
+    d, heads = text.hidden_size, text.num_attention_heads
     rows = []
     for batch in (1, 8):
-        hidden = torch.randn(batch, 576, d, device=device, dtype=dtype)
-        attention = torch.rand(batch, 576, device=device).softmax(-1)
-        length = TEXT_TOKENS + 576
-        heads, hd = model.config.text_config.num_attention_heads, d // model.config.text_config.num_attention_heads
-        q = torch.randn(batch, heads, length, hd, device=device, dtype=dtype)
+        hidden = torch.randn(batch, VISUAL_TOKENS, d, device=device, dtype=dtype)
+        attention = torch.rand(batch, VISUAL_TOKENS, device=device).softmax(-1)
+        q = torch.randn(batch, heads, TEXT_TOKENS + VISUAL_TOKENS, d // heads, device=device, dtype=dtype)
         k = torch.randn_like(q)
 
         def reference():
@@ -244,109 +344,183 @@ def bench_carve_step(model, device, dtype, repeats) -> list[dict]:
         rows.append(
             {
                 "batch": batch,
-                "ours_ms": timed(lambda: carve_tokens(hidden, attention, 128), device, repeats) * 1e3,
-                "ours_scores_ms": timed(lambda: information_scores(hidden), device, repeats) * 1e3,
-                "reference_ms": timed(reference, device, max(1, repeats // 2)) * 1e3,
+                "ours: carve_tokens ms": median_seconds(lambda: carve_tokens(hidden, attention, 128), repeats, device)
+                * 1e3,
+                "ours: information score ms": median_seconds(lambda: information_scores(hidden), repeats, device) * 1e3,
+                "reference: full SVD + eager attention ms": median_seconds(reference, max(1, repeats // 2), device)
+                * 1e3,
             }
         )
     return rows
 
 
-def profile_prefill(model, device, dtype, keep, path: Path) -> None:
+def profile_prefill(model, device, prompts, keep, path: Path) -> None:
     """Where one batch-8 prefill spends its time (torch.profiler's kernel table), to check against the bound."""
     from torch.profiler import ProfilerActivity, profile
 
-    tokencarve.apply(model, CarveConfig(keep=keep))
-    inputs = inputs_for(8, device, dtype)
+    inputs = prompts.take(range(8))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    with torch.inference_mode():
-        model(**inputs, use_cache=True)  # warm-up
+    with model.tokencarve.using(CarveConfig(keep=keep, method=DEFAULT_METHOD)):
+        prefill(model, inputs)  # warm-up
         sync(device)
         with profile(activities=activities) as prof:
-            model(**inputs, use_cache=True)
+            prefill(model, inputs)
             sync(device)
-    tokencarve.remove(model)
     sort = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
     path.write_text(prof.key_averages().table(sort_by=sort, row_limit=25))
 
 
-def report(args, device, rows, carve_rows) -> str:
-    gpu = torch.cuda.get_device_name() if device.startswith("cuda") else platform.machine() + " CPU"
-    stock = rows[0]
+DECODE_COLUMNS = [
+    "decode",
+    "visual tokens",
+    "method",
+    "best batch",
+    "captions/s",
+    "vs stock generate",
+    "vs stock, same decode",
+    "prefill s",
+    "decode s",
+    "prefill share",
+    "carve share of prefill",
+    "decode ms/step",
+    "steps",
+    "peak GiB",
+    "lengths exact",
+]
+
+
+def report(args, env, lengths: dict, decode_rows, prefill_rows, carve_rows) -> str:
+    sizes = f"{args.batches}" + (f" (stock: {args.stock_batches})" if args.stock_batches != args.batches else "")
     lines = [
-        f"Device: {gpu}; {date.today()}; torch {torch.__version__}, transformers {transformers.__version__}; "
-        f"model: LLaVA-1.5 architecture at scale `{args.scale}`, {args.dtype}, SDPA; prompt {TEXT_TOKENS} text + 576 "
-        f"visual tokens; {args.new_tokens} new tokens (min = max); command: `python benchmarks/bench_gpu.py "
-        f"--scale {args.scale}`",
+        "# LLaVA-1.5 architecture: decode paths, prefill and the carve step (benchmarks/bench_gpu.py)",
         "",
-        "| visual tokens | prefill b1 ms | prefill b8 ms | vs stock | decode tok/s (b8) | vs stock | KV cache b8 MiB | vs stock "
-        "| best batch | captions/s | vs stock | peak GiB | analytic LM FLOPs | carve step ms (b8) | share of prefill "
-        "| carve step ms (b64) | share of prefill |",
-        "|" + "---|" * 17,
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['keep']} | {r['prefill_b1'] * 1e3:.1f} | {r['prefill_b8'] * 1e3:.1f} | {stock['prefill_b8'] / r['prefill_b8']:.2f}x "
-            f"| {r['decode_tok_s']:.0f} | {r['decode_tok_s'] / stock['decode_tok_s']:.2f}x | {r['kv_bytes_b8'] / 2**20:.0f} "
-            f"| {r['kv_bytes_b8'] / stock['kv_bytes_b8']:.2f}x | {r['best_batch']} | {r['captions_s']:.2f} "
-            f"| {r['captions_s'] / stock['captions_s']:.2f}x | {r['peak_gib']:.1f} | {r['flop_ratio']:.2f} "
-            f"(best {1 / r['flop_ratio']:.2f}x) | {r['carve_ms_b8']:.2f} | {100 * r['carve_ms_b8'] / 1e3 / r['prefill_b8']:.1f} % "
-            f"| {r['carve_ms_b64']:.2f} | {100 * r['carve_ms_b64'] / 1e3 / r['prefill_b64']:.1f} % |"
+        header(env),
+        "",
+        f"Model: LLaVA-1.5 at scale `{args.scale}`, {args.dtype}, SDPA, random weights, no eos; prompt {TEXT_TOKENS} "
+        f"text + {VISUAL_TOKENS} visual tokens; eigh route {args.eigh_solver}; static step compiled: {args.compile}. "
+        f"Output lengths: {args.lengths}"
+        + (
+            f" (log-normal, median {LENGTH_MEDIAN}, sigma {LENGTH_SIGMA}, clipped to [{LENGTH_MIN}, "
+            f"{args.max_new_tokens}], seed {args.seed})"
+            if args.lengths == "natural"
+            else ""
         )
-    lines += ["", "| visual tokens | batches tried: captions/s |", "|---|---|"]
-    lines += [f"| {r['keep']} | {r['tried']} |" for r in rows]
-    lines += [
+        + f": p50 {lengths['p50']}, p95 {lengths['p95']}, mean {lengths['mean']:.1f}, max {lengths['max']} tokens. "
+        f"Each setting captions {args.blocks} x B rows; B among {sizes}, the fastest shown. "
+        f"Command: `python benchmarks/bench_gpu.py {' '.join(args.argv)}`",
         "",
-        "| batch | ours: carve_tokens ms | ours: information score ms | reference: full SVD + eager attention ms |",
-        "|---|---|---|---|",
+        markdown_table(decode_rows, DECODE_COLUMNS),
+        "",
+        markdown_table(decode_rows, ["decode", "visual tokens", "method", "batches tried"]),
     ]
-    lines += [
-        f"| {c['batch']} | {c['ours_ms']:.2f} | {c['ours_scores_ms']:.2f} | {c['reference_ms']:.2f} |"
-        for c in carve_rows
-    ]
+    if prefill_rows:
+        columns = ["visual tokens", "method"]
+        for b in args.prefill_batches:
+            columns += [f"prefill b{b} ms", f"carve b{b} ms", f"carve share b{b}"]
+        columns += [f"KV b{args.prefill_batches[-1]} MiB", "analytic LM FLOPs"]
+        lines += ["", markdown_table(prefill_rows, columns)]
+    if carve_rows:
+        lines += ["", markdown_table(carve_rows, list(carve_rows[0]))]
     return "\n".join(lines)
 
 
-def main() -> None:
+def figures(args, env, lengths, decode_rows, prefill_rows, carve_rows) -> dict:
+    """The run as JSON: environment (device, date, versions), settings and every table's rows."""
+    return {
+        "environment": env,
+        "eigh_solver": args.eigh_solver,
+        "model": {"architecture": "LLaVA-1.5", "scale": args.scale, "dtype": args.dtype, "attention": "sdpa"},
+        "prompt": {"text_tokens": TEXT_TOKENS, "visual_tokens": VISUAL_TOKENS},
+        "lengths": {
+            "mode": args.lengths,
+            "distribution": f"log-normal, median {LENGTH_MEDIAN}, sigma {LENGTH_SIGMA}, clipped to "
+            f"[{LENGTH_MIN}, {args.max_new_tokens}]"
+            if args.lengths == "natural"
+            else f"fixed {args.max_new_tokens}",
+            "seed": args.seed,
+            **lengths,
+        },
+        "args": {key: value for key, value in vars(args).items() if key not in ("progress", "argv")},
+        "command": "python benchmarks/bench_gpu.py " + " ".join(args.argv),
+        "settings": decode_rows,
+        "prefill": prefill_rows,
+        "carve_step": carve_rows,
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=["7b", "tiny"], default="7b")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--batches", default="8,16,32,64,128,256,512", help="batch sizes tried for the best throughput")
-    p.add_argument(
-        "--profile",
-        help="also write torch.profiler kernel tables of a batch-8 prefill (stock, keep=128) into this folder",
-    )
-    p.add_argument("--write", help="replace the GPU section of this Markdown file (e.g. docs/BENCHMARKS.md)")
-    p.add_argument("--json", help="also write the figures as JSON (e.g. docs/benchmarks/gpu.json)")
-    args = p.parse_args()
+    p.add_argument("--decode", default=",".join(DECODES), help=f"comma list of {', '.join(DECODES)}")
+    p.add_argument("--method", default=f"{DEFAULT_METHOD},tokencarve", help="comma list of methods (carved budgets)")
+    p.add_argument("--budgets", default="stock,128,64", help="comma list: stock and/or visual tokens kept")
+    p.add_argument("--lengths", choices=["natural", "fixed"], default="natural")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="the draw of natural lengths")
+    p.add_argument("--batches", default="64,128,256", help="batch sizes (= slots) tried, carved budgets")
+    p.add_argument("--stock-batches", default=None, help="batch sizes tried for the stock model (default: --batches)")
+    p.add_argument("--blocks", type=int, default=4, help="rows per setting: this many batches' worth")
+    p.add_argument("--prefill-batches", default="1,8,64", help="batch sizes of the prefill table ('' to skip)")
+    p.add_argument("--repeats", type=int, default=5, help="runs per prefill and carve-step figure (median)")
+    p.add_argument("--compile", choices=["auto", "yes", "no"], default="auto", help="auto: on a GPU")
+    p.add_argument("--profile", help="write torch.profiler tables of a batch-8 prefill (stock, keep 128) here")
+    p.add_argument("--out", help="write the Markdown here")
+    p.add_argument("--json", help="write the figures here (e.g. docs/benchmarks/gpu.json)")
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.decodes = [d for d in args.decode.split(",") if d]
+    if set(args.decodes) - set(DECODES):
+        p.error(f"--decode takes {', '.join(DECODES)}")
+    args.methods = [m for m in args.method.split(",") if m]
+    args.budgets = [None if b == "stock" else int(b) for b in args.budgets.split(",") if b]
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.stock_batches = [int(b) for b in args.stock_batches.split(",")] if args.stock_batches else args.batches
+    args.prefill_batches = [int(b) for b in args.prefill_batches.split(",") if b]
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args.dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
-    dtype = getattr(torch, args.dtype)
-    model = build_model(llava_config(args.scale), device, dtype)
-    batches = [int(b) for b in args.batches.split(",")]
-    rows = [bench_setting(model, keep, device, dtype, args.new_tokens, args.repeats, batches) for keep in BUDGETS]
-    text = report(args, device, rows, bench_carve_step(model, device, dtype, args.repeats))
-    print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(figures(args, device, rows), indent=2) + "\n")
-    if args.profile:
-        folder = Path(args.profile)
-        folder.mkdir(parents=True, exist_ok=True)
-        for keep in (None, 128):
-            profile_prefill(model, device, dtype, keep, folder / f"profile_prefill_keep{keep or 576}.txt")
-    if args.write:
-        path = Path(args.write)
-        section = f"<!-- gpu-benchmark:start -->\n{text}\n<!-- gpu-benchmark:end -->"
-        old = path.read_text() if path.exists() else ""
-        pattern = r"<!-- gpu-benchmark:start -->.*<!-- gpu-benchmark:end -->"
-        path.write_text(
-            re.sub(pattern, lambda _: section, old, flags=re.S)
-            if re.search(pattern, old, re.S)
-            else old + "\n## LLaVA-1.5-7B on a GPU — `benchmarks/bench_gpu.py`\n\n" + section + "\n"
-        )
+    args.compile = args.compile == "yes" or args.compile == "auto" and device == "cuda"
+    args.eigh_solver = eigh.resolve(eigh.default_solver(), device, eigh.torch_version(), eigh.installed("nvmath"))
+    # every pool shape (budget x batch) is a compiled graph of its own: let dynamo keep them all
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    env = environment(device)
+    model = build_model(args.scale, device, getattr(torch, args.dtype))
+    tokencarve.apply(model, CarveConfig(keep=None))  # the budget of each setting comes through `using`
+    prompts = Prompts(64, device, getattr(torch, args.dtype))
+    longest = max(args.batches + args.stock_batches) * args.blocks
+    all_lengths = caption_lengths(longest, args.max_new_tokens, args.lengths, args.seed)
+    lengths = summary(all_lengths)
+    args.mean_length = round(lengths["mean"])
+    print(f"output lengths ({args.lengths}): p50 {lengths['p50']}, p95 {lengths['p95']}, mean {lengths['mean']:.1f}")
+    tables = {"decode": [], "prefill": [], "carve": []}
+
+    def write() -> dict:
+        text = report(args, env, lengths, tables["decode"], tables["prefill"], tables["carve"])
+        record = figures(args, env, lengths, tables["decode"], tables["prefill"], tables["carve"])
+        write_results(text, record, args.out, args.json)
+        return text, record
+
+    args.progress = lambda rows: (tables.__setitem__("decode", rows), write())
+    with torch.inference_mode():
+        tables["decode"] = throughput(model, args, prompts, lambda batch: all_lengths[: args.blocks * batch], device)
+        write()
+        tables["prefill"] = bench_prefill(model, args, prompts, device)
+        tables["carve"] = bench_carve_step(model, device, getattr(torch, args.dtype), args.repeats)
+        text, record = write()
+        print(text)
+        if args.profile:
+            folder = Path(args.profile)
+            folder.mkdir(parents=True, exist_ok=True)
+            for keep in (None, 128):
+                profile_prefill(
+                    model, device, prompts, keep, folder / f"profile_prefill_keep{keep or VISUAL_TOKENS}.txt"
+                )
+    return record
 
 
 if __name__ == "__main__":

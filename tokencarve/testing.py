@@ -283,3 +283,39 @@ def image_token_counts(model, image_inputs: dict) -> list[int]:
     with torch.no_grad():
         features = model.model.get_image_features(**image_inputs, return_dict=True).pooler_output
     return [len(f) for f in features]
+
+
+LLAVA15_IMAGE_TOKEN = 32000  # llava-hf/llava-1.5-7b-hf's <image> id (its vocabulary: 32064)
+# (vision width, MLP, layers, heads; decoder width, MLP, layers, heads) per scale: "7b" is LLaVA-1.5-7B
+# itself (CLIP ViT-L/14-336, 32-layer 4096-wide Llama); "tiny" keeps its token geometry and vocabulary
+_LLAVA15_SCALES = {"7b": (1024, 4096, 24, 16, 4096, 11008, 32, 32), "tiny": (64, 128, 2, 2, 256, 512, 4, 4)}
+
+
+def llava15_config(scale: str = "7b") -> LlavaConfig:
+    """LLaVA-1.5's architecture (576 visual tokens per image, vocab 32064, no eos: decodes run to the
+    length asked for) at `scale` "7b" (the real sizes, for GPU benchmarks) or "tiny" (the same code on a
+    CPU in seconds). Random weights are enough: speed does not depend on their values."""
+    vision_width, vision_mlp, vision_layers, vision_heads, width, mlp, layers, heads = _LLAVA15_SCALES[scale]
+    vision = CLIPVisionConfig(
+        image_size=336,
+        patch_size=14,
+        hidden_size=vision_width,
+        intermediate_size=vision_mlp,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads,
+        projection_dim=768 if scale == "7b" else vision_width,
+    )
+    text = LlamaConfig(
+        vocab_size=32064,
+        hidden_size=width,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=4096,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=LLAVA15_IMAGE_TOKEN, vision_feature_layer=-2
+    )
