@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issues #15 and #16 in one call on a lent GPU machine (device tool `run`);
+# Every GPU measurement of issues #15, #16 and #23 in one call on a lent GPU machine (device tool `run`);
 # every file lands under $OUT. Prepare the wheels here first (docs/BENCHMARKS.md, "GPU session"):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -24,9 +24,26 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
     python3 -c "import nvmath; print('nvmath', nvmath.__version__)" 2>&1 | tail -1
     python3 -c "import cupy; print('cupy', cupy.__version__)" 2>&1 | tail -1
 } | tee "$OUT/versions.txt"
-# 1. the eigensolver routes side by side, ms per image at batch 8 / 64 / 256, agreement vs float64 (#15)
-timeout 150 python3 benchmarks/bench_information_score.py --batches 8,64,256 --json "$OUT/eigh.json" 2>&1 | tee "$OUT/eigh.md"
-# 2. every selection method's cost at 4096 width vs the prefill it shortens (#16)
-timeout 90 python3 benchmarks/bench_selection.py --batches 8,64 --write "$OUT/selection.md" 2>&1 | tail -20
-# 3. the end-to-end 7B benchmark with the library's default solver, its JSON and a profile (#15)
-timeout 300 python3 benchmarks/bench_gpu.py --json "$OUT/gpu.json" --write "$OUT/BENCHMARKS-gpu.md" --profile "$OUT/profile" 2>&1 | tee "$OUT/bench_gpu.md"
+# 1. (#23, first: it is what the session is for) LLaVA-1.5-7B size, bf16, natural output lengths:
+#    {generate, static, static-refill} x {stock, keep 128, keep 64} x {volume, tokencarve}, the best batch of
+#    each among the batches below (one each by default: every budget x batch compiles its own CUDA-graph step,
+#    ~1 min at 7B, so a second batch per budget does not fit in 8 minutes; H200: stock 128, carved 256 fit with
+#    the static pool and a full prefill cache side by side). 4 batches' worth of rows per setting. bench_gpu.py
+#    rewrites gpu.json / gpu.md after every setting, so a timeout still leaves what was measured.
+#    On a CPU, end to end in ~2 minutes: SCALE=tiny STOCK_BATCHES=2 BATCHES=2 BLOCKS=2 bash benchmarks/gpu_session.sh
+timeout 420 python3 benchmarks/bench_gpu.py --scale "${SCALE:-7b}" --lengths natural \
+    --decode generate,static,static-refill --budgets stock,128,64 --method volume,tokencarve \
+    --stock-batches "${STOCK_BATCHES:-128}" --batches "${BATCHES:-256}" --blocks "${BLOCKS:-4}" \
+    --prefill-batches 1,8,64 --repeats 2 --json "$OUT/gpu.json" --out "$OUT/gpu.md" 2>&1 | tail -60 > "$OUT/bench_gpu.log"
+# what follows only runs while the session is under ~8 minutes ($SECONDS: since this script started)
+# 2. the eigensolver routes side by side, ms per image at batch 8 / 64, agreement vs float64 (#15)
+if [ "$SECONDS" -lt 400 ]; then
+    timeout 60 python3 benchmarks/bench_information_score.py --batches 8,64 --repeats 2 --json "$OUT/eigh.json" \
+        --out "$OUT/eigh.md" > "$OUT/eigh.log" 2>&1
+fi
+# 3. every selection method's cost at 4096 width vs the prefill it shortens (#16)
+if [ "$SECONDS" -lt 450 ]; then
+    timeout 30 python3 benchmarks/bench_selection.py --batches 8,64 --repeats 2 --out "$OUT/selection.md" \
+        --json "$OUT/selection.json" > "$OUT/selection.log" 2>&1
+fi
+echo "session: $SECONDS s" | tee -a "$OUT/versions.txt"
