@@ -15,17 +15,19 @@ nvmath's cusolverDnXsyevBatched, CuPy, the host) run through `information_scores
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
+import sys
 from concurrent.futures import ThreadPoolExecutor
-from datetime import date
 from pathlib import Path
 
 import torch
-from bench_gpu import timed  # this folder is on sys.path when the script runs
 
-from tokencarve import eigh, information_scores
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
+
+from common import environment, header, median_seconds, write_results  # noqa: E402
+
+from tokencarve import eigh, information_scores  # noqa: E402
+from tokencarve.testing import llava15_config  # noqa: E402
 
 
 def gram_eigh(hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -127,17 +129,18 @@ def agreement(scores: torch.Tensor, exact: torch.Tensor, keep: int) -> tuple[flo
 
 def time_route(fn, hidden: torch.Tensor, repeats: int) -> float:
     """Seconds per image of `fn` on the batch `hidden`."""
-    return timed(lambda: fn(hidden), str(hidden.device), repeats) / hidden.shape[0]
+    return median_seconds(lambda: fn(hidden), repeats, str(hidden.device)) / hidden.shape[0]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="8", help="batch sizes to time (agreement: at the first)")
     p.add_argument("--tokens", type=int, default=576)
-    p.add_argument("--dim", type=int, default=4096)
+    p.add_argument("--dim", type=int, default=llava15_config("7b").text_config.hidden_size)
     p.add_argument("--keep", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", help="also write every figure to this JSON file")
+    p.add_argument("--out", help="also write the table to this Markdown file")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu_only = ("magma", "stream", "nvmath", "cupy")
@@ -148,7 +151,10 @@ def main() -> None:
     for kind, hidden in data.items():
         u, s, _ = torch.linalg.svd(hidden.double().cpu(), full_matrices=False)
         exact[kind] = (u * s.unsqueeze(-2)).abs().sum(-1).to(device)
-    print(
+    env = environment(device)
+    lines = [header(env), ""]
+    emit = lambda line: (print(line, flush=True), lines.append(line))  # noqa: E731
+    emit(
         f"| route | {' | '.join(f'ms per image at batch {b}' for b in batches)} | max rel. error (noise / realistic) "
         f"| top-{args.keep} agreement (noise / realistic) |\n|---|{'---|' * len(batches)}---|---|"
     )
@@ -161,7 +167,7 @@ def main() -> None:
                 repeats = args.repeats if batch <= 64 else 2
                 per_image[batch] = time_route(fn, inputs("realistic", batch, args.tokens, args.dim, device), repeats)
         except Exception as error:  # a solver this build lacks: say so and go on
-            print(f"| {name} | failed: {type(error).__name__}: {str(error)[:80]} |")
+            emit(f"| {name} | failed: {type(error).__name__}: {str(error)[:80]} |")
             results.append({"route": name, "error": f"{type(error).__name__}: {error}"})
             continue
         results.append(
@@ -173,25 +179,20 @@ def main() -> None:
             }
         )
         times = " | ".join(f"{t * 1e3:.3f}" for t in per_image.values())
-        print(
+        emit(
             f"| {name} | {times} | {checks[0][0]:.1e} / {checks[1][0]:.1e} "
             f"| {100 * checks[0][1]:.2f} % / {100 * checks[1][1]:.2f} % |",
-            flush=True,
         )
-    if args.json:
-        device_name = torch.cuda.get_device_name() if device == "cuda" else f"{platform.machine()} CPU"
+    if args.json or args.out:
         record = {
-            "device": device_name,
-            "date": str(date.today()),
-            "torch": torch.__version__,
+            "environment": env,
             "nvmath": eigh.installed("nvmath"),
             "cupy": eigh.installed("cupy"),
             "shape": [args.tokens, args.dim],
             "keep": args.keep,
             "routes": results,
         }
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+        write_results("\n".join(lines), record, args.out, args.json)
 
 
 if __name__ == "__main__":

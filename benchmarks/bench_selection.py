@@ -1,7 +1,7 @@
 """What each token-selection method costs at LLaVA-1.5-7B size, against the prefill it shortens.
 
     python benchmarks/bench_selection.py                          # this machine (CPU, or a GPU if present)
-    python benchmarks/bench_selection.py --write docs/benchmarks/selection.md
+    python benchmarks/bench_selection.py --out docs/benchmarks/selection.md --json docs/benchmarks/selection.json
 
 Every method of tokencarve.METHODS runs `reduce_tokens` on the same [B, 576, 4096] hidden states
 (LLaVA-1.5-7B's width; values drawn like LLM hidden states: a few dominant directions, per-channel
@@ -15,18 +15,21 @@ time, so the share is if anything overstated.
 from __future__ import annotations
 
 import argparse
-import platform
-from datetime import date
+import sys
 from pathlib import Path
 
 import torch
-import transformers
-from bench_gpu import timed  # this folder is on sys.path when the script runs
 
-import tokencarve
-from tokencarve import reduce_tokens
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
 
-TOKENS, WIDTH, TEXT = 576, 4096, 60
+from common import environment, header, median_seconds, write_results  # noqa: E402
+
+import tokencarve  # noqa: E402
+from tokencarve import reduce_tokens  # noqa: E402
+from tokencarve.testing import llava15_config  # noqa: E402
+
+SEVEN_B = llava15_config("7b")
+TOKENS, WIDTH, TEXT = 576, SEVEN_B.text_config.hidden_size, 60
 BUDGETS = (128, 64)
 
 
@@ -48,16 +51,17 @@ def prefill_flops_per_image() -> float:
         attention = 2 * 2 * tokens * tokens * width * (0.5 if causal else 1.0)
         return layers * (dense + attention)
 
-    vision = transformer(24, 1024, 4096, 577, 2, causal=False)
-    projector = 2 * 576 * (1024 * 4096 + 4096 * 4096)
-    decoder = transformer(32, 4096, 11008, TEXT + TOKENS, 3, causal=True)
+    v, t = SEVEN_B.vision_config, SEVEN_B.text_config
+    vision = transformer(v.num_hidden_layers, v.hidden_size, v.intermediate_size, TOKENS + 1, 2, causal=False)
+    projector = 2 * TOKENS * (v.hidden_size * t.hidden_size + t.hidden_size * t.hidden_size)
+    decoder = transformer(t.num_hidden_layers, t.hidden_size, t.intermediate_size, TEXT + TOKENS, 3, causal=True)
     return vision + projector + decoder
 
 
 def gemm_rate(device: str, dtype) -> float:
     """Dense matmul FLOP/s on this device at this precision (4096^3, median)."""
     a = torch.randn(4096, 4096, device=device, dtype=dtype)
-    seconds = timed(lambda: a @ a, device, 5)
+    seconds = median_seconds(lambda: a @ a, 5, device)
     return 2 * 4096**3 / seconds
 
 
@@ -68,7 +72,7 @@ def run(batches, repeats: int, device: str, dtype) -> tuple[list[dict], float]:
         hidden, attention = hidden_states(batch, device, dtype)
         for keep in BUDGETS:
             for method in tokencarve.METHODS:
-                seconds = timed(lambda: reduce_tokens(hidden, attention, keep, method=method), device, repeats)
+                seconds = median_seconds(lambda: reduce_tokens(hidden, attention, keep, method=method), repeats, device)
                 rows.append(
                     dict(
                         batch=batch,
@@ -81,15 +85,11 @@ def run(batches, repeats: int, device: str, dtype) -> tuple[list[dict], float]:
     return rows, prefill_seconds
 
 
-def report(rows, prefill_seconds, device, dtype, repeats) -> str:
-    name = (
-        torch.cuda.get_device_name()
-        if device == "cuda"
-        else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-    )
+def report(rows, prefill_seconds, env, dtype, repeats) -> str:
     lines = [
-        f"Device: {name}; {date.today()}; torch {torch.__version__}, transformers {transformers.__version__}; "
-        f"hidden states [B, {TOKENS}, {WIDTH}] {str(dtype).removeprefix('torch.')}; median of {repeats}; "
+        header(env),
+        "",
+        f"Hidden states [B, {TOKENS}, {WIDTH}] {str(dtype).removeprefix('torch.')}; median of {repeats}; "
         f"prefill estimate {prefill_seconds * 1e3:.0f} ms per image (LLaVA-1.5-7B FLOPs / this device's GEMM rate); "
         "command: `python benchmarks/bench_selection.py`",
         "",
@@ -113,16 +113,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="1,8")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--write", help="also write the table to this Markdown file")
+    p.add_argument("--out", help="also write the table to this Markdown file")
+    p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rows, prefill = run([int(b) for b in args.batches.split(",")], args.repeats, device, dtype)
-    text = report(rows, prefill, device, dtype, args.repeats)
+    env = environment(device)
+    text = report(rows, prefill, env, dtype, args.repeats)
     print(text)
-    if args.write:
-        Path(args.write).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.write).write_text(text + "\n")
+    figures = {"environment": env, "prefill_seconds_per_image": prefill, "rows": rows, "args": vars(args)}
+    write_results(text, figures, args.out, args.json)
 
 
 if __name__ == "__main__":
