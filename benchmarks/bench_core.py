@@ -10,30 +10,21 @@ speed does not depend on the weight values. Prints Markdown tables (see docs/BEN
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
-import time
-from datetime import date
+import sys
+from pathlib import Path
 
 import torch
-import transformers
 from transformers import LlavaForConditionalGeneration
 
-import tokencarve
-from tokencarve import CarveConfig, carve_tokens, information_scores
-from tokencarve.testing import IMAGE_TOKEN, tiny_llava
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
+
+from common import environment, header, median_seconds  # noqa: E402
+
+import tokencarve  # noqa: E402
+from tokencarve import CarveConfig, carve_tokens, information_scores  # noqa: E402
+from tokencarve.testing import IMAGE_TOKEN, tiny_llava  # noqa: E402
 
 BUDGETS = [None, 192, 128, 64]  # None: the stock model
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def make_inputs(model, batch: int, text_tokens: int = 40):
@@ -121,12 +112,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = LlavaForConditionalGeneration.from_pretrained(args.model).eval() if args.model else tiny_llava()
 
-    print(f"# TokenCarve CPU benchmark, {date.today()}")
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
-        f"torch {torch.__version__}, transformers {transformers.__version__}; "
-        f"model: {args.model or 'random tiny LLaVA (CLIP 336/14, Llama 4x64)'}, fp32, SDPA"
-    )
+    print("# TokenCarve CPU benchmark\n")
+    print(header(environment("cpu")))
+    print(f"\nmodel: {args.model or 'random tiny LLaVA (CLIP 336/14, Llama 4x64)'}, fp32, SDPA")
     print(f"\n## Model: batch {args.batch}, 1 image + 40 text tokens each, {args.new_tokens} new tokens\n")
     print(
         "| visual tokens | prefill ms | vs stock | generate ms | vs stock | KV cache KiB | vs stock | carve step ms |"

@@ -15,19 +15,20 @@ for each other and the timings become noise. Prints Markdown (see docs/BENCHMARK
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
-import time
-from datetime import date
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
 from PIL import Image
 
-import tokencarve
-from tokencarve import CarveConfig
-from tokencarve.testing import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py
+
+from common import environment, header, median_seconds  # noqa: E402
+
+import tokencarve  # noqa: E402
+from tokencarve import CarveConfig  # noqa: E402
+from tokencarve.testing import (  # noqa: E402
     IMAGE_TOKEN,
     image_token_counts,
     next_image_processor,
@@ -42,16 +43,6 @@ SETTINGS = [None, 128, 0.25, 0.1]  # None: the stock model
 # (width, height) of the images of one batch, cycled over its rows
 SIZES = [(672, 672), (336, 672), (500, 300), (336, 336)]
 ONEVISION_SIZES = [(1008, 672), (336, 672), (500, 300), (336, 336)]
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def text_ids(batch: int, length: int, vocab: int) -> torch.Tensor:
@@ -134,10 +125,10 @@ def main() -> None:
             lambda m, b: anyres_inputs(m, onevision_image_processor(TILE), ONEVISION_SIZES, b),
         ),
     ]
-    print(f"# TokenCarve on the LLaVA family, CPU, {date.today()}")
+    print("# TokenCarve on the LLaVA family, CPU\n")
+    print(header(environment("cpu")))
     print(
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
-        f"torch {torch.__version__}, transformers {transformers.__version__}; random tiny models (336 px tiles, "
+        "\nrandom tiny models (336 px tiles, "
         f"decoder 4 x 64), fp32, SDPA; batch {args.batch} (mixed image sizes), 40 text tokens per prompt, "
         f"{args.new_tokens} new tokens, median of {args.repeats}\n"
     )
