@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import shutil
 import subprocess
@@ -25,11 +24,11 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # benchmarks/common.py
 
 ROWS_PER_SHARD = 10_000
 REAL_EVERY = 5_000
@@ -126,6 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--out", help="also write the report here (e.g. docs/benchmarks/dataplane.md)")
+    parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
@@ -135,7 +135,7 @@ def main() -> None:
 
     import pyarrow
     import ray
-    import torch
+    from common import environment, header, write_results
 
     from pipeline.synthetic import write_parquet_corpus
 
@@ -153,10 +153,11 @@ def main() -> None:
             shutil.rmtree(output)
 
     lines = [
-        f"# Data-plane benchmark, {date.today()}",
+        "# Data-plane benchmark",
         "",
-        f"Machine: {platform.machine()}, {platform.system()}, 2 CPUs for Ray (a fresh local Ray per run); Python "
-        f"{platform.python_version()}, Ray {ray.__version__}, pyarrow {pyarrow.__version__}, torch {torch.__version__}. "
+        header(environment("cpu") | {"ray": ray.__version__, "pyarrow": pyarrow.__version__}),
+        "",
+        "2 CPUs for Ray (a fresh local Ray per run). "
         f"Shards of {ROWS_PER_SHARD:,} rows; one row in {REAL_EVERY:,} is a real image captioned by carve-tiny "
         f"(keep=64, 16 new tokens), the others have no image. `resume`: a rerun after half the unit records "
         f"were deleted (those shards re-checked, the rest skipped).",
@@ -194,9 +195,7 @@ def main() -> None:
     lines.append("(The rows/s of a resume counts every row of the output: skipped and re-checked.)")
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    write_results(text, {"sizes": [{"rows": n, "first": a, "resume": b} for n, a, b in results]}, args.out, args.json)
 
 
 if __name__ == "__main__":

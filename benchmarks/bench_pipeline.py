@@ -10,19 +10,18 @@ fresh output folder, alternating settings across repeats, and prints rows/s, vis
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import tempfile
 from dataclasses import replace
-from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # benchmarks/common.py
 
 import ray  # noqa: E402
-import torch  # noqa: E402
+from common import environment, header  # noqa: E402
 
 from jobs.caption_corpus import build_job, parse_args, ray_address  # noqa: E402
 from pipeline.batch import run  # noqa: E402
@@ -45,10 +44,11 @@ def main() -> None:
                 job = replace(base, engine=engine, output=f"{scratch}/{method}-{keep}-{repeat}")
                 results[(method, keep)].append(run(job))
 
-    print(f"# Pipeline benchmark, {date.today()}")
+    print("# Pipeline benchmark\n")
+    print(header(environment(base.engine.device or "cpu")))
     print(
-        f"machine: {platform.machine()}, {ray.cluster_resources().get('CPU', 0):.0f} CPUs for Ray, "
-        f"{ray.cluster_resources().get('GPU', 0):.0f} GPUs; torch {torch.__version__}; model {base.engine.model}; "
+        f"\n{ray.cluster_resources().get('CPU', 0):.0f} CPUs for Ray, "
+        f"{ray.cluster_resources().get('GPU', 0):.0f} GPUs; model {base.engine.model}; "
         f"input {base.inputs}; batch {base.batch_size}, {base.max_actors} actor(s), "
         f"{base.engine.max_new_tokens} max new tokens; median of {known.repeats} runs per setting\n"
     )

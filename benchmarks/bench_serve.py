@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import argparse
 import base64
-import os
-import platform
 import socket
 import sys
-from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # benchmarks/common.py
 
+import common  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
@@ -50,12 +49,9 @@ def sample_images(folder: Path, count: int) -> list[tuple[str, str]]:
 
 
 def environment() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
-    versions = ", ".join(f"{name} {version(name)}" for name in ("ray", "torch", "transformers", "fastapi", "httpx"))
-    return (
-        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {platform.machine()} {cpu}, {os.cpu_count()} CPUs "
-        f"(2 for Ray), no GPU; Python {platform.python_version()}, {versions}"
-    )
+    """common's header, plus the serving stack's versions and Ray's share of the CPUs."""
+    env = common.environment("cpu") | {name: version(name) for name in ("ray", "fastapi", "httpx")}
+    return common.header(env | {"CPUs for Ray": 2})
 
 
 def seconds(value: float | None) -> str:

@@ -30,20 +30,21 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 #    ~1 min at 7B, so a second batch per budget does not fit in 8 minutes; H200: stock 128, carved 256 fit with
 #    the static pool and a full prefill cache side by side). 4 batches' worth of rows per setting. bench_gpu.py
 #    rewrites gpu.json / gpu.md after every setting, so a timeout still leaves what was measured.
-#    On a CPU, end to end in ~2 minutes: SCALE=tiny STOCK_BATCHES=2 BATCHES=2 BLOCKS=2 bash benchmarks/gpu_session.sh
+#    On a CPU, end to end in ~2 minutes (the 4096-wide eigh / selection steps stop at their timeouts there):
+#    OUT=/tmp/gs SCALE=tiny STOCK_BATCHES=2 BATCHES=2 BLOCKS=2 PREFILL_BATCHES=1,8 bash benchmarks/gpu_session.sh
 timeout 420 python3 benchmarks/bench_gpu.py --scale "${SCALE:-7b}" --lengths natural \
     --decode generate,static,static-refill --budgets stock,128,64 --method volume,tokencarve \
     --stock-batches "${STOCK_BATCHES:-128}" --batches "${BATCHES:-256}" --blocks "${BLOCKS:-4}" \
-    --prefill-batches 1,8,64 --repeats 2 --json "$OUT/gpu.json" --out "$OUT/gpu.md" 2>&1 | tail -60 > "$OUT/bench_gpu.log"
+    --prefill-batches "${PREFILL_BATCHES:-1,8,64}" --repeats 2 --json "$OUT/gpu.json" --out "$OUT/gpu.md" 2>&1 | tail -60 > "$OUT/bench_gpu.log"
 # what follows only runs while the session is under ~8 minutes ($SECONDS: since this script started)
 # 2. the eigensolver routes side by side, ms per image at batch 8 / 64, agreement vs float64 (#15)
 if [ "$SECONDS" -lt 400 ]; then
-    timeout 60 python3 benchmarks/bench_information_score.py --batches 8,64 --repeats 2 --json "$OUT/eigh.json" \
+    timeout 45 python3 benchmarks/bench_information_score.py --batches 8,64 --repeats 2 --json "$OUT/eigh.json" \
         --out "$OUT/eigh.md" > "$OUT/eigh.log" 2>&1
 fi
 # 3. every selection method's cost at 4096 width vs the prefill it shortens (#16)
 if [ "$SECONDS" -lt 450 ]; then
-    timeout 30 python3 benchmarks/bench_selection.py --batches 8,64 --repeats 2 --out "$OUT/selection.md" \
+    timeout 20 python3 benchmarks/bench_selection.py --batches 8,64 --repeats 2 --out "$OUT/selection.md" \
         --json "$OUT/selection.json" > "$OUT/selection.log" 2>&1
 fi
 echo "session: $SECONDS s" | tee -a "$OUT/versions.txt"
