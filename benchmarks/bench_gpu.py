@@ -486,8 +486,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     args.compile = args.compile == "yes" or args.compile == "auto" and device == "cuda"
     args.eigh_solver = eigh.resolve(eigh.default_solver(), device, eigh.torch_version(), eigh.installed("nvmath"))
-    # every pool shape (budget x batch) is a compiled graph of its own: let dynamo keep them all
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    if args.compile:  # every pool (budget x batch) compiles the step anew: past dynamo's default 8 it would run eager
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     env = environment(device)
     model = build_model(args.scale, device, getattr(torch, args.dtype))
     tokencarve.apply(model, CarveConfig(keep=None))  # the budget of each setting comes through `using`
