@@ -8,6 +8,7 @@ tokencarve.remove(model)                                            # stock mode
 """
 
 from .adapter import CarveConfig, CarveStats, ImageCarve, TokenCarver
+from .budgets import Adaptive, parse_budget
 from .core import CarveResult, carve_tokens, information_scores, stage_sizes
 from .families import FAMILIES, Family, family_for_config, family_of, max_tokens_per_image, tokens_per_image
 from .loading import load_llava
@@ -16,6 +17,7 @@ from .methods import METHODS, Method, reduce_tokens
 __all__ = [
     "FAMILIES",
     "METHODS",
+    "Adaptive",
     "CarveConfig",
     "CarveResult",
     "CarveStats",
@@ -30,6 +32,7 @@ __all__ = [
     "information_scores",
     "is_applied",
     "load_llava",
+    "parse_budget",
     "max_tokens_per_image",
     "reduce_tokens",
     "remove",

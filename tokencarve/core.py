@@ -32,12 +32,17 @@ class CarveResult:
     assignment: [B, N]    for every input token, the output slot (0..T-1) that now carries it:
                           its own slot if kept, its merge target's slot if merged, -1 if pruned.
     merged:     [B, N]    True for tokens merged into another one (they have no slot of their own).
+    counts:     [B]       with an adaptive budget (tokencarve.budgets.Adaptive), the tokens each image
+                          keeps: slots >= counts[b] are padding (index -1, a zero row); None: all T.
+    shares:     [B, S]    with an adaptive budget, the share of each image's energy its first 1..S picks span.
     """
 
     hidden: torch.Tensor
     index: torch.Tensor
     assignment: torch.Tensor
     merged: torch.Tensor
+    counts: torch.Tensor | None = None
+    shares: torch.Tensor | None = None
 
 
 def stage_sizes(num_tokens: int, keep: int) -> tuple[int, int]:

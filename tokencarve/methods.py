@@ -14,10 +14,13 @@ from typing import Callable
 import torch
 
 from . import baselines, selection
+from .budgets import Adaptive
 from .core import CarveResult, carve_tokens, check_inputs
 
 # select(hidden [B, N, D], attention [B, N], keep, attention_weight, seed) for 1 <= keep < N
 Select = Callable[[torch.Tensor, torch.Tensor, int, float, int], CarveResult]
+# adaptive(hidden, attention, rule): a count per image from the energy its picks span (tokencarve.budgets)
+SelectAdaptive = Callable[[torch.Tensor, torch.Tensor, selection.Stopping], CarveResult]
 
 KINDS = {
     "paper": "the paper's ranking and its single-score ablations",
@@ -35,6 +38,8 @@ class Method:
     needs_attention: bool  # reads the last prompt token's attention row from layer K-1
     square_grid: bool  # needs a square token grid: LLaVA-1.5 only (NeXT / OneVision images are base + tiles)
     select: Select
+    # an adaptive budget (auto:64): methods whose greedy pick tracks the energy its picks leave out; None: refused
+    adaptive: SelectAdaptive | None = None
 
 
 REGISTRY: dict[str, Method] = {
@@ -75,6 +80,7 @@ REGISTRY: dict[str, Method] = {
             needs_attention=False,
             square_grid=False,
             select=lambda h, a, keep, w, seed: selection.volume_tokens(h, keep),
+            adaptive=lambda h, a, rule: selection.volume_adaptive(h, rule),
         ),
         Method(
             "volume-merge",
@@ -84,6 +90,7 @@ REGISTRY: dict[str, Method] = {
             needs_attention=False,
             square_grid=False,
             select=lambda h, a, keep, w, seed: selection.volume_merge_tokens(h, keep),
+            adaptive=lambda h, a, rule: selection.volume_merge_adaptive(h, rule),
         ),
         Method(
             "dpp",
@@ -93,6 +100,7 @@ REGISTRY: dict[str, Method] = {
             needs_attention=True,
             square_grid=False,
             select=lambda h, a, keep, w, seed: selection.dpp_tokens(h, a, keep),
+            adaptive=selection.dpp_adaptive,
         ),
         Method(
             "divprune",
@@ -159,10 +167,23 @@ def get(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; choose one of {METHODS}") from None
 
 
+ADAPTIVE = tuple(m.name for m in REGISTRY.values() if m.adaptive is not None)  # the methods auto:64 runs on
+
+
+def check_adaptive(method: str) -> None:
+    """Refuse an adaptive budget for a method whose selection has no energy to stop on."""
+    if REGISTRY[method].adaptive is None:
+        raise ValueError(
+            f"method {method!r} takes a count or a fraction, not an adaptive budget (auto:...): the adaptive "
+            f"count stops a greedy pick at the share of the energy its picks span, which only {', '.join(ADAPTIVE)} "
+            "track"
+        )
+
+
 def reduce_tokens(
     hidden: torch.Tensor,
     attention: torch.Tensor,
-    keep: int,
+    keep: int | Adaptive,
     *,
     method: str = "tokencarve",
     attention_weight: float = 0.5,
@@ -170,8 +191,16 @@ def reduce_tokens(
 ) -> CarveResult:
     """Any method on a batch of images: hidden [B, N, D] and attention [B, N] in, `keep` tokens per
     image out (a `CarveResult`, as `core.carve_tokens` returns). keep >= N is the identity for every
-    method."""
+    method. An adaptive budget (`Adaptive`, for the methods in ADAPTIVE) gives each image its own
+    count: the result is padded to the largest, with `counts` and `shares` (CarveResult); max >= N is
+    the identity."""
     chosen = get(method)
+    if isinstance(keep, Adaptive):
+        check_adaptive(method)
+        check_inputs(hidden, attention, keep.min)
+        if keep.max >= hidden.shape[1]:
+            return carve_tokens(hidden, attention, keep.max)
+        return chosen.adaptive(hidden, attention, keep.rule)
     check_inputs(hidden, attention, keep)
     if keep >= hidden.shape[1]:
         return carve_tokens(hidden, attention, keep)

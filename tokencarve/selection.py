@@ -36,43 +36,55 @@ K-1, [B, N]), batched over images: one N x N Gram (a GEMM) and then `keep` cheap
 `volume`, `dpp` and `divprune` prune (the unselected tokens are dropped); `debiased` and
 `volume-merge` keep the paper's two stages. tokencarve.methods names them (`*_tokens` below); each
 takes a batch with 1 <= keep < N.
+
+Adaptive budgets (tokencarve.budgets.Adaptive, `auto:64`): the pivoted Cholesky's residual diagonal
+sums to the energy the picks so far do not span, so after each pick the share they do span is free.
+`adaptive_pivots` runs the greedy until every image of the batch has reached a share tau (and made
+the picks its count needs), `adaptive_counts` turns the shares into counts (the first k at tau,
+clamped, rounded up to a multiple), `calibrate_tau` finds the tau whose mean count over a sample is a
+given mean. The batch stays one call: images keep different counts, so results are padded to the
+largest (`kept_by_count`, `merged_by_count`) and carry their `counts`; the adapter places only each
+image's own tokens. `volume`, `volume-merge` (volume's count, then stage II within it) and `dpp` (the
+share of its kernel's trace) have one (`*_adaptive`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from .core import CarveResult, carve_tokens, kept_only, merge_survivors, stage_sizes
+from .core import CarveResult, carve_tokens, gather_rows, kept_only, merge_survivors, stage_sizes
 
 DPP_THETA = 2.0  # relevance weight of the dpp method: the most attended token's q is e^2 ~ 7.4x the least's
 SINK_NORM_RATIO = 8.0  # a token whose hidden-state norm is this many times the median is an attention sink
 
 
-def greedy_pivots(gram: torch.Tensor, keep: int, fallback: torch.Tensor | None = None) -> torch.Tensor:
-    """Greedy pivoted Cholesky of a batch of PSD matrices [B, N, N]: `keep` indices [B, keep] in pick order.
+def _pivot_steps(gram: torch.Tensor, limit: int, fallback: torch.Tensor | None = None):
+    """The greedy pivoted Cholesky of a batch of PSD matrices [B, N, N], one step at a time: yields each
+    step's pick [B] and the residual diagonal [B, N] left after it (its sum: the trace the picks do not
+    span, for gram = X X^T the squared Frobenius norm of X's rows outside the picked rows' span).
 
     Each step picks the index with the largest residual diagonal, the squared distance of its row
     from the span of the rows picked so far (so for gram = X X^T this is column-pivoted QR of X^T,
     greedy volume maximisation; for a DPP kernel, the greedy MAP: log det grows by log of that
     residual). Once the matrix's rank is used up (residuals ~0, e.g. keep > D), the remaining picks
     follow `fallback` ([B, N], higher first; default: the diagonal), never an already picked index.
-    """
+    At most `limit` steps."""
     gram = gram.to(torch.float64)
     batch, num_tokens, _ = gram.shape
     rows = torch.arange(batch, device=gram.device)
     residual = gram.diagonal(dim1=-2, dim2=-1).clone()
     tolerance = residual.amax(-1, keepdim=True).clamp_min(1e-300) * 1e-10
     fallback = (fallback if fallback is not None else residual).to(torch.float64)
-    factor = gram.new_zeros(batch, num_tokens, keep)
+    factor = gram.new_zeros(batch, num_tokens, limit)
     picked = torch.zeros(batch, num_tokens, dtype=torch.bool, device=gram.device)
-    order = torch.empty(batch, keep, dtype=torch.long, device=gram.device)
-    for step in range(keep):
+    for step in range(limit):
         gain = residual.masked_fill(picked, float("-inf"))
         best_gain, best = gain.max(-1)
         exhausted = best_gain <= tolerance[:, 0]
         best = torch.where(exhausted, fallback.masked_fill(picked, float("-inf")).argmax(-1), best)
-        order[:, step] = best
         picked[rows, best] = True
         # new Cholesky column: (G[:, j] - F F[j]^T) / sqrt(residual_j), zero where the rank is used up
         column = gram[rows, :, best] - (factor[:, :, :step] @ factor[rows, best, :step].unsqueeze(-1)).squeeze(-1)
@@ -80,7 +92,98 @@ def greedy_pivots(gram: torch.Tensor, keep: int, fallback: torch.Tensor | None =
         column = column * scale.unsqueeze(-1)
         factor[:, :, step] = column
         residual = (residual - column.square()).clamp_min(0.0)
-    return order
+        yield best, residual
+
+
+def greedy_pivots(gram: torch.Tensor, keep: int, fallback: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy pivoted Cholesky of a batch of PSD matrices [B, N, N]: `keep` indices [B, keep] in pick
+    order (`_pivot_steps` says how each is chosen)."""
+    return torch.stack([best for best, _ in _pivot_steps(gram, keep, fallback)], dim=1)
+
+
+@dataclass(frozen=True)
+class Stopping:
+    """The adaptive stopping rule in plain numbers (tokencarve.budgets.Adaptive holds and checks them):
+    each image keeps the first k picks whose span holds a share `tau` of its energy (the Gram's trace),
+    clamped to [low, high] and rounded up to a multiple of `multiple`. tau None: a calibration pass
+    (every image keeps `high`; its shares are what calibrate_tau reads)."""
+
+    tau: float | None
+    low: int
+    high: int
+    multiple: int
+
+
+def adaptive_counts(shares: torch.Tensor, rule: Stopping) -> torch.Tensor:
+    """Tokens each image keeps [B] from the share of its energy its first 1, 2, ... picks span ([B, S]).
+
+    The first k with shares[:, k-1] >= tau; an image that never gets there within S picks counts as
+    S + 1 (more than the curve shows: exact once S reaches `high`). Then clamped and rounded up."""
+    if rule.tau is None:
+        return torch.full(shares.shape[:1], rule.high, dtype=torch.long, device=shares.device)
+    # shares never fall as picks are added, so the picks below tau are a prefix: counting them is the index
+    first = (shares < rule.tau).sum(-1) + 1
+    rounded = (first + rule.multiple - 1) // rule.multiple * rule.multiple
+    return rounded.clamp(rule.low, rule.high)
+
+
+def calibrate_tau(shares: torch.Tensor, mean: float, rule: Stopping) -> float:
+    """The tau whose mean count over a calibration sample (shares [M, high]: each image's full curve)
+    comes closest to `mean` (ties: the count at or above it).
+
+    The mean count is a step function of tau that only moves where tau crosses one of the shares, so
+    the candidates are the shares themselves; a bisection finds the smallest whose mean reaches `mean`.
+    The tau returned sits halfway between that share and the next lower one, where the counts are
+    the same as at the share but no image sits on the boundary (float noise in another batch cannot
+    move it across)."""
+    candidates = torch.unique(shares.flatten().to(torch.float64))  # ascending
+
+    def mean_count(tau: float) -> float:
+        return float(adaptive_counts(shares, Stopping(tau, rule.low, rule.high, rule.multiple)).double().mean())
+
+    low, high = 0, len(candidates) - 1
+    if mean_count(float(candidates[high])) < mean:
+        low = high  # nothing reaches the mean below every image's last share: the highest tau there is
+    while low < high:
+        middle = (low + high) // 2
+        if mean_count(float(candidates[middle])) >= mean:
+            high = middle
+        else:
+            low = middle + 1
+    above = float(candidates[low])
+    below = float(candidates[low - 1]) if low > 0 else 0.0
+    # between `below` (exclusive) and `above` (inclusive) the counts are those at `above`; at `below`
+    # and just under it they are the next lower step: take whichever of the two is closer to the mean
+    if low > 0 and mean - mean_count(below) < mean_count(above) - mean:
+        above = below
+        below = float(candidates[low - 2]) if low > 1 else 0.0
+    return (above + below) / 2
+
+
+def adaptive_pivots(
+    gram: torch.Tensor, rule: Stopping, picks_for=lambda count: count, fallback: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy pivots until every image's adaptive count is known and its picks are made: (order [B, K],
+    shares [B, S], counts [B]) with K the picks made and S = min(K, high) the curve's length.
+
+    `picks_for(count)` is how many picks an image keeping `count` tokens needs (volume-merge's stage I
+    needs 1.5 x). The loop stops once every image has reached tau and its picks, looking every
+    `multiple` steps (counts only change there: one host synchronisation each); each image's picks
+    and shares are those it has alone, whatever its neighbours need (the steps are per image)."""
+    trace = gram.diagonal(dim1=-2, dim2=-1).to(torch.float64).sum(-1, keepdim=True).clamp_min(1e-300)
+    limit = min(picks_for(rule.high), gram.shape[-1])
+    picks, shares = [], []
+    for step, (best, residual) in enumerate(_pivot_steps(gram, limit, fallback), start=1):
+        picks.append(best)
+        if step <= rule.high:
+            shares.append(1.0 - residual.sum(-1, keepdim=True) / trace)
+        if rule.tau is not None and step % rule.multiple == 0 and step < limit:
+            curve = torch.cat(shares, dim=-1)
+            reached = bool((curve[:, -1] >= rule.tau).all())
+            if reached and picks_for(int(adaptive_counts(curve, rule).max())) <= step:
+                break
+    curve = torch.cat(shares, dim=-1)
+    return torch.stack(picks, dim=1), curve, adaptive_counts(curve, rule)
 
 
 def centred_rows(hidden: torch.Tensor) -> torch.Tensor:
@@ -91,8 +194,7 @@ def centred_rows(hidden: torch.Tensor) -> torch.Tensor:
 
 def volume_order(hidden: torch.Tensor, keep: int) -> torch.Tensor:
     """`keep` tokens [B, keep] by greedy volume (pivoted QR) on the centred rows, in pick order."""
-    rows = centred_rows(hidden)
-    return greedy_pivots(rows @ rows.mT, keep)
+    return greedy_pivots(volume_gram(hidden), keep)
 
 
 def relevance(attention: torch.Tensor) -> torch.Tensor:
@@ -104,9 +206,7 @@ def relevance(attention: torch.Tensor) -> torch.Tensor:
 
 def dpp_order(hidden: torch.Tensor, attention: torch.Tensor, keep: int, theta: float = DPP_THETA) -> torch.Tensor:
     """`keep` tokens [B, keep] by the greedy MAP of the conditional DPP kernel diag(q) S diag(q)."""
-    unit = F.normalize(hidden.float(), dim=-1).to(torch.float64)  # CDPruner's cosine, on the raw rows
-    quality = torch.exp(theta * relevance(attention))
-    kernel = quality.unsqueeze(-1) * (unit @ unit.mT) * quality.unsqueeze(-2)
+    kernel, quality = dpp_kernel(hidden, attention, theta)
     return greedy_pivots(kernel, keep, fallback=quality)
 
 
@@ -145,6 +245,85 @@ def debiased_attention(hidden: torch.Tensor, attention: torch.Tensor) -> torch.T
     norms = hidden.float().norm(dim=-1).to(torch.float64)
     sinks = norms > SINK_NORM_RATIO * norms.median(dim=-1, keepdim=True).values
     return torch.where(sinks, debiased.median(dim=-1, keepdim=True).values, debiased)
+
+
+def kept_by_count(hidden: torch.Tensor, order: torch.Tensor, counts: torch.Tensor) -> CarveResult:
+    """Image b keeps its first counts[b] picks (`order` [B, K], pick order), pruned, nothing merged.
+
+    One padded result for the batch: T = the largest count; image b's slots >= counts[b] are padding
+    (index -1, a zero row, no token assigned to them); `counts` says how many are real."""
+    batch, num_tokens, _ = hidden.shape
+    width = int(counts.max())
+    slots = torch.arange(width, device=hidden.device)
+    real = slots < counts.unsqueeze(1)
+    # padding sorts after every real position (N), so each image's real slots come first, ascending
+    index = torch.where(real, order[:, :width], num_tokens).sort(dim=1).values
+    rows = torch.where(real.unsqueeze(-1), gather_rows(hidden, index.clamp_max(num_tokens - 1)), 0)
+    # padding writes its slot into a spare column N, dropped afterwards
+    assignment = torch.full((batch, num_tokens + 1), -1, dtype=torch.long, device=hidden.device)
+    assignment = assignment.scatter(1, index, slots.expand(batch, -1))[:, :num_tokens]
+    merged = torch.zeros(batch, num_tokens, dtype=torch.bool, device=hidden.device)
+    return CarveResult(rows, torch.where(real, index, -1), assignment, merged, counts=counts)
+
+
+def merged_by_count(hidden: torch.Tensor, order: torch.Tensor, counts: torch.Tensor) -> CarveResult:
+    """Volume-merge with a count per image: image b's first P(counts[b]) picks survive and stage II
+    merges M(counts[b]) of them (core.stage_sizes), padded as `kept_by_count`. Stage II runs once per
+    distinct count (a few: counts are multiples of the rule's `multiple`), batched over its images."""
+    batch, num_tokens, dim = hidden.shape
+    width = int(counts.max())
+    rows = hidden.new_zeros(batch, width, dim)
+    index = torch.full((batch, width), -1, dtype=torch.long, device=hidden.device)
+    assignment = torch.full((batch, num_tokens), -1, dtype=torch.long, device=hidden.device)
+    merged = torch.zeros(batch, num_tokens, dtype=torch.bool, device=hidden.device)
+    for count in counts.unique().tolist():
+        images = (counts == count).nonzero().flatten()
+        survivors, merges = stage_sizes(num_tokens, count)
+        part = merge_survivors(hidden[images], order[images, :survivors], merges)
+        rows[images, :count], index[images, :count] = part.hidden, part.index
+        assignment[images], merged[images] = part.assignment, part.merged
+    return CarveResult(rows, index, assignment, merged, counts=counts)
+
+
+def volume_gram(hidden: torch.Tensor) -> torch.Tensor:
+    """The Gram matrix of the centred rows [B, N, N]: its trace is the image's centred energy."""
+    rows = centred_rows(hidden)
+    return rows @ rows.mT
+
+
+def dpp_kernel(
+    hidden: torch.Tensor, attention: torch.Tensor, theta: float = DPP_THETA
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The conditional DPP kernel diag(q) S diag(q) [B, N, N] (float64) and the quality q [B, N]."""
+    unit = F.normalize(hidden.float(), dim=-1).to(torch.float64)  # CDPruner's cosine, on the raw rows
+    quality = torch.exp(theta * relevance(attention))
+    return quality.unsqueeze(-1) * (unit @ unit.mT) * quality.unsqueeze(-2), quality
+
+
+def with_shares(result: CarveResult, shares: torch.Tensor) -> CarveResult:
+    result.shares = shares
+    return result
+
+
+def volume_adaptive(hidden: torch.Tensor, rule: Stopping) -> CarveResult:
+    """Volume with a count per image: the first k picks that span a share tau of the centred energy."""
+    order, shares, counts = adaptive_pivots(volume_gram(hidden), rule)
+    return with_shares(kept_by_count(hidden, order, counts), shares)
+
+
+def volume_merge_adaptive(hidden: torch.Tensor, rule: Stopping) -> CarveResult:
+    """Volume-merge with volume's count per image (the energy its first k picks span), through stage II."""
+    num_tokens = hidden.shape[1]
+    order, shares, counts = adaptive_pivots(volume_gram(hidden), rule, lambda t: stage_sizes(num_tokens, t)[0])
+    return with_shares(merged_by_count(hidden, order, counts), shares)
+
+
+def dpp_adaptive(hidden: torch.Tensor, attention: torch.Tensor, rule: Stopping) -> CarveResult:
+    """The DPP's greedy MAP with a count per image: the share of the kernel's trace (sum of q_i^2) its
+    picks span; the same pivoted Cholesky, so the rule falls out of the log-det greedy unchanged."""
+    kernel, quality = dpp_kernel(hidden, attention)
+    order, shares, counts = adaptive_pivots(kernel, rule, fallback=quality)
+    return with_shares(kept_by_count(hidden, order, counts), shares)
 
 
 def volume_tokens(hidden: torch.Tensor, keep: int) -> CarveResult:
