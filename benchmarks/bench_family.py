@@ -1,11 +1,13 @@
-"""CPU benchmark of TokenCarve on each LLaVA family, at small size: carved vs stock.
+"""CPU benchmark of TokenCarve on each model family, at small size: carved vs stock.
 
     python benchmarks/bench_family.py [--batch 4] [--new-tokens 8] [--repeats 2] [--threads 1]
 
 Random tiny models (speed does not depend on the weight values) with the real token geometry:
 336 px tiles of 24 x 24 = 576 tokens, so LLaVA-1.5 has 576 tokens per image, LLaVA-NeXT up to
 2,928 (base + up to 2 x 2 tiles + a newline per row) and OneVision (anyres_max_9, up to 3 x 3 tiles)
-up to 5,832. The decoder is 4 layers of width 64 (Llama / Mistral / Qwen2), so the figures show
+up to 5,832. Qwen2-VL / Qwen2.5-VL / Qwen3-VL take each image at its native resolution (up to 1008 x
+1008 px: 1,296 tokens on Qwen2/2.5-VL's 28 px merged patches, 992 on Qwen3-VL's 32 px), mRoPE
+decoders. The decoder is 4 layers of width 64 (Llama / Mistral / Qwen2 / Qwen-VL), so the figures show
 what carving saves in sequence length, not a 7B model's FLOP balance. Each batch mixes image
 sizes, so its images have different token counts. All settings of a family run interleaved in
 one process. One thread by default: on a shared 2-core machine, multi-threaded kernels mostly wait
@@ -33,9 +35,11 @@ from tokencarve.testing import (  # noqa: E402
     image_token_counts,
     next_image_processor,
     onevision_image_processor,
+    qwen_image_processor,
     tiny_llava,
     tiny_llava_next,
     tiny_llava_onevision,
+    tiny_qwen_vl,
 )
 
 TILE = 336
@@ -43,6 +47,7 @@ SETTINGS = [None, 128, 0.25, 0.1]  # None: the stock model
 # (width, height) of the images of one batch, cycled over its rows
 SIZES = [(672, 672), (336, 672), (500, 300), (336, 336)]
 ONEVISION_SIZES = [(1008, 672), (336, 672), (500, 300), (336, 336)]
+NATIVE_SIZES = [(1008, 1008), (672, 448), (448, 896), (336, 336)]  # Qwen2.5-VL: 1,296, 384, 512, 144 tokens
 
 
 def text_ids(batch: int, length: int, vocab: int) -> torch.Tensor:
@@ -74,6 +79,12 @@ def anyres_inputs(model, processor, sizes, batch: int) -> dict:
     image_inputs = dict(processor(images, return_tensors="pt"))
     counts = image_token_counts(model, image_inputs)
     return dict(prompts(counts, text_ids(batch, 40, 128)), **image_inputs)
+
+
+def native_inputs(model, processor, sizes, batch: int) -> dict:
+    """Qwen-VL: each image at its own grid; the prompts carry the modality of every token."""
+    inputs = anyres_inputs(model, processor, sizes, batch)
+    return dict(inputs, mm_token_type_ids=(inputs["input_ids"] == IMAGE_TOKEN).int())
 
 
 def bench(model, inputs, new_tokens: int, repeats: int) -> list[dict]:
@@ -124,11 +135,19 @@ def main() -> None:
             lambda: tiny_llava_onevision(tile=TILE, vision_aspect_ratio="anyres_max_9"),
             lambda m, b: anyres_inputs(m, onevision_image_processor(TILE), ONEVISION_SIZES, b),
         ),
+        *(
+            (
+                name,
+                lambda f=family: tiny_qwen_vl(f),
+                lambda m, b, f=family: native_inputs(m, qwen_image_processor(f, 1008), NATIVE_SIZES, b),
+            )
+            for name, family in (("Qwen2-VL", "qwen2-vl"), ("Qwen2.5-VL", "qwen2.5-vl"), ("Qwen3-VL", "qwen3-vl"))
+        ),
     ]
-    print("# TokenCarve on the LLaVA family, CPU\n")
+    print("# TokenCarve on each model family, CPU\n")
     print(header(environment("cpu")))
     print(
-        "\nrandom tiny models (336 px tiles, "
+        "\nrandom tiny models (336 px tiles; Qwen-VL at native resolution up to 1008 px; "
         f"decoder 4 x 64), fp32, SDPA; batch {args.batch} (mixed image sizes), 40 text tokens per prompt, "
         f"{args.new_tokens} new tokens, median of {args.repeats}\n"
     )

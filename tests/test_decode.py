@@ -8,6 +8,7 @@ buffers keep their addresses across batches."""
 from __future__ import annotations
 
 import io
+from functools import partial
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -15,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tokencarve import CarveConfig
 from tokencarve.decode import StaticDecoder
 from tokencarve.engine import CaptionEngine, EngineConfig
 
@@ -55,9 +57,11 @@ def same_tokens(expected, got):
 @pytest.fixture(scope="module")
 def family_dirs(tmp_path_factory):
     from tokencarve.testing import (
+        QWEN_FAMILIES,
         save_tiny_llava_next_with_processor,
         save_tiny_llava_onevision_with_processor,
         save_tiny_llava_with_processor,
+        save_tiny_qwen_vl_with_processor,
     )
 
     dirs = {}
@@ -65,6 +69,7 @@ def family_dirs(tmp_path_factory):
         ("llava", save_tiny_llava_with_processor),
         ("next", save_tiny_llava_next_with_processor),
         ("onevision", save_tiny_llava_onevision_with_processor),
+        *((family, partial(save_tiny_qwen_vl_with_processor, family=family)) for family in QWEN_FAMILIES),
     ]:
         dirs[name] = str(tmp_path_factory.mktemp(f"decode-{name}"))
         save(dirs[name])
@@ -108,17 +113,23 @@ def hard():
     return engines(HARD, decode_slots=4)
 
 
-@pytest.mark.parametrize("family", ["llava", "next"])
+# LLaVA-1.5 and NeXT with a slot per row and with refill (2 slots, 4 rows); the Qwen-VL family refills
+@pytest.mark.parametrize(
+    "family, slots",
+    [("llava", 4), ("llava", 2), ("next", 4), ("next", 2), ("qwen2-vl", 2), ("qwen2.5-vl", 2), ("qwen3-vl", 2)],
+)
 @pytest.mark.parametrize("method,keep", [("none", 64), ("volume", 16), ("tokencarve", 0.25)])
-@pytest.mark.parametrize("slots", [4, 2])
 def test_the_engine_gives_generates_tokens(family_dirs, family, method, keep, slots):
     reference, static = engines(family_dirs[family], decode_slots=slots)
-    images = pictures([(90, 40), (40, 40), (60, 120), (50, 50)])  # any-resolution families: different counts
+    # any-resolution families: different counts (Qwen2-VL: native grids of 9 to 40 tokens at these sizes)
+    images = pictures([(180, 80), (80, 80), (120, 240), (100, 100)])
     expected = reference.caption(images, PROMPTS, method=method, keep=keep)
     got = static.caption(images, PROMPTS, method=method, keep=keep)
     same_tokens(expected, got)
-    if method != "none":
-        assert all(c.visual_tokens_kept < c.visual_tokens_in for c in got)
+    if method != "none":  # each image its own budget; an image with fewer tokens stays whole
+        budget = CarveConfig(keep=keep).budget
+        assert [c.visual_tokens_kept for c in got] == [min(c.visual_tokens_in, budget(c.visual_tokens_in)) for c in got]
+        assert any(c.visual_tokens_kept < c.visual_tokens_in for c in got)
 
 
 @pytest.mark.parametrize("method", ["none", "volume", "tokencarve"])

@@ -30,10 +30,12 @@ def last_token_attention(
     """Head-averaged post-softmax attention of the last non-padding token to every position.
 
     decoder_layer:       a Llama-style decoder layer (input_layernorm, self_attn.{q,k}_proj): Llama,
-                         Mistral, Qwen2. Projection biases (Qwen2) come with the modules; grouped-query
-                         attention (fewer key heads) is repeated as the model repeats it.
+                         Mistral, Qwen2, Qwen2-VL; Qwen3-VL's query / key norms are applied. Projection
+                         biases come with the modules; grouped-query attention (fewer key heads) is
+                         repeated as the model repeats it.
     layer_input:         [B, L, D] hidden states entering that layer.
-    position_embeddings: the (cos, sin) rotary tables the layer receives.
+    position_embeddings: the (cos, sin) rotary tables the layer receives ([B, L, head_dim]; for mRoPE
+                         already mixed from the 3-D positions, so the row sees the model's own rotation).
     mask_2d:             [B, L] 1 for real tokens, 0 for padding.
     Returns [B, L] float32; padding and future positions get 0.
     """
@@ -43,8 +45,11 @@ def last_token_attention(
     last = last_token_index(mask_2d)
 
     normed = decoder_layer.input_layernorm(layer_input)
-    query = attn.q_proj(normed[rows, last]).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
-    keys = attn.k_proj(normed).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+    query = attn.q_proj(normed[rows, last]).view(batch, 1, -1, attn.head_dim)
+    keys = attn.k_proj(normed).view(batch, length, -1, attn.head_dim)
+    if hasattr(attn, "q_norm"):  # Qwen3 / Qwen3-VL: RMS norms over the head dimension, before RoPE
+        query, keys = attn.q_norm(query), attn.k_norm(keys)
+    query, keys = query.transpose(1, 2), keys.transpose(1, 2)
     cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
     rotate = _rotary_of(attn)
     query, _ = rotate(query, query, cos[rows, last].unsqueeze(1), sin[rows, last].unsqueeze(1))

@@ -1,4 +1,4 @@
-"""What differs between the LLaVA families TokenCarve supports: one small table, one adapter.
+"""What differs between the model families TokenCarve supports: one small table, one adapter.
 
 All three families share what the adapter relies on: the decoder stack is a Llama-style
 `language_model` one level below the top model, the processor expands every `<image>` into one
@@ -12,10 +12,23 @@ in row-major order (`inputs_embeds.masked_scatter`). They differ in N_i, the tok
     OneVision   as NeXT, but tiles beyond vision_aspect_ratio's budget are shrunk, and the images
                 of a multi-image prompt are not tiled (base grid + one newline); up to 7,371
 
+    Qwen-VL     native resolution: (t x h x w) patches / merge^2, from image_grid_thw (Qwen2-VL,
+                Qwen2.5-VL, Qwen3-VL; see below)
+
 N_i is taken from the model's own helpers (`pack_image_features` on a 1-channel stand-in), not
 from our own formula, so it is right by construction for whatever the installed transformers does.
 `image_spans` then cuts the row-major placeholder positions into one span per image, exactly as
 masked_scatter fills them; that also separates consecutive images with no text between them.
+
+The Qwen-VL family has the same shape (a text model one level below, placeholders filled in
+row-major order) and three differences the adapter and the decode loop follow from this table:
+- positions are 3-D (mRoPE): [3, B, L] (or [4, B, L] from generate(), a 1-D text row first); the
+  cut gathers all rows at the kept tokens and rebuilds the shared (cos, sin) from them, and decoding
+  continues from max(position) + 1 (`rope_deltas`), not from the prompt's length (`prefill_positions`);
+- Qwen3-VL normalises queries and keys (the attention row applies q_norm / k_norm), and adds
+  "deepstack" vision features to the visual positions after its first decoder layers; the adapter
+  maps those additions onto the kept tokens after a cut that comes before the last of them;
+- their processors need torchvision (tokencarve.processing has the image path without it).
 """
 
 from __future__ import annotations
@@ -30,6 +43,9 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
     LlavaOnevisionForConditionalGeneration,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+    Qwen3VLForConditionalGeneration,
 )
 from transformers.models.llava_next import modeling_llava_next
 from transformers.models.llava_onevision import modeling_llava_onevision
@@ -45,6 +61,8 @@ class Family:
     token_counts(multimodal_module, forward_kwargs, image_mask) -> N_i per image of the forward,
                  in row-major order, or None when it cannot be told (then: contiguous runs)
     fixed_tokens(config) -> N when every image has the same count (LLaVA-1.5), else None
+    mrope:       3-D rotary positions (Qwen-VL): position_ids [3 or 4, B, L], decode from rope_deltas
+    native_resolution: images keep their own size within the image processor's min / max pixels
     """
 
     name: str
@@ -53,6 +71,8 @@ class Family:
     fixed_tokens: Callable[[object], int | None]
     multimodal: str = "model"
     language: str = "model.language_model"
+    mrope: bool = False
+    native_resolution: bool = False
 
     def multimodal_module(self, model) -> torch.nn.Module:
         return operator.attrgetter(self.multimodal)(model)
@@ -89,13 +109,50 @@ def max_tokens_per_image(config) -> int:
     return base + tiles * side * side + rows + 1
 
 
+def max_image_tokens(config, image_processor) -> int:
+    """The most visual tokens one image can have: `max_tokens_per_image`, or for a native-resolution
+    family the image processor's largest area (longest_edge pixels) over (patch x merge)^2."""
+    if not family_for_config(config).native_resolution:
+        return max_tokens_per_image(config)
+    side = image_processor.patch_size * image_processor.merge_size
+    return image_processor.size["longest_edge"] // (side * side)
+
+
+def image_placeholder(family: Family, processor) -> str:
+    """What stands for an image in a fixed prompt template's text, in this family's own words: LLaVA's
+    `<image>` (the processor expands it), Qwen-VL's image pad between its vision start / end tokens."""
+    token = getattr(processor, "image_token", None) or "<image>"
+    if not family.native_resolution:
+        return token
+    tokenizer = processor.tokenizer
+    start = getattr(tokenizer, "vision_bos_token", None) or "<|vision_start|>"
+    end = getattr(tokenizer, "vision_eos_token", None) or "<|vision_end|>"
+    return f"{start}{token}{end}"
+
+
 def family_for_config(config) -> Family:
     """The family of a checkpoint, from its config (before any weights are loaded)."""
     for family in FAMILIES:
         if isinstance(config, family.model_class.config_class):
             return family
     names = ", ".join(f.model_class.config_class.__name__ for f in FAMILIES)
-    raise TypeError(f"TokenCarve supports checkpoints with a {names}; got {type(config).__name__}")
+    raise TypeError(f"TokenCarve supports checkpoints with a {names}; got {type(config).__name__}{_why_not(config)}")
+
+
+# Decoders an in-LLM cut does not fit, by class-name prefix (models and configs), and why.
+_REFUSED = {
+    "Qwen3_5": "Qwen3.5 interleaves linear-attention (recurrent state) layers with full attention: the "
+    "recurrent layers' state cannot drop tokens after the cut",
+    "Qwen3VLMoe": "the Qwen3-VL MoE decoders are not supported (only dense Qwen3-VL)",
+    "Gemma3": "Gemma 3 alternates sliding-window layers and attends bidirectionally within an image, "
+    "which the cut's causal mask and full-length caches do not reproduce",
+}
+
+
+def _why_not(model_or_config) -> str:
+    name = type(model_or_config).__name__
+    reasons = [why for prefix, why in _REFUSED.items() if name.startswith(prefix)]
+    return f" ({reasons[0]})" if reasons else ""
 
 
 def _fixed_counts(module, kwargs, image_mask: torch.Tensor) -> list[int]:
@@ -169,6 +226,46 @@ def _no_fixed_count(config) -> None:
     return None
 
 
+def _grid_counts(module, kwargs, image_mask) -> list[int] | None:
+    """Qwen-VL: t x h x w patches per image (image_grid_thw) merged merge x merge into one token."""
+    encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+    if encoded is not None:
+        return [len(features) for features in encoded.pooler_output]
+    grid = kwargs.get("image_grid_thw")
+    if grid is None or len(grid) == 0:
+        return None
+    merge = module.config.vision_config.spatial_merge_size
+    return (torch.as_tensor(grid).prod(-1) // merge**2).tolist()
+
+
+def text_positions(mask_2d: torch.Tensor) -> torch.Tensor:
+    """generate()'s 1-D positions for a left-padded batch: the 2-D mask's cumsum, pads at 0."""
+    return (mask_2d.long().cumsum(-1) - 1).masked_fill(mask_2d == 0, 0)
+
+
+def prefill_positions(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position_ids for the prefill, [B] RoPE position of each row's next token), as generate() makes them.
+
+    1-D families: the mask's cumsum, and the next token at the prompt's (uncompressed) length.
+    mRoPE: [4, B, L], the text row and the model's own 3-D rows (get_rope_index), and the next token at
+    max(position) + 1 = length + rope_delta, which a carve does not change (kept tokens keep theirs)."""
+    mask = inputs["attention_mask"]
+    text = text_positions(mask)
+    if not family_of(model).mrope:
+        return text, mask.sum(1)
+    if inputs.get("image_grid_thw") is None and inputs.get("video_grid_thw") is None:
+        return text.expand(4, -1, -1), mask.sum(1)  # a text-only prompt: 1-D positions on every row
+    spatial, deltas = model.model.get_rope_index(
+        inputs["input_ids"],
+        mm_token_type_ids=inputs["mm_token_type_ids"],
+        image_grid_thw=inputs.get("image_grid_thw"),
+        video_grid_thw=inputs.get("video_grid_thw"),
+        attention_mask=mask,
+    )
+    model.model.rope_deltas = deltas  # what the model's own forward would keep for later steps
+    return torch.cat([text[None], spatial]), mask.sum(1) + deltas[:, 0]
+
+
 FAMILIES = (
     Family("llava-1.5", LlavaForConditionalGeneration, _fixed_counts, tokens_per_image),
     Family(
@@ -183,6 +280,14 @@ FAMILIES = (
         partial(_anyres_counts, modeling=modeling_llava_onevision, tiled=_onevision_tiled, pack=_pack_onevision),
         _no_fixed_count,
     ),
+    *(
+        Family(name, model_class, _grid_counts, _no_fixed_count, mrope=True, native_resolution=True)
+        for name, model_class in (
+            ("qwen2-vl", Qwen2VLForConditionalGeneration),
+            ("qwen2.5-vl", Qwen2_5_VLForConditionalGeneration),
+            ("qwen3-vl", Qwen3VLForConditionalGeneration),
+        )
+    ),
 )
 
 
@@ -191,7 +296,7 @@ def family_of(model) -> Family:
         if isinstance(model, family.model_class):
             return family
     names = ", ".join(f.model_class.__name__ for f in FAMILIES)
-    raise TypeError(f"TokenCarve supports transformers' {names}; got {type(model).__name__}")
+    raise TypeError(f"TokenCarve supports transformers' {names}; got {type(model).__name__}{_why_not(model)}")
 
 
 @dataclass

@@ -36,16 +36,42 @@ def chat_prompt(processor, question: str) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def load_llava(path: str, device: str = "auto", dtype: str = "auto"):
+def load_llava(path: str, device: str = "auto", dtype: str = "auto", **image_size):
     """(model in eval mode on `device`, processor padding on the left) from a local folder or hub id:
-    a LLaVA-1.5, LLaVA-NeXT or LLaVA-OneVision checkpoint (the class read from its config)."""
-    from transformers import AutoConfig, AutoProcessor
+    a checkpoint of any family in tokencarve.families (the class read from its config); `image_size`:
+    see `load_processor`."""
+    from transformers import AutoConfig
 
     from .families import family_for_config
 
     device = resolve_device(device)
     family = family_for_config(AutoConfig.from_pretrained(path))
     model = family.model_class.from_pretrained(path, dtype=resolve_dtype(dtype, device))
-    processor = AutoProcessor.from_pretrained(path)
+    return model.to(device).eval(), load_processor(path, **image_size)
+
+
+def load_processor(path: str, min_pixels: int | None = None, max_pixels: int | None = None):
+    """The checkpoint's own processor, padding on the left. min_pixels / max_pixels (native-resolution
+    families: the Qwen-VL image processors' bounds on an image's resized area; None: the checkpoint's).
+
+    The Qwen-VL processors need torchvision for their video half; where it is not installed, the
+    image-and-text path is built from the same files (tokencarve.processing.ImageTextProcessor)."""
+    from transformers import AutoConfig, AutoProcessor
+    from transformers.utils import is_torchvision_available
+
+    from .families import family_for_config
+    from .processing import ImageTextProcessor
+
+    family = family_for_config(AutoConfig.from_pretrained(path))
+    if family.native_resolution and not is_torchvision_available():
+        processor = ImageTextProcessor.from_pretrained(path)
+    else:
+        processor = AutoProcessor.from_pretrained(path)
+    if min_pixels is not None or max_pixels is not None:
+        if not family.native_resolution:
+            raise ValueError(f"min_pixels / max_pixels apply to native-resolution families, not {family.name}")
+        size = dict(processor.image_processor.size)
+        size.update({k: v for k, v in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)) if v is not None})
+        processor.image_processor.size = size
     processor.tokenizer.padding_side = "left"  # batched generate() continues every row from its last token
-    return model.to(device).eval(), processor
+    return processor

@@ -21,7 +21,8 @@ class Repacked:
                              at dropped positions (their rows are masked out)
     hidden:       [B, L', D] hidden states of the kept tokens, right-aligned
     mask_2d:      [B, L']    1 on real (kept) slots, 0 on padding
-    position_ids: [B, L']    the kept tokens' original positions (RoPE continues from them)
+    position_ids: [..., B, L'] the kept tokens' original positions (RoPE continues from them); mRoPE
+                             positions [3 or 4, B, L] are gathered row by row
     """
 
     order: torch.Tensor
@@ -46,5 +47,5 @@ def repack(
         order=order,
         hidden=hidden.gather(1, order.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])),
         mask_2d=mask_2d.gather(1, order) * real_slot,
-        position_ids=position_ids.gather(1, order),
+        position_ids=position_ids.gather(-1, order.expand(*position_ids.shape[:-2], -1, -1)),
     )
