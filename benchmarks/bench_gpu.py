@@ -41,9 +41,6 @@ Prints Markdown; --out and --json write it and the figures (device, date, versio
 from __future__ import annotations
 
 import argparse
-import math
-import random
-import statistics
 import sys
 import time
 from contextlib import contextmanager
@@ -54,7 +51,17 @@ from transformers import LlavaForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when imported by a test
 
-from common import environment, header, markdown_table, median_seconds, sync, write_results  # noqa: E402
+from common import (  # noqa: E402
+    caption_lengths,
+    describe_lengths,
+    environment,
+    header,
+    length_summary,
+    markdown_table,
+    median_seconds,
+    sync,
+    write_results,
+)
 
 import tokencarve  # noqa: E402
 from tokencarve import CarveConfig, carve_tokens, eigh, information_scores  # noqa: E402
@@ -65,28 +72,6 @@ from tokencarve.testing import LLAVA15_IMAGE_TOKEN, llava15_config  # noqa: E402
 TEXT_TOKENS = 60  # LLaVA-1.5's system prompt + a short question
 VISUAL_TOKENS = 576
 DECODES = ("generate", "static", "static-refill")
-LENGTH_MEDIAN, LENGTH_SIGMA, LENGTH_MIN = 20, 0.55, 4  # the natural caption-length distribution
-
-
-def caption_lengths(count: int, max_new_tokens: int, mode: str, seed: int) -> list[int]:
-    """Each row's output length: the cap (fixed) or a seeded draw of the log-normal above (natural)."""
-    if mode == "fixed":
-        return [max_new_tokens] * count
-    rng = random.Random(seed)
-    draws = (rng.lognormvariate(math.log(LENGTH_MEDIAN), LENGTH_SIGMA) for _ in range(count))
-    return [min(max_new_tokens, max(LENGTH_MIN, round(d))) for d in draws]
-
-
-def summary(lengths: list[int]) -> dict:
-    ordered = sorted(lengths)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    return {
-        "min": ordered[0],
-        "p50": pick(0.5),
-        "p95": pick(0.95),
-        "max": ordered[-1],
-        "mean": statistics.mean(ordered),
-    }
 
 
 class Prompts:
@@ -399,12 +384,7 @@ def report(args, env, lengths: dict, decode_rows, prefill_rows, carve_rows) -> s
         f"Model: LLaVA-1.5 at scale `{args.scale}`, {args.dtype}, SDPA, random weights, no eos; prompt {TEXT_TOKENS} "
         f"text + {VISUAL_TOKENS} visual tokens; eigh route {args.eigh_solver}; static step compiled: {args.compile}. "
         f"Output lengths: {args.lengths}"
-        + (
-            f" (log-normal, median {LENGTH_MEDIAN}, sigma {LENGTH_SIGMA}, clipped to [{LENGTH_MIN}, "
-            f"{args.max_new_tokens}], seed {args.seed})"
-            if args.lengths == "natural"
-            else ""
-        )
+        + (f" ({describe_lengths(args.max_new_tokens)}, seed {args.seed})" if args.lengths == "natural" else "")
         + f": p50 {lengths['p50']}, p95 {lengths['p95']}, mean {lengths['mean']:.1f}, max {lengths['max']} tokens. "
         f"Each setting captions {args.blocks} x B rows; B among {sizes}, the fastest shown. "
         f"Command: `python benchmarks/bench_gpu.py {' '.join(args.argv)}`",
@@ -433,8 +413,7 @@ def figures(args, env, lengths, decode_rows, prefill_rows, carve_rows) -> dict:
         "prompt": {"text_tokens": TEXT_TOKENS, "visual_tokens": VISUAL_TOKENS},
         "lengths": {
             "mode": args.lengths,
-            "distribution": f"log-normal, median {LENGTH_MEDIAN}, sigma {LENGTH_SIGMA}, clipped to "
-            f"[{LENGTH_MIN}, {args.max_new_tokens}]"
+            "distribution": describe_lengths(args.max_new_tokens)
             if args.lengths == "natural"
             else f"fixed {args.max_new_tokens}",
             "seed": args.seed,
@@ -494,7 +473,7 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = Prompts(64, device, getattr(torch, args.dtype))
     longest = max(args.batches + args.stock_batches) * args.blocks
     all_lengths = caption_lengths(longest, args.max_new_tokens, args.lengths, args.seed)
-    lengths = summary(all_lengths)
+    lengths = length_summary(all_lengths)
     args.mean_length = round(lengths["mean"])
     print(f"output lengths ({args.lengths}): p50 {lengths['p50']}, p95 {lengths['p95']}, mean {lengths['mean']:.1f}")
     tables = {"decode": [], "prefill": [], "carve": []}

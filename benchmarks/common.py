@@ -1,4 +1,5 @@
-"""What every benchmark shares: the environment header, a synchronised timer, and how results are written.
+"""What every benchmark shares: the environment header, a synchronised timer, how results are written,
+and the caption lengths a random-weight model is given.
 
 A benchmark prints its table and, when asked (`--out`, `--json`), writes its own results file; none
 edits a hand-written document (docs/BENCHMARKS.md links to, or quotes, the files these write).
@@ -7,8 +8,10 @@ edits a hand-written document (docs/BENCHMARKS.md links to, or quotes, the files
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
+import random
 import statistics
 import time
 from datetime import datetime, timezone
@@ -75,6 +78,39 @@ def write_results(text: str, figures: dict, out: str | None, json_path: str | No
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(figures, indent=2) + "\n")
+
+
+# The natural caption-length distribution: a random-weight model never ends a caption itself, so a
+# benchmark gives row i its own length, drawn once from this log-normal (p95 ~ 49, mean ~ 23 tokens:
+# short web-style captions with a long tail), rounded and clipped to [LENGTH_MIN, max new tokens].
+LENGTH_MEDIAN, LENGTH_SIGMA, LENGTH_MIN = 20, 0.55, 4
+
+
+def caption_lengths(count: int, max_new_tokens: int, mode: str, seed: int) -> list[int]:
+    """Each row's output length: the cap (fixed) or a seeded draw of the log-normal above (natural)."""
+    if mode == "fixed":
+        return [max_new_tokens] * count
+    rng = random.Random(seed)
+    draws = (rng.lognormvariate(math.log(LENGTH_MEDIAN), LENGTH_SIGMA) for _ in range(count))
+    return [min(max_new_tokens, max(LENGTH_MIN, round(d))) for d in draws]
+
+
+def describe_lengths(max_new_tokens: int) -> str:
+    """The natural distribution in words, for a report."""
+    return f"log-normal, median {LENGTH_MEDIAN}, sigma {LENGTH_SIGMA}, clipped to [{LENGTH_MIN}, {max_new_tokens}]"
+
+
+def length_summary(lengths: list[int]) -> dict:
+    """min, p50, p95, max and mean of caption lengths (tokens)."""
+    ordered = sorted(lengths)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {
+        "min": ordered[0],
+        "p50": pick(0.5),
+        "p95": pick(0.95),
+        "max": ordered[-1],
+        "mean": statistics.mean(ordered),
+    }
 
 
 def _cell(value) -> str:

@@ -1,15 +1,18 @@
-"""bench_gpu.py's main path end to end at tiny scale: every decode mode on natural output lengths."""
+"""The benchmarks' main paths end to end at tiny scale: bench_gpu.py (every decode mode on natural output
+lengths) and bench_decode.py's random LLaVA-1.5 model (every decode path and budget, per-row caps)."""
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_gpu.py"
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH)
+def load_bench(name: str = "bench_gpu"):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
     return module
 
@@ -37,3 +40,31 @@ def test_bench_gpu_tiny_every_decode(tmp_path):
     for field in ("device", "date", "torch", "transformers"):
         assert field in record["environment"]
     assert {"p50", "p95", "mean", "distribution"} <= set(record["lengths"])
+
+
+def test_bench_decode_random_llava15_tiny(tmp_path):
+    """bench_decode's llava-1.5-random model at tiny scale: every path x budget, per-row caps, refill."""
+    bench = load_bench("bench_decode")
+    out = tmp_path / "decode.json"
+    argv = ["--models", "llava-1.5-random", "--llava-scale", "tiny", "--batches", "2", "--llava-rows", "4"]
+    argv += ["--llava-repeats", "1", "--max-new-tokens", "24", "--targets", "no", "--compile", "no", "--seed", "3"]
+    record = bench.main(argv + ["--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(record))
+
+    (section,) = record["models"]
+    assert section["model"] == "llava-1.5-random" and section["targets"] == []
+    settings = {(s["decode"], s["budget"]): s for s in section["settings"]}
+    assert set(settings) == {(p, b) for p in bench.PATHS for b in bench.BUDGETS}
+    caps = bench.caption_lengths(4, 24, "natural", 3)
+    for (path, budget), s in settings.items():
+        # the static paths' rows end at their own caps and match generate()'s first tokens
+        assert s["same captions"] == "yes" and s["captions/s"] > 0 and s["ms/step"] > 0
+        assert s["batch"] == 2 and s["rows"] == 4
+        generate_steps = max(caps[:2]) - 1 + max(caps[2:]) - 1
+        assert settings["generate", budget]["steps"] == generate_steps
+        if path == "static":  # batches of 2, each to its longest row, as generate() runs them
+            assert s["steps"] == generate_steps
+        if path == "static+refill":  # 2 slots refilled as rows end: never more steps than batches of 2
+            assert s["steps"] <= generate_steps and s["steps saved"] == generate_steps - s["steps"]
+    assert section["caption_lengths"]["keep 64"] == bench.length_summary(caps)
+    assert "llava-1.5-random" in bench.report(record["environment"], record["models"], bench.parse_args(argv))
