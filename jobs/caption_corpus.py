@@ -30,6 +30,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import ray  # noqa: E402
 
 from monitoring.push import push_summary  # noqa: E402
+from pipeline import calibration  # noqa: E402
 from pipeline.batch import CaptionJob, run  # noqa: E402
 from pipeline.output import Output, SettingsMismatch  # noqa: E402
 from pipeline.sources import FORMATS  # noqa: E402
@@ -121,9 +122,13 @@ def ray_address(requested: str | None) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    job = build_job(args)
+    output = Output(args.output)
+    job = calibration.recorded_tau(build_job(args), output)
     try:
-        Output(job.output).claim(job.settings())  # before starting Ray: a mismatched output is refused at once
+        # before starting Ray: a mismatched output is refused at once (a new output whose adaptive budget
+        # still needs its tau is claimed by run(), once calibrated)
+        if not calibration.pending(job) or output.settings() is not None:
+            output.claim(job.settings())
     except SettingsMismatch as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

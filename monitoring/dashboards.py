@@ -24,8 +24,8 @@ def _rate(metric: str, by: str = "method, keep", extra: str = "") -> str:
     return f"sum by ({by}) (rate(ray_tokencarve_{metric}{extra}[{RATE}]))"
 
 
-def _quantile(q: float, metric: str) -> str:
-    return f"histogram_quantile({q}, sum by (le) (rate(ray_tokencarve_{metric}_bucket[{RATE}])))"
+def _quantile(q: float, metric: str, by: str = "le") -> str:
+    return f"histogram_quantile({q}, sum by ({by}) (rate(ray_tokencarve_{metric}_bucket[{RATE}])))"
 
 
 GPU_HOURS = f"sum(increase(ray_tokencarve_model_seconds_total[{RANGE}])) / 3600"
@@ -45,6 +45,25 @@ PANELS = [
                 f"100 * {_rate('visual_tokens_kept_total')} / {_rate('visual_tokens_in_total')}",
             )
         ],
+    ),
+    (
+        "Visual tokens kept per row (p50, p95, mean)",
+        "none",
+        "timeseries",
+        [
+            ("p50 {{method}} keep={{keep}}", _quantile(0.5, "visual_tokens_kept_per_row", "le, method, keep")),
+            ("p95 {{method}} keep={{keep}}", _quantile(0.95, "visual_tokens_kept_per_row", "le, method, keep")),
+            (
+                "mean {{method}} keep={{keep}}",
+                f"{_rate('visual_tokens_kept_per_row_sum')} / {_rate('visual_tokens_kept_per_row_count')}",
+            ),
+        ],
+    ),
+    (
+        "Rows by visual tokens kept (range, cumulative: rows with <= le)",
+        "none",
+        "bargauge",
+        [("<= {{le}}", f"sum by (le) (increase(ray_tokencarve_visual_tokens_kept_per_row_bucket[{RANGE}]))")],
     ),
     (
         "KV-cache bytes saved (range)",

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 LABELS = ("model", "method", "keep")
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# visual tokens one row keeps: an adaptive budget's counts are multiples of 8 between its min and max
+# (16-192 by default); the upper buckets hold fixed budgets of the any-resolution families
+KEPT_TOKENS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 576, 1024, 2048, 4096, 8192)
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,12 @@ METRICS = {
             "tokencarve_visual_tokens_in", "counter", "Visual tokens entering the language model (before carving)."
         ),
         MetricSpec("tokencarve_visual_tokens_kept", "counter", "Visual tokens kept after carving."),
+        MetricSpec(
+            "tokencarve_visual_tokens_kept_per_row",
+            "histogram",
+            "Visual tokens kept per row: the distribution an adaptive budget (auto:64) spreads over.",
+            buckets=KEPT_TOKENS,
+        ),
         MetricSpec(
             "tokencarve_kv_cache_bytes_held",
             "counter",
@@ -122,7 +131,7 @@ class MetricsRecorder:
     """Records engine batches. backend="ray" inside Ray actors/replicas, "prometheus" elsewhere
     (pass a `prometheus_client.CollectorRegistry`, or the default registry is used)."""
 
-    def __init__(self, model: str, method: str, keep: int | None, backend: str = "ray", registry=None):
+    def __init__(self, model: str, method: str, keep, backend: str = "ray", registry=None):
         if backend == "prometheus" and registry is None:
             import prometheus_client
 
@@ -135,7 +144,7 @@ class MetricsRecorder:
             "keep": "none" if keep is None or method == "none" else str(keep),
         }
 
-    def batch(self, captions, timing, method: str | None = None, keep: int | None = None) -> None:
+    def batch(self, captions, timing, method: str | None = None, keep=None) -> None:
         """One generate() batch: `captions` are tokencarve.engine.Caption, `timing` its BatchTiming;
         method / keep: a per-request override of the recorder's labels."""
         m, tags = self._metrics, self.tags
@@ -151,6 +160,8 @@ class MetricsRecorder:
         ]:
             m[name].add(sum(getattr(c, field) for c in captions), tags)
         m["tokencarve_model_seconds"].add(timing.prefill_seconds + timing.decode_seconds, tags)
+        for caption in captions:
+            m["tokencarve_visual_tokens_kept_per_row"].observe(caption.visual_tokens_kept, tags)
         m["tokencarve_batch_size"].observe(len(captions), tags)
         m["tokencarve_prefill_seconds"].observe(timing.prefill_seconds, tags)
         m["tokencarve_decode_seconds"].observe(timing.decode_seconds, tags)

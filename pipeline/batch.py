@@ -30,6 +30,7 @@ import pyarrow as pa
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from . import calibration
 from .books import Progress, UnitTracker
 from .caption import BlockAttempts, CaptionActor
 from .job import CaptionJob
@@ -48,8 +49,11 @@ def read_output(output: str, columns: list[str] | None = None) -> pa.Table:
 
 
 def run(job: CaptionJob) -> dict:
-    """Run the job on the connected Ray cluster; returns (and writes) the summary of the whole output."""
+    """Run the job on the connected Ray cluster; returns (and writes) the summary of the whole output.
+    An adaptive budget without tau takes the one its output records, or is calibrated on the corpus'
+    first rows (pipeline.calibration) before the output is claimed: the claim holds the tau."""
     output = Output(job.output)
+    job = calibration.calibrated(calibration.recorded_tau(job, output))
     output.claim(job.settings())
     started = time.perf_counter()
     job = replace(job, run_id=time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"{time.time_ns() % 10**6:06d}")

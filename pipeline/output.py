@@ -31,7 +31,9 @@ import pyarrow.parquet as pq
 
 from .sources import carried_name
 
-FORMAT_VERSION = 3  # 3: _job.json holds the engine's whole setting and the model's identity
+# 3: _job.json holds the engine's whole setting and the model's identity; 4: `keep` is the budget as
+# written (a string: "64", "0.1", "auto:64,tau=0.93"), unit totals count rows by visual tokens kept
+FORMAT_VERSION = 4
 JOB_FILE, SUMMARY_FILE, UNITS_DIR = "_job.json", "_summary.json", "_units"
 
 OUTPUT_FIELDS = [
@@ -43,7 +45,9 @@ OUTPUT_FIELDS = [
     ("prompt", pa.string()),
     ("model", pa.string()),
     ("method", pa.string()),
-    ("keep", pa.float64()),  # the budget per image: tokens (64.0) or a fraction of them (0.1); null: stock
+    # the budget per image as written: tokens ("64"), a fraction of them ("0.1") or adaptive with its
+    # calibrated tau ("auto:64,tau=0.93"); null: the stock model
+    ("keep", pa.string()),
     ("visual_tokens_in", pa.int32()),
     ("visual_tokens_kept", pa.int32()),
     ("kv_bytes_held", pa.int64()),
@@ -122,12 +126,16 @@ class Totals:
     generated_tokens: int = 0
     rows_with_answers: int = 0
     rows_correct: int = 0
+    # captioned rows by their visual tokens kept ({"64": 812, ...}): the distribution the summary's
+    # p50 / p95 come from; as many keys as distinct counts (an adaptive budget's are multiples of 8)
+    rows_by_visual_tokens_kept: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: Totals) -> Totals:
         for name, value in asdict(other).items():
-            if name == "errors_by_reason":
-                for code, count in value.items():
-                    self.errors_by_reason[code] = self.errors_by_reason.get(code, 0) + count
+            if isinstance(value, dict):  # counts by key: errors by reason, rows by tokens kept
+                counts = getattr(self, name)
+                for key, count in value.items():
+                    counts[key] = counts.get(key, 0) + count
             else:
                 setattr(self, name, getattr(self, name) + value)
         return self
@@ -143,6 +151,7 @@ class Totals:
             return int(pc.sum(good.column(name)).as_py() or 0)
 
         answered = good.column("correct").drop_null()
+        kept = pc.value_counts(good.column("visual_tokens_kept").drop_null()).to_pylist() if len(good) else []
         return cls(
             rows=len(table),
             rows_ok=len(good),
@@ -154,6 +163,7 @@ class Totals:
             generated_tokens=total("generated_tokens"),
             rows_with_answers=len(answered),
             rows_correct=int(pc.sum(answered).as_py() or 0),
+            rows_by_visual_tokens_kept={str(k["values"]): k["counts"] for k in sorted(kept, key=lambda k: k["values"])},
         )
 
     @classmethod

@@ -24,10 +24,12 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from tokencarve.budgets import Adaptive, budget_label, parse_budget
 from tokencarve.engine import METHODS, Caption, ModelInputs
 from tokencarve.images import RowError, decode_image
+from tokencarve.methods import ADAPTIVE
 
-from .serve_settings import ServeOnlySettings
+from .serve_settings import ServeOnlySettings, check_calibrated
 
 TOO_LARGE = {"image_too_large", "too_many_pixels", "decompression_bomb"}  # 413; anything else about the image: 400
 
@@ -57,7 +59,7 @@ class CaptionRequest(BaseModel):
     image: str | bytes
     prompt: str | None = None
     max_new_tokens: int | None = None
-    keep: int | float | None = None
+    keep: int | float | str | None = None  # a string: the budget as written ("48", "auto:64,tau=0.93")
     method: str | None = None
 
 
@@ -69,7 +71,7 @@ class Work:
     image: Image.Image
     prompt: str | None
     max_new_tokens: int
-    keep: int | float
+    keep: int | float | Adaptive
     method: str
 
     @property
@@ -77,9 +79,9 @@ class Work:
         return self.keep, self.method, self.max_new_tokens
 
     @property
-    def keep_label(self) -> int | float | None:
-        """What the reply says was kept per image: None for the stock model."""
-        return None if self.method == "none" else self.keep
+    def keep_label(self) -> int | float | str | None:
+        """What the reply says the budget per image was (adaptive: as written): None for the stock model."""
+        return None if self.method == "none" else budget_label(self.keep)
 
 
 # -- reading a request ------------------------------------------------------------------------------------
@@ -171,14 +173,32 @@ def decoded_image(data: bytes, settings: ServeOnlySettings) -> Image.Image:
 # -- checking it ------------------------------------------------------------------------------------------
 
 
-def checked_budget(keep, settings: ServeOnlySettings) -> int | float:
-    """A request's budget (None: the deployment's): a count in min_keep..max_keep, or a fraction in (0, 1)."""
+def checked_budget(keep, settings: ServeOnlySettings, method: str) -> int | float | Adaptive:
+    """A request's budget (None: the deployment's): a count in min_keep..max_keep, a fraction in (0, 1),
+    or an adaptive budget with its tau whose min and max lie in min_keep..max_keep (text, as the job
+    writes it: "auto:64,tau=0.93"), for a method that has one."""
     if keep is None:
         return settings.keep
+    bounds = f"{settings.min_keep}..{settings.max_keep}"
+    if isinstance(keep, str):
+        try:
+            keep = parse_budget(keep)
+        except ValueError as err:
+            raise invalid(f"keep: {err}") from None
+    if isinstance(keep, Adaptive):
+        try:
+            check_calibrated(keep)
+        except ValueError as err:
+            raise invalid(str(err)) from None
+        if not settings.min_keep <= keep.min <= keep.max <= settings.max_keep:
+            raise invalid(f"an adaptive keep's min and max must lie in {bounds}")
+        if method not in ADAPTIVE:
+            raise invalid(f"an adaptive keep needs one of the methods {', '.join(ADAPTIVE)}, not {method}")
+        return keep
     fraction = isinstance(keep, float) and 0 < keep < 1
     count = isinstance(keep, int) and not isinstance(keep, bool) and settings.min_keep <= keep <= settings.max_keep
     if not (fraction or count):
-        raise invalid(f"keep must be an integer in {settings.min_keep}..{settings.max_keep} or a fraction in (0, 1)")
+        raise invalid(f"keep must be an integer in {bounds}, a fraction in (0, 1) or adaptive (auto:64,tau=0.93)")
     return keep
 
 
@@ -195,7 +215,7 @@ def checked_work(settings: ServeOnlySettings, inputs: ModelInputs, image, prompt
     method = settings.method if method is None else method
     if method not in METHODS:
         raise invalid(f"method must be one of {METHODS}")
-    keep = checked_budget(keep, settings)
+    keep = checked_budget(keep, settings, method)
     refused = inputs.prompt_error(prompt, max_new_tokens)
     if refused is not None:
         raise HTTPError(413 if refused.code == "prompt_too_long" else 422, refused.code, refused.message)

@@ -119,7 +119,7 @@ def output_row(row: dict, job: CaptionJob, result: Caption | RowError) -> dict:
         "prompt": row.get("prompt"),
         "model": cfg.model_name,
         "method": cfg.method,
-        "keep": cfg.budget,
+        "keep": None if cfg.budget is None else str(cfg.budget),  # the budget as written (adaptive: with tau)
         "answer": answer,
         "correct": None if caption is None or answer is None else correct(caption, answer),
         "source_file": row["source_file"],

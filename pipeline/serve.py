@@ -26,6 +26,7 @@ from ray import serve
 from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
 from monitoring.metrics import MetricsRecorder
+from tokencarve.budgets import budget_label
 from tokencarve.engine import CaptionEngine
 
 from . import protocol
@@ -61,7 +62,7 @@ class CaptionServer:
     @api.get("/healthz")
     async def healthz(self) -> dict:
         s = self.settings
-        return {"status": "ok", "model": self.engine.model_name, "method": s.method, "keep": s.keep}
+        return {"status": "ok", "model": self.engine.model_name, "method": s.method, "keep": budget_label(s.keep)}
 
     # Every /v1/* route starts with `self._guard(request)` (a test walks the routes to check it).
 

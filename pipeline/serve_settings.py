@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, create_model, model_validator
 
+from tokencarve.budgets import Adaptive, budget_label, parse_budget
 from tokencarve.engine import EngineConfig
 from tokencarve.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 
@@ -52,7 +53,8 @@ class ServeOnlySettings(BaseModel):
 
     @model_validator(mode="after")
     def _check(self):
-        self.engine_config()  # the engine's own checks: method, budget, layer, policies, decode path
+        engine = self.engine_config()  # the engine's own checks: method, budget, layer, policies, decode path
+        check_calibrated(engine.keep)
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError("max_ongoing_requests must be >= max_batch_size, or batches never fill")
         if self.max_new_tokens > self.max_new_tokens_limit:
@@ -62,6 +64,20 @@ class ServeOnlySettings(BaseModel):
     def engine_config(self) -> EngineConfig:
         """The engine settings these hold."""
         return self.engine_class(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self.engine_class)})
+
+
+def check_calibrated(keep) -> None:
+    """Serve takes an adaptive budget with its tau only: replicas must agree on every image's count, and
+    a request is no sample to calibrate on."""
+    if isinstance(keep, Adaptive) and keep.tau is None:
+        raise ValueError(
+            f"keep={keep} needs its tau on Serve (e.g. {keep},tau=0.93): calibrate it with the batch job "
+            "(its summary and _job.json record tau) or the harness (results.json), on images like the traffic's"
+        )
+
+
+def _written_budget(value):
+    return parse_budget(value) if isinstance(value, str) else value
 
 
 def engine_fields(config_class: type = EngineConfig) -> dict:
@@ -74,7 +90,11 @@ def engine_fields(config_class: type = EngineConfig) -> dict:
         choices = field.metadata.get("choices")
         schema = {"choices": list(choices)} if choices else None
         described = Field(default, description=field.metadata.get("help"), json_schema_extra=schema)
-        fields[field.name] = (hints[field.name], described)
+        hint = hints[field.name]
+        if Adaptive in typing.get_args(hint):
+            # a budget: written as text ("auto:64,tau=0.93", "64") or given as a number; dumped as JSON holds it
+            hint = Annotated[hint, BeforeValidator(_written_budget), PlainSerializer(budget_label)]
+        fields[field.name] = (hint, described)
     return fields
 
 

@@ -3,6 +3,8 @@ so a resumed run's summary covers every run into the output."""
 
 from __future__ import annotations
 
+from tokencarve.budgets import Adaptive, budget_label
+
 from .job import CaptionJob
 from .output import Output, Totals
 
@@ -26,11 +28,13 @@ def summarize(output: Output, job: CaptionJob, units: int, rows_this_run: int, s
                 }
             )
     t = totals
+    budget = job.engine.budget
     return {
         "output": job.output,
         "model": job.engine.model,
         "method": job.engine.method,
-        "keep": job.engine.budget,
+        "keep": budget_label(budget),  # adaptive: in its written form, tau included
+        "tau": budget.tau if isinstance(budget, Adaptive) else None,
         "rows_total": t.rows,
         "rows_ok": t.rows_ok,
         "rows_failed": t.rows - t.rows_ok,
@@ -53,6 +57,10 @@ def summarize(output: Output, job: CaptionJob, units: int, rows_this_run: int, s
         "visual_tokens_kept_pct": round(100 * t.visual_tokens_kept / t.visual_tokens_in, 2)
         if t.visual_tokens_in
         else None,
+        # per captioned row (one image each in the job's rows): what an adaptive budget spread, a fixed one not
+        "visual_tokens_kept_mean": round(t.visual_tokens_kept / t.rows_ok, 2) if t.rows_ok else None,
+        "visual_tokens_kept_p50": quantile(t.rows_by_visual_tokens_kept, 0.5),
+        "visual_tokens_kept_p95": quantile(t.rows_by_visual_tokens_kept, 0.95),
         "generated_tokens": t.generated_tokens,
         "kv_bytes_held": t.kv_bytes_held,
         "kv_bytes_uncompressed": t.kv_bytes_uncompressed,
@@ -63,3 +71,15 @@ def summarize(output: Output, job: CaptionJob, units: int, rows_this_run: int, s
         "rows_with_answers": t.rows_with_answers,
         "accuracy_pct": round(100 * t.rows_correct / t.rows_with_answers, 2) if t.rows_with_answers else None,
     }
+
+
+def quantile(counts: dict[str, int], q: float) -> int | None:
+    """The q-quantile (nearest rank: the smallest value with at least q of the rows at or below it) of
+    values given as {value: rows}; None without rows."""
+    total = sum(counts.values())
+    seen = 0
+    for value in sorted(counts, key=int):
+        seen += counts[value]
+        if seen >= q * total:
+            return int(value)
+    return None

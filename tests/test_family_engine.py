@@ -79,7 +79,7 @@ def test_job_on_llava_next_with_a_fractional_budget(ray_cluster, next_model_dir,
         )
     )
     rows = read_output(str(tmp_path / "out")).to_pylist()
-    assert summary["rows_ok"] == len(rows) == len(sizes) and {r["keep"] for r in rows} == {0.1}
+    assert summary["rows_ok"] == len(rows) == len(sizes) and {r["keep"] for r in rows} == {"0.1"}
     assert len({r["visual_tokens_in"] for r in rows}) > 1  # different sizes, different counts, one batch
     assert all(r["visual_tokens_kept"] == math.ceil(0.1 * r["visual_tokens_in"]) for r in rows)
 

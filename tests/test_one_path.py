@@ -53,5 +53,6 @@ def test_batch_serve_and_eval_see_the_same_pixels_and_answer_the_same(tiny_model
 
     from_batch = [c.caption for c in engine.caption(batch_images, prompts)]
     from_serve = [c.caption for c in engine.caption([decode_image(d) for d in data], prompts)]
-    from_eval, _ = Evaluator(engine, batch_size=4).answer(questions, Setting(engine.config.method, 32))
+    answered, _ = Evaluator(engine, batch_size=4).answer(questions, Setting(engine.config.method, 32))
+    from_eval = [c.caption for c in answered]
     assert from_batch == from_serve == from_eval

@@ -117,7 +117,7 @@ def test_every_input_row_gives_exactly_one_output_row(ray_cluster, tiny_model_di
             assert row["error_code"] is None and row["error_message"] is None and row["caption"], row
             assert row["visual_tokens_in"] == 576 and row["visual_tokens_kept"] == 32
             assert row["kv_bytes_held"] < row["kv_bytes_uncompressed"]
-            assert row["generated_tokens"] == 4 and row["method"] == DEFAULT_METHOD and row["keep"] == 32
+            assert row["generated_tokens"] == 4 and row["method"] == DEFAULT_METHOD and row["keep"] == "32"
         else:
             assert row["error_code"] == code and row["error_message"], row
             assert row["caption"] is None

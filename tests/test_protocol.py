@@ -95,6 +95,17 @@ def test_json_multipart_and_chat_mean_the_same(client):
     assert older_name["max_new_tokens"] == 3 and older_name["prompt"] is None
 
 
+def test_an_adaptive_budget_is_read_as_written_on_every_route(client):
+    """The job's and the harness's written form (tau included) means the same in JSON, a form and a chat."""
+    written = "auto:48,min=16,max=128,tau=0.93"
+    by_json = client.post("/v1/caption", json={"image": b64(PNG), "keep": written}).json()
+    by_form = client.post("/v1/caption", files={"image": ("x.png", PNG, "image/png")}, data={"keep": written}).json()
+    by_chat = client.post("/v1/chat/completions", json=chat([image_part()], tokencarve={"keep": written})).json()
+    expected = {"mean": 48, "min": 16, "max": 128, "multiple": 8, "tau": 0.93}
+    assert by_json["keep"] == by_form["keep"] == by_chat["keep"] == expected
+    assert client.post("/v1/caption", json={"image": b64(PNG), "keep": "48"}).json()["keep"] == 48
+
+
 @pytest.mark.parametrize(
     "route,body,status,code",
     [
@@ -106,7 +117,12 @@ def test_json_multipart_and_chat_mean_the_same(client):
         ("chat", {"keep": 4}, 422, "invalid_request"),
         ("chat", {"keep": 0}, 422, "invalid_request"),
         ("chat", {"keep": True}, 422, "invalid_request"),
-        ("chat", {"keep": "64"}, 422, "invalid_request"),
+        ("chat", {"keep": "sixty-four"}, 422, "invalid_request"),
+        # an adaptive budget as written: with its tau, within the bounds, for a method that has one
+        ("chat", {"keep": "auto:64"}, 422, "invalid_request"),
+        ("caption", {"keep": "auto:64,min=8,tau=0.9"}, 422, "invalid_request"),
+        ("caption", {"keep": "auto:64,tau=0.9", "method": "tokencarve"}, 422, "invalid_request"),
+        ("caption", {"keep": "auto:64,tau=-1.0"}, 422, "invalid_request"),
         ("caption", {"max_new_tokens": 33}, 422, "invalid_request"),
         ("caption", {"max_new_tokens": 0}, 422, "invalid_request"),
         ("chat", {"max_new_tokens": 0}, 422, "invalid_request"),

@@ -34,6 +34,7 @@ from transformers.masking_utils import create_causal_mask
 
 from . import methods
 from .attention import last_token_attention
+from .budgets import Adaptive
 from .core import CarveResult
 from .families import ImageSpans, family_of, image_spans
 from .repack import Repacked, repack
@@ -41,14 +42,15 @@ from .repack import Repacked, repack
 
 @dataclass(frozen=True)
 class CarveConfig:
-    """keep: the budget per image, visual tokens left as a count (576 -> 128 with keep=128) or as a
-    fraction of that image's tokens (keep=0.1: ceil(0.1 N), see `budget`), or None for the stock model
-    (nothing carved, the figures still measured); layer: K, the cut sits before decoder
-    layer K (after K layers); attention_weight: w in the rank fusion; method: a name of
-    tokencarve.methods.REGISTRY, by default "tokencarve" (the paper's method); seed: the random
-    method's."""
+    """keep: the budget per image, visual tokens left as a count (576 -> 128 with keep=128), as a
+    fraction of that image's tokens (keep=0.1: ceil(0.1 N), see `budget`), adaptive
+    (keep=Adaptive(mean=64): each image its own count, from the energy its picks span; the methods of
+    methods.ADAPTIVE only, tokencarve.budgets) or None for the stock model (nothing carved, the figures
+    still measured); layer: K, the cut sits before decoder layer K (after K layers); attention_weight:
+    w in the rank fusion; method: a name of tokencarve.methods.REGISTRY, by default "tokencarve" (the
+    paper's method); seed: the random method's."""
 
-    keep: int | float | None = 64
+    keep: int | float | Adaptive | None = 64
     layer: int = 2
     attention_weight: float = 0.5
     method: str = "tokencarve"
@@ -59,13 +61,15 @@ class CarveConfig:
         if not (
             self.keep is None
             or fraction
+            or isinstance(self.keep, Adaptive)
             or isinstance(self.keep, int)
             and not isinstance(self.keep, bool)
             and self.keep >= 1
         ):
             raise ValueError(
                 "CarveConfig.keep must be an integer >= 1 (tokens per image), a float in (0, 1) "
-                f"(a fraction of each image's tokens) or None (the stock model), got {self.keep!r}"
+                "(a fraction of each image's tokens), an Adaptive budget or None (the stock model), "
+                f"got {self.keep!r}"
             )
         if not isinstance(self.layer, int) or self.layer < 1:
             raise ValueError(f"CarveConfig.layer must be an integer >= 1 (the cut needs layer K-1), got {self.layer!r}")
@@ -73,15 +77,20 @@ class CarveConfig:
             raise ValueError(f"CarveConfig.attention_weight must lie in [0, 1], got {self.attention_weight!r}")
         if self.method not in methods.REGISTRY:
             raise ValueError(f"CarveConfig.method must be one of {methods.METHODS}, got {self.method!r}")
+        if isinstance(self.keep, Adaptive):
+            methods.check_adaptive(self.method)
 
     def budget(self, num_tokens: int) -> int:
         """Tokens to keep of an image with `num_tokens` visual tokens (>= num_tokens: left uncarved).
 
         A fraction is read as the decimal written (0.1 is exactly 1/10, not the binary float just
         above it) and rounded up: ceil(keep * N), so at least 1 token, and 0.1 of 2,880 is 288.
+        An adaptive budget gives the most an image may keep (its `max`): the core decides each count.
         """
         if self.keep is None:
             return num_tokens
+        if isinstance(self.keep, Adaptive):
+            return min(num_tokens, self.keep.max)
         if isinstance(self.keep, int):
             return self.keep
         return math.ceil(Fraction(repr(self.keep)) * num_tokens)
@@ -174,6 +183,7 @@ class TokenCarver:
         # Diagnostics: keep each image's visual rows entering layer K in last_stats.images, also
         # for forwards that do not carve (keep >= N). Off by default: it copies [T, D] per image.
         self.record_hidden = False
+        self._calibration: list[torch.Tensor] | None = None  # share curves, while `calibrating`
         self._image_mask: torch.Tensor | None = None
         self._count_images = None  # image mask -> N_i per image of the current forward (called at prefill only)
         self._prefill: _Prefill | None = None
@@ -208,6 +218,19 @@ class TokenCarver:
             yield self
         finally:
             self.config = previous  # was valid before; no re-check that could raise over the original error
+
+    @contextmanager
+    def calibrating(self):
+        """`with model.tokencarve.calibrating() as curves:` forwards under an adaptive budget without
+        tau keep `max` tokens per image and append each image's share curve ([images, max]: the share
+        of its energy its first 1..max picks span) to `curves`; `Adaptive.calibrated(torch.cat(curves))`
+        is then the calibrated budget (CaptionEngine.calibrate does this on rows of a corpus). Outside
+        it, an adaptive budget without tau is refused at the cut."""
+        previous, self._calibration = self._calibration, []
+        try:
+            yield self._calibration
+        finally:
+            self._calibration = previous
 
     def _check_method(self, config: CarveConfig) -> None:
         # NeXT / OneVision images are a base grid, tiles and newline tokens in one span, which no
@@ -360,6 +383,12 @@ class TokenCarver:
         count N (one call for LLaVA-1.5, whose images all have 576, so its results are those of a
         single batched call). Each image keeps `config.budget(N)` tokens (all N with keep_all)."""
         spans, cfg = self._prefill.spans, self.config
+        adaptive = isinstance(cfg.keep, Adaptive) and not keep_all
+        if adaptive and cfg.keep.tau is None and self._calibration is None:
+            raise ValueError(
+                f"the adaptive budget {cfg.keep} has no tau yet: calibrate it (CaptionEngine.calibrate, "
+                "TokenCarver.calibrating; the job and the harness calibrate on their first rows) or give tau"
+            )
         groups = []
         for images in spans.groups():
             rows = torch.tensor([spans.rows[i] for i in images], device=hidden.device).unsqueeze(1)
@@ -368,12 +397,15 @@ class TokenCarver:
             result = methods.reduce_tokens(
                 hidden[rows, positions],
                 attention[rows, positions] if attention is not None else hidden.new_zeros(positions.shape),
-                n if keep_all else cfg.budget(n),
+                n if keep_all else cfg.keep if adaptive else cfg.budget(n),
                 method=cfg.method,
                 attention_weight=cfg.attention_weight,
                 seed=cfg.seed,
             )
-            kept_positions = positions.gather(1, result.index)
+            if self._calibration is not None and result.shares is not None:
+                self._calibration.append(result.shares.detach().cpu())
+            # an adaptive result is padded to its group's largest count: padding (index -1) is masked out
+            kept_positions = positions.gather(1, result.index.clamp_min(0))
             groups.append(_Group(rows.expand_as(kept_positions), kept_positions, result, images, positions))
         return groups
 
@@ -386,12 +418,16 @@ class TokenCarver:
         described = {}
         for group in groups:
             result = group.result
+            counts = (
+                result.counts.tolist() if result.counts is not None else [result.index.shape[1]] * len(group.images)
+            )
             for slot, image in enumerate(group.images):
-                hidden = result.hidden[slot].detach().float().cpu() if self.record_hidden else None
+                kept = counts[slot]  # an adaptive result's slots past the image's count are padding
+                hidden = result.hidden[slot, :kept].detach().float().cpu() if self.record_hidden else None
                 described[image] = ImageCarve(
                     int(group.rows[slot, 0]),
                     int(group.positions[slot, 0]),
-                    result.index[slot].cpu(),
+                    result.index[slot, :kept].cpu(),
                     result.assignment[slot].cpu(),
                     result.merged[slot].cpu(),
                     hidden,
@@ -442,8 +478,11 @@ def _place_kept_tokens(
     stays: real text tokens and the kept visual tokens. Padding goes too: `repack` re-pads the rows."""
     keep_mask = prefill.mask_2d.bool() & ~prefill.image_mask
     for group in groups:
-        where = (group.rows, group.kept_positions)
-        hidden = hidden.index_put(where, group.result.hidden)
+        where, values = (group.rows, group.kept_positions), group.result.hidden
+        if group.result.counts is not None:  # an adaptive result: only each image's own slots are tokens
+            real = group.result.index >= 0
+            where, values = (group.rows[real], group.kept_positions[real]), values[real]
+        hidden = hidden.index_put(where, values)
         keep_mask = keep_mask.index_put(where, torch.tensor(True, device=hidden.device))
     return hidden, keep_mask
 

@@ -18,6 +18,8 @@ from PIL import Image
 import tokencarve
 from tokencarve import CarveConfig, load_llava
 from tokencarve.adapter import CarveStats
+from tokencarve.budgets import Adaptive
+from tokencarve.budgets import parse_budget as parse_budget  # the one parser of a written budget, re-exported
 from tokencarve.decode import Prefill, StaticDecoder, check_greedy, eos_ids
 from tokencarve.decode import prefill as prefill_rows
 from tokencarve.loading import chat_prompt
@@ -27,14 +29,6 @@ from .images import RowError, square
 DEFAULT_PROMPT = "Describe the image."
 IMAGE_POLICIES = ("auto", "processor")
 METHODS = ("none", *tokencarve.METHODS)  # "none": the stock model; the baselines are there for A/B runs
-
-
-def parse_budget(text: str) -> int | float:
-    """A budget on a command line: tokens per image ("128") or a fraction of each image's tokens ("0.1")."""
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
 
 
 # The method the batch job and Serve use unless told otherwise; the library's CarveConfig keeps the
@@ -59,8 +53,10 @@ class EngineConfig:
     Serve's settings and the evaluation harness take them from (each field's metadata has its help)."""
 
     model: str = field(metadata={"help": "a local folder or a hub id"})
-    keep: int | float = _setting(
-        64, "visual tokens per image, or a fraction of each image's tokens (0.1); ignored for method none"
+    keep: int | float | Adaptive = _setting(
+        64,
+        "visual tokens per image (64), a fraction of each image's tokens (0.1), or adaptive (auto:64: 64 on "
+        "average, each image what it carries; auto:64,min=16,max=192,multiple=8,tau=0.93); ignored for method none",
     )
     method: str = _setting(DEFAULT_METHOD, "token selection (none: the stock model)", choices=METHODS)
     layer: int = _setting(2, "the cut sits before this decoder layer (after that many layers)")
@@ -85,6 +81,9 @@ class EngineConfig:
         choices=IMAGE_POLICIES,
     )
     seed: int = _setting(0, "the random method's seed")
+    # an adaptive budget without tau is calibrated on this many rows (images) before any is captioned:
+    # the job's first rows, the harness's first questions (tau is then recorded with the output)
+    calibration_rows: int = _setting(256, "rows an adaptive budget without tau (auto:64) is calibrated on")
     # "static": prefill as generate() does, then a fixed-shape compiled greedy decode over a slot pool
     # with continuous refill (tokencarve.decode); "generate": Hugging Face generate() per batch
     decode: str = _setting(
@@ -117,6 +116,8 @@ class EngineConfig:
             raise ValueError(f"compile_decode must be one of {COMPILE_CHOICES}, got {self.compile_decode!r}")
         if self.decode_slots is not None and self.decode_slots < 1:
             raise ValueError("decode_slots must be >= 1")
+        if self.calibration_rows < 1:
+            raise ValueError("calibration_rows must be >= 1")
         if self.method != "none":
             CarveConfig(keep=self.keep, layer=self.layer, method=self.method)  # validates keep/layer early
 
@@ -126,7 +127,7 @@ class EngineConfig:
         return self.model.rstrip("/").split("/")[-1]
 
     @property
-    def budget(self) -> int | float | None:
+    def budget(self) -> int | float | Adaptive | None:
         """What output rows record as `keep`: the budget per image, None for the stock model."""
         return None if self.method == "none" else self.keep
 
@@ -303,6 +304,32 @@ class CaptionEngine:
             if self.decoder is not None:
                 return self._decode_static(images, prompts, max_new_tokens)
             return self._generate(images, prompts, max_new_tokens)
+
+    @torch.inference_mode()
+    def calibrate(
+        self,
+        images: list[Image.Image],
+        prompts: list[str | None],
+        keep: Adaptive | None = None,
+        method: str | None = None,
+        batch_size: int = 16,
+    ) -> Adaptive:
+        """The adaptive budget (`keep`, default the config's) with the tau whose mean count over these
+        rows' images is its `mean`: one prefill per `batch_size` rows, nothing decoded. The sample is
+        what the caller hands in (the job's first rows, the harness's first questions), so it is
+        bounded by construction."""
+        setting = replace(self.config, keep=keep or self.config.keep, method=method or self.config.method)
+        if not isinstance(setting.keep, Adaptive):
+            raise ValueError(f"only an adaptive budget (auto:64) is calibrated, got keep={setting.keep!r}")
+        budget = setting.keep.uncalibrated
+        carver = self.model.tokencarve
+        with carver.using(replace(setting, keep=budget).carve_config), carver.calibrating() as curves:
+            for start in range(0, len(images), batch_size):
+                rows = slice(start, start + batch_size)
+                prefill_rows(self.model, self._model_inputs(images[rows], prompts[rows]))
+        if not curves:
+            raise ValueError(f"nothing to calibrate {budget} on: no image had more than max={budget.max} tokens")
+        return budget.calibrated(torch.cat(curves))
 
     def _model_inputs(self, images, prompts) -> dict:
         """The processor's tensors for rows of (image, prompt), on the model's device and dtype."""

@@ -20,6 +20,7 @@ import types
 import typing
 from pathlib import Path
 
+from .budgets import Adaptive, budget_label
 from .engine import EngineConfig, parse_budget
 
 # Fields that change how a run goes but not what it writes: left out of an output's claim.
@@ -31,8 +32,8 @@ def _parse(hint) -> tuple[typing.Callable | None, dict]:
     """(the type= of an option, extra add_argument keywords) for a field's type hint."""
     union = typing.get_origin(hint) in (typing.Union, types.UnionType)
     kinds = set(typing.get_args(hint)) - {type(None)} if union else {hint}
-    if kinds == {int, float}:
-        return parse_budget, {}  # a budget: tokens per image ("128") or a fraction ("0.1")
+    if kinds == {int, float, Adaptive}:
+        return parse_budget, {}  # a budget: tokens per image ("128"), a fraction ("0.1") or adaptive ("auto:64")
     if kinds == {bool}:
         return None, {"action": argparse.BooleanOptionalAction}
     if len(kinds) == 1 and next(iter(kinds)) in (int, float, str):
@@ -81,7 +82,8 @@ def claim_settings(config: EngineConfig) -> dict:
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(EngineConfig)}
     others = {k: v for k, v in values.items() if k not in RUNTIME_ONLY | {"model", "method", "keep"}}
     identity = model_identity(config.model)
-    return {"model": identity["model"], "method": config.method, "keep": config.budget, **others} | {
+    keep = budget_label(config.budget)  # an adaptive budget in its written form, tau included
+    return {"model": identity["model"], "method": config.method, "keep": keep, **others} | {
         "model_revision": identity["revision"],
         "model_fingerprint": identity["fingerprint"],
     }

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..budgets import split_budgets
 from ..engine import CaptionEngine, parse_budget
 from ..settings import add_engine_arguments, engine_config_from_args
 from . import report
@@ -41,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--budgets",
         default=",".join(map(str, BUDGETS)),
-        help="visual tokens per image (128), or fractions of each image's tokens (0.1)",
+        help="visual tokens per image (128), fractions of each image's tokens (0.1), or adaptive budgets "
+        "(auto:64, auto:32,min=8: calibrated on the first --calibration-rows questions' images)",
     )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -68,7 +70,7 @@ def main(argv=None) -> dict:
     engine = CaptionEngine(engine_config_from_args(args, method="none"))
     evaluator = Evaluator(engine, args.batch_size)
     grid = settings(
-        args.methods.split(","), [parse_budget(b) for b in args.budgets.split(",")], evaluator.tokens_per_image
+        args.methods.split(","), [parse_budget(b) for b in split_budgets(args.budgets)], evaluator.tokens_per_image
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,7 +91,12 @@ def main(argv=None) -> dict:
                         "prompt": record["prompt"],
                         "text": record["prediction"],
                         "model_id": args.model,
-                        "metadata": {**result["setting"], "task": record["task"], "answer": record["answer"]},
+                        "metadata": {
+                            **result["setting"],
+                            "task": record["task"],
+                            "answer": record["answer"],
+                            "visual_tokens_kept": record["visual_tokens_kept"],
+                        },
                     }
                 )
                 + "\n"
@@ -100,6 +107,7 @@ def main(argv=None) -> dict:
         "data": args.data or args.questions,
         "questions": len(questions),
         "layer": args.layer,
+        "calibration_rows": args.calibration_rows,
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
         "seed": args.seed,

@@ -39,16 +39,35 @@ def _percent(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def _by_setting(results: list[dict]) -> dict[tuple[str, int], dict]:
+def _by_setting(results: list[dict]) -> dict[tuple[str, int | float | str], dict]:
     return {(r["setting"]["method"], r["setting"]["keep"]): r["summary"] for r in results}
+
+
+def _adaptive(keep) -> bool:
+    return isinstance(keep, str)  # results hold an adaptive budget in its written form ("auto:64")
+
+
+def _budget_order(keep) -> tuple:
+    """Columns: fixed budgets from the largest, then adaptive ones from the largest mean."""
+    if _adaptive(keep):
+        return (1, -float(keep.split(",")[0].partition(":")[2] or 64))
+    return (0, -keep)
+
+
+def _tokens(keep, summary: dict) -> str:
+    """A setting's budget in a table: adaptive ones with the mean count they kept."""
+    if _adaptive(keep) and "mean_visual_tokens_kept" in summary:
+        return f"{keep} (mean {summary['mean_visual_tokens_kept']:.1f})"
+    return str(keep)
 
 
 def overall_table(results: list[dict]) -> str:
     """Methods x budgets, overall accuracy in %; the stock model in its own row."""
     table = _by_setting(results)
-    budgets = sorted({k for m, k in table if m != "none"}, reverse=True)
+    budgets = sorted({k for m, k in table if m != "none"}, key=_budget_order)
     methods = [m for m in dict.fromkeys(m for m, _ in table) if m != "none"]
-    lines = ["| method | " + " | ".join(f"{b} tokens" for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
+    head = [f"{b}" if _adaptive(b) else f"{b} tokens" for b in budgets]
+    lines = ["| method | " + " | ".join(head) + " |", "|---" * (len(budgets) + 1) + "|"]
     for (method, keep), summary in table.items():
         if method == "none":
             lines.insert(
@@ -67,7 +86,8 @@ REFERENCE_METHODS = (*names("paper"), *names("baseline"))
 def retention_table(results: list[dict], caption_task: str = "caption") -> str:
     """Per method and budget: overall and caption accuracy as a share of the stock model's, and the
     task where the method falls furthest below the best reference method (REFERENCE_METHODS) at the
-    same budget (points; <= 0 means it is at least as good on every task)."""
+    same budget (points; <= 0 means it is at least as good on every task; an adaptive budget has no
+    reference methods, so none)."""
     table = _by_setting(results)
     stock = next((summary for (method, _), summary in table.items() if method == "none"), None)
     if stock is None:
@@ -81,16 +101,21 @@ def retention_table(results: list[dict], caption_task: str = "caption") -> str:
         if method == "none":
             continue
         references = [table[(m, keep)] for m in REFERENCE_METHODS if (m, keep) in table]
-        gaps = {t: max(r["tasks"].get(t, 0.0) for r in references) - summary["tasks"].get(t, 0.0) for t in tasks}
+        gaps = {
+            t: max(r["tasks"].get(t, 0.0) for r in references) - summary["tasks"].get(t, 0.0)
+            for t in tasks
+            if references
+        }
         worst = max(gaps, key=gaps.get) if gaps else ""
         caption = (
             _percent(summary["tasks"][caption_task] / stock["tasks"][caption_task])
             if stock["tasks"].get(caption_task)
             else ""
         )
+        gap = f"{worst} {100 * gaps[worst]:+.1f}" if gaps else ""
         lines.append(
-            f"| {method} | {keep} | {_percent(summary['overall'] / stock['overall'])} | {caption} "
-            f"| {worst} {100 * gaps.get(worst, 0.0):+.1f} |"
+            f"| {method} | {_tokens(keep, summary)} | {_percent(summary['overall'] / stock['overall'])} | {caption} "
+            f"| {gap} |"
         )
     return "\n".join(lines)
 
@@ -105,7 +130,7 @@ def task_table(results: list[dict]) -> str:
         s, setting = r["summary"], r["setting"]
         cells = [
             setting["method"],
-            str(setting["keep"] or "all"),
+            _tokens(setting["keep"], s) if setting["keep"] is not None else "all",
             _percent(s["overall"]),
             *(_percent(s["tasks"][t]) if t in s["tasks"] else "" for t in tasks),
             *(_percent(s["yes_no"][t]["f1"]) if t in s["yes_no"] else "" for t in yes_no),
@@ -127,23 +152,44 @@ def _pyplot():
     return plt
 
 
+def _mean_kept(keep, summary: dict) -> float:
+    """Where a setting sits on the token axis: the mean count it kept (a fixed count's own figure
+    where an older results.json has none)."""
+    return summary.get("mean_visual_tokens_kept", keep)
+
+
 def accuracy_plot(results: list[dict], path: str | Path, title: str = "") -> None:
-    """Accuracy vs visual tokens kept, one line per method; the stock model as a dashed line."""
+    """Accuracy vs the mean visual tokens kept per image, one line per method and kind of budget
+    (adaptive budgets dotted, with hollow markers, in the method's colour); the stock model as a
+    dashed black line."""
     plt = _pyplot()
     table = _by_setting(results)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for method in dict.fromkeys(m for m, _ in table):
         if method == "none":
             continue
-        points = sorted((k, 100 * s["overall"]) for (m, k), s in table.items() if m == method)
-        ax.plot(*zip(*points), LINE_STYLES.get(method, "o-"), color=COLOURS.get(method), label=method)
+        for adaptive in (False, True):
+            points = sorted(
+                (_mean_kept(k, s), 100 * s["overall"])
+                for (m, k), s in table.items()
+                if m == method and _adaptive(k) == adaptive
+            )
+            if not points:
+                continue
+            x, y = zip(*points)
+            if adaptive:  # the method's marker, hollow, on a dotted line
+                marker = LINE_STYLES.get(method, "o-")[0]
+                label = f"{method}, adaptive (auto)"
+                ax.plot(x, y, marker, linestyle=":", markerfacecolor="none", color=COLOURS.get(method), label=label)
+            else:
+                ax.plot(x, y, LINE_STYLES.get(method, "o-"), color=COLOURS.get(method), label=method)
     for (method, keep), summary in table.items():
         if method == "none":
             ax.axhline(100 * summary["overall"], color="black", linestyle="--", linewidth=1, label="none (every token)")
     ax.set_xscale("log", base=2)
-    budgets = sorted({k for m, k in table if m != "none"})
+    budgets = sorted({k for m, k in table if m != "none" and not _adaptive(k)})
     ax.set_xticks(budgets, [str(b) for b in budgets])
-    _finish(plt, fig, ax, path, "visual tokens per image after the cut", title or "Accuracy vs visual-token budget")
+    _finish(plt, fig, ax, path, "visual tokens kept per image (mean)", title or "Accuracy vs visual tokens kept")
 
 
 def information_plot(results: list[dict], path: str | Path, title: str = "") -> None:
