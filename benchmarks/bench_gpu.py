@@ -1,13 +1,15 @@
-"""TokenCarve at LLaVA-1.5-7B size on a GPU: captions/s per decode path, prefill, KV memory, the carve step.
+"""TokenCarve at 7B size on a GPU: captions/s per decode path, prefill, KV memory, the carve step.
 
     python benchmarks/bench_gpu.py                      # on an H100/H200: the real 7B architecture, bf16
     python benchmarks/bench_gpu.py --scale tiny --batches 2 --repeats 1     # anywhere, in seconds
     python benchmarks/bench_gpu.py --json $OUT/gpu.json --out $OUT/gpu.md  # also write the results
 
-The model is LLaVA-1.5-7B's exact architecture (`tokencarve.testing.llava15_config`: CLIP ViT-L/14-336,
-2-layer MLP projector, 32-layer 4096-wide Llama, vocab 32064) with random weights: speed does not depend
-on the values, and with no eos token every row generates exactly the tokens asked of it. Every prompt
-is 60 text + 576 visual tokens.
+The model (--arch, benchmarks/gpu_models.py) is LLaVA-1.5-7B's exact architecture
+(`tokencarve.testing.llava15_config`: CLIP ViT-L/14-336, 2-layer MLP projector, 32-layer 4096-wide Llama,
+vocab 32064; every prompt 60 text + 576 visual tokens) or Qwen2.5-VL-7B's (`qwen25vl_config`: a 32-block
+windowed ViT, 28-layer 3584-wide mRoPE decoder with GQA 28 / 4; every prompt 60 text + one 1008 x 1008 px
+image of 1,296 tokens), with random weights: speed does not depend on the values, and with no eos token
+every row generates exactly the tokens asked of it.
 
 Throughput, for every --budgets entry (stock: the uncarved model; 128, 64: visual tokens kept per
 image) x --method (carved budgets only) x --decode:
@@ -47,7 +49,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import LlavaForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when imported by a test
 
@@ -62,39 +63,14 @@ from common import (  # noqa: E402
     sync,
     write_results,
 )
+from gpu_models import ARCHITECTURES, TEXT_TOKENS, Prompts  # noqa: E402
 
 import tokencarve  # noqa: E402
 from tokencarve import CarveConfig, carve_tokens, eigh, information_scores  # noqa: E402
 from tokencarve.decode import StaticDecoder, prefill  # noqa: E402
 from tokencarve.engine import DEFAULT_METHOD  # noqa: E402
-from tokencarve.testing import LLAVA15_IMAGE_TOKEN, llava15_config  # noqa: E402
 
-TEXT_TOKENS = 60  # LLaVA-1.5's system prompt + a short question
-VISUAL_TOKENS = 576
 DECODES = ("generate", "static", "static-refill")
-
-
-class Prompts:
-    """Model inputs for any row index: `count` distinct random rows on the device, reused cyclically
-    (their values do not change the speed)."""
-
-    def __init__(self, count: int, device: str, dtype: torch.dtype):
-        g = torch.Generator().manual_seed(0)
-        text = torch.randint(3, LLAVA15_IMAGE_TOKEN, (count, TEXT_TOKENS), generator=g)
-        image = torch.full((count, VISUAL_TOKENS), LLAVA15_IMAGE_TOKEN)
-        self.ids = torch.cat([text[:, :35], image, text[:, 35:]], 1).to(device)
-        self.pixels = torch.randn(count, 3, 336, 336, generator=g).to(device, dtype)
-
-    def take(self, rows) -> dict:
-        index = torch.tensor([row % len(self.ids) for row in rows], device=self.ids.device)
-        ids = self.ids[index]
-        return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=self.pixels[index])
-
-
-def build_model(scale: str, device: str, dtype: torch.dtype) -> LlavaForConditionalGeneration:
-    with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(llava15_config(scale), dtype=dtype)
-    return model.eval()
 
 
 @contextmanager
@@ -224,10 +200,10 @@ def throughput(model, args, prompts, lengths_for, device: str) -> list[dict]:
                         file=sys.stderr,
                         flush=True,
                     )
-                    args.progress(rows_of(results))  # partial results survive a timeout
+                    args.progress(rows_of(results, args.arch.visual_tokens))  # partial results survive a timeout
             del decoder
             free_memory(device)
-    return rows_of(results)
+    return rows_of(results, args.arch.visual_tokens)
 
 
 def free_memory(device: str) -> None:
@@ -235,14 +211,14 @@ def free_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def rows_of(results: dict) -> list[dict]:
+def rows_of(results: dict, visual_tokens: int) -> list[dict]:
     """One row per setting that ran, with its ratios to the stock model's generate() and same decode."""
     rows = []
     for (keep, method, decode), best in results.items():
         rows.append(
             {
                 "decode": decode,
-                "visual tokens": keep or VISUAL_TOKENS,
+                "visual tokens": keep or visual_tokens,
                 "method": method or "stock",
                 "best batch": best.get("batch", "out of memory"),
                 "captions/s": best.get("captions_per_s", 0.0),
@@ -277,7 +253,7 @@ def bench_prefill(model, args, prompts, device: str) -> list[dict]:
     rows = []
     for keep in args.budgets:
         for method in [None] if keep is None else args.methods:
-            row = {"visual tokens": keep or VISUAL_TOKENS, "method": method or "stock"}
+            row = {"visual tokens": keep or args.arch.visual_tokens, "method": method or "stock"}
             with model.tokencarve.using(CarveConfig(keep=keep, method=method or DEFAULT_METHOD)):
                 for batch in args.prefill_batches:
                     inputs = prompts.take(range(batch))
@@ -287,12 +263,12 @@ def bench_prefill(model, args, prompts, device: str) -> list[dict]:
                     row[f"carve b{batch} ms"] = stats.carve_seconds * 1e3
                     row[f"carve share b{batch}"] = stats.carve_seconds / seconds
                     row[f"KV b{batch} MiB"] = stats.kv_cache_bytes / 2**20
-            row["analytic LM FLOPs"] = flop_ratio(model.config, keep, args.mean_length)
+            row["analytic LM FLOPs"] = flop_ratio(model.config, keep, args.mean_length, args.arch.visual_tokens)
             rows.append(row)
     return rows
 
 
-def flop_ratio(config, keep: int | None, new_tokens: int, cut: int = 2) -> float:
+def flop_ratio(config, keep: int | None, new_tokens: int, visual_tokens: int, cut: int = 2) -> float:
     """Analytic LM FLOPs (projections, MLP, attention) with carving / without: the best possible speedup^-1."""
     t = config.text_config
     layers, d, ff = t.num_hidden_layers, t.hidden_size, t.intermediate_size
@@ -307,19 +283,19 @@ def flop_ratio(config, keep: int | None, new_tokens: int, cut: int = 2) -> float
                 total += per_token + 2 * 2 * (n + step) * d
         return total
 
-    full = TEXT_TOKENS + VISUAL_TOKENS
-    return cost(full, TEXT_TOKENS + (keep or VISUAL_TOKENS)) / cost(full, full)
+    full = TEXT_TOKENS + visual_tokens
+    return cost(full, TEXT_TOKENS + (keep or visual_tokens)) / cost(full, full)
 
 
-def bench_carve_step(model, device, dtype, repeats) -> list[dict]:
+def bench_carve_step(model, device, dtype, repeats, visual_tokens: int) -> list[dict]:
     """Our scoring vs the reference's (full SVD with full_matrices, eager attention matrix)."""
     text = model.config.text_config
     d, heads = text.hidden_size, text.num_attention_heads
     rows = []
     for batch in (1, 8):
-        hidden = torch.randn(batch, VISUAL_TOKENS, d, device=device, dtype=dtype)
-        attention = torch.rand(batch, VISUAL_TOKENS, device=device).softmax(-1)
-        q = torch.randn(batch, heads, TEXT_TOKENS + VISUAL_TOKENS, d // heads, device=device, dtype=dtype)
+        hidden = torch.randn(batch, visual_tokens, d, device=device, dtype=dtype)
+        attention = torch.rand(batch, visual_tokens, device=device).softmax(-1)
+        q = torch.randn(batch, heads, TEXT_TOKENS + visual_tokens, d // heads, device=device, dtype=dtype)
         k = torch.randn_like(q)
 
         def reference():
@@ -377,12 +353,12 @@ DECODE_COLUMNS = [
 def report(args, env, lengths: dict, decode_rows, prefill_rows, carve_rows) -> str:
     sizes = f"{args.batches}" + (f" (stock: {args.stock_batches})" if args.stock_batches != args.batches else "")
     lines = [
-        "# LLaVA-1.5 architecture: decode paths, prefill and the carve step (benchmarks/bench_gpu.py)",
+        f"# {args.arch.name} architecture: decode paths, prefill and the carve step (benchmarks/bench_gpu.py)",
         "",
         header(env),
         "",
-        f"Model: LLaVA-1.5 at scale `{args.scale}`, {args.dtype}, SDPA, random weights, no eos; prompt {TEXT_TOKENS} "
-        f"text + {VISUAL_TOKENS} visual tokens; eigh route {args.eigh_solver}; static step compiled: {args.compile}. "
+        f"Model: {args.arch.name} at scale `{args.scale}`, {args.dtype}, SDPA, random weights, no eos; prompt "
+        f"{TEXT_TOKENS} text + {args.arch.visual_tokens} visual tokens; eigh route {args.eigh_solver}; static step compiled: {args.compile}. "
         f"Output lengths: {args.lengths}"
         + (f" ({describe_lengths(args.max_new_tokens)}, seed {args.seed})" if args.lengths == "natural" else "")
         + f": p50 {lengths['p50']}, p95 {lengths['p95']}, mean {lengths['mean']:.1f}, max {lengths['max']} tokens. "
@@ -409,8 +385,8 @@ def figures(args, env, lengths, decode_rows, prefill_rows, carve_rows) -> dict:
     return {
         "environment": env,
         "eigh_solver": args.eigh_solver,
-        "model": {"architecture": "LLaVA-1.5", "scale": args.scale, "dtype": args.dtype, "attention": "sdpa"},
-        "prompt": {"text_tokens": TEXT_TOKENS, "visual_tokens": VISUAL_TOKENS},
+        "model": {"architecture": args.arch.name, "scale": args.scale, "dtype": args.dtype, "attention": "sdpa"},
+        "prompt": {"text_tokens": TEXT_TOKENS, "visual_tokens": args.arch.visual_tokens},
         "lengths": {
             "mode": args.lengths,
             "distribution": describe_lengths(args.max_new_tokens)
@@ -419,7 +395,7 @@ def figures(args, env, lengths, decode_rows, prefill_rows, carve_rows) -> dict:
             "seed": args.seed,
             **lengths,
         },
-        "args": {key: value for key, value in vars(args).items() if key not in ("progress", "argv")},
+        "args": {key: value for key, value in vars(args).items() if key not in ("progress", "argv", "arch")},
         "command": "python benchmarks/bench_gpu.py " + " ".join(args.argv),
         "settings": decode_rows,
         "prefill": prefill_rows,
@@ -429,6 +405,7 @@ def figures(args, env, lengths, decode_rows, prefill_rows, carve_rows) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=list(ARCHITECTURES), default="llava-1.5", help="the model (gpu_models.py)")
     p.add_argument("--scale", choices=["7b", "tiny"], default="7b")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
     p.add_argument("--decode", default=",".join(DECODES), help=f"comma list of {', '.join(DECODES)}")
@@ -448,6 +425,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", help="write the figures here (e.g. docs/benchmarks/gpu.json)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.arch = ARCHITECTURES[args.arch]
     args.decodes = [d for d in args.decode.split(",") if d]
     if set(args.decodes) - set(DECODES):
         p.error(f"--decode takes {', '.join(DECODES)}")
@@ -468,9 +446,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.compile:  # every pool (budget x batch) compiles the step anew: past dynamo's default 8 it would run eager
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     env = environment(device)
-    model = build_model(args.scale, device, getattr(torch, args.dtype))
+    model = args.arch.build(args.scale, device, getattr(torch, args.dtype))
     tokencarve.apply(model, CarveConfig(keep=None))  # the budget of each setting comes through `using`
-    prompts = Prompts(64, device, getattr(torch, args.dtype))
+    prompts = args.arch.prompts(64, device, getattr(torch, args.dtype))
     longest = max(args.batches + args.stock_batches) * args.blocks
     all_lengths = caption_lengths(longest, args.max_new_tokens, args.lengths, args.seed)
     lengths = length_summary(all_lengths)
@@ -489,7 +467,9 @@ def main(argv: list[str] | None = None) -> dict:
         tables["decode"] = throughput(model, args, prompts, lambda batch: all_lengths[: args.blocks * batch], device)
         write()
         tables["prefill"] = bench_prefill(model, args, prompts, device)
-        tables["carve"] = bench_carve_step(model, device, getattr(torch, args.dtype), args.repeats)
+        tables["carve"] = bench_carve_step(
+            model, device, getattr(torch, args.dtype), args.repeats, args.arch.visual_tokens
+        )
         text, record = write()
         print(text)
         if args.profile:
@@ -497,7 +477,7 @@ def main(argv: list[str] | None = None) -> dict:
             folder.mkdir(parents=True, exist_ok=True)
             for keep in (None, 128):
                 profile_prefill(
-                    model, device, prompts, keep, folder / f"profile_prefill_keep{keep or VISUAL_TOKENS}.txt"
+                    model, device, prompts, keep, folder / f"profile_prefill_keep{keep or args.arch.visual_tokens}.txt"
                 )
     return record
 

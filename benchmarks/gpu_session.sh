@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issues #15, #16 and #23 in one call on a lent GPU machine (device tool `run`);
+# Every GPU measurement of issues #15, #16, #23 and #24 in one call on a lent GPU machine (device tool `run`);
 # every file lands under $OUT. Prepare the wheels here first (docs/BENCHMARKS.md, "GPU session"):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux2014_x86_64 -d .whl nvmath-python==0.5.0 "cuda-core>=0.3,<0.4" transformers==5.24.0
+#       --platform manylinux2014_x86_64 -d .whl nvmath-python==0.5.0 "cuda-core>=0.3,<0.4" transformers==5.25.0
 #   (nvmath-python also needs cuda-bindings; the image's CuPy may bring it: `pip show cuda-bindings` there
 #   first, and carry a wheel matching the image's CUDA major version if it is missing)
 # and run, with carry [".whl"] and a timeout that leaves room for one rerun:
@@ -47,4 +47,16 @@ if [ "$SECONDS" -lt 450 ]; then
     timeout 20 python3 benchmarks/bench_selection.py --batches 8,64 --repeats 2 --out "$OUT/selection.md" \
         --json "$OUT/selection.json" > "$OUT/selection.log" 2>&1
 fi
+# 4. (#24) Qwen2.5-VL-7B size: one 1008 px image (1,296 tokens) per prompt, stock vs keep 128, volume,
+#    generate vs static refill, one batch each; only while the session is under ~8 minutes. A GPU session
+#    that has more time for it (or one that is for it alone): raise the timeout and add 64 to --budgets.
+if [ "$SECONDS" -lt 470 ]; then
+    timeout 150 python3 benchmarks/bench_gpu.py --arch qwen2.5-vl --scale "${SCALE:-7b}" --lengths natural \
+        --decode generate,static-refill --budgets stock,128 --method volume --stock-batches "${QWEN_BATCHES:-32}" \
+        --batches "${QWEN_BATCHES:-32}" --blocks 2 --prefill-batches "${QWEN_PREFILL_BATCHES:-1,8}" --repeats 2 \
+        --json "$OUT/gpu_qwen.json" --out "$OUT/gpu_qwen.md" 2>&1 | tail -40 > "$OUT/bench_gpu_qwen.log"
+fi
 echo "session: $SECONDS s" | tee -a "$OUT/versions.txt"
+# the device tool brings back at most 8 files: the JSON figures and versions.txt as they are, the
+# Markdown tables and logs in one archive
+(cd "$OUT" && tar -czf tables-and-logs.tgz ./*.md ./*.log 2>/dev/null && rm -f ./*.md ./*.log)

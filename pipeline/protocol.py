@@ -219,6 +219,9 @@ def checked_work(settings: ServeOnlySettings, inputs: ModelInputs, image, prompt
     refused = inputs.prompt_error(prompt, max_new_tokens)
     if refused is not None:
         raise HTTPError(413 if refused.code == "prompt_too_long" else 422, refused.code, refused.message)
+    refused = inputs.image_error(image)
+    if refused is not None:
+        raise HTTPError(422, refused.code, refused.message)
     return Work(image, prompt, max_new_tokens, keep, method)
 
 

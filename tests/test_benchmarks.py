@@ -68,3 +68,16 @@ def test_bench_decode_random_llava15_tiny(tmp_path):
             assert s["steps"] <= generate_steps and s["steps saved"] == generate_steps - s["steps"]
     assert section["caption_lengths"]["keep 64"] == bench.length_summary(caps)
     assert "llava-1.5-random" in bench.report(record["environment"], record["models"], bench.parse_args(argv))
+
+
+def test_bench_gpu_tiny_qwen25_vl(tmp_path):
+    """--arch qwen2.5-vl (the next GPU session's second model) at tiny scale: a 1008 px image of 1,296
+    tokens per prompt, its 3-D positions through the static path, every row at its own length."""
+    bench = load_bench()
+    argv = ["--arch", "qwen2.5-vl", "--scale", "tiny", "--batches", "2", "--blocks", "1", "--budgets", "stock,128"]
+    argv += ["--method", "volume", "--decode", "generate,static", "--prefill-batches", "", "--repeats", "1"]
+    record = bench.main(argv)
+    assert record["model"]["architecture"] == "Qwen2.5-VL" and record["prompt"]["visual_tokens"] == 1296
+    settings = {(s["decode"], s["visual tokens"]): s for s in record["settings"]}
+    assert set(settings) == {(d, n) for d in ("generate", "static") for n in (1296, 128)}
+    assert all(s["lengths exact"] is True for (d, _), s in settings.items() if d == "static")

@@ -18,6 +18,7 @@ from tokencarve.processing import ImageTextProcessor
 from tokencarve.testing import IMAGE_TOKEN, QWEN_CLASSES, QWEN_FAMILIES, save_tiny_qwen_vl_with_processor
 
 from . import reference
+from .test_family import generate
 from .tiny_family import picture
 
 CUT = 2
@@ -63,14 +64,6 @@ def carved(family):
     yield _apply
     if tokencarve.is_applied(model):
         tokencarve.remove(model)
-
-
-def generate(model, inputs, steps=10):
-    with torch.no_grad():
-        out = model.generate(
-            **inputs, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True, output_logits=True
-        )
-    return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, 1)
 
 
 def counts(inputs) -> list[int]:

@@ -1,28 +1,18 @@
-"""The Qwen-VL family through the engine, the job, Serve and the evaluation harness: native-resolution
-images with their own token counts, min / max pixels as settings, budgets as counts or fractions."""
+"""The Qwen-VL family through the engine: native-resolution images with their own token counts, the
+CPU stage's resize to each image's grid, min / max pixels as settings, fixed templates. The job, Serve
+and the harness on Qwen2.5-VL are tests/test_family_engine.py's, parametrised over NeXT and Qwen."""
 
 from __future__ import annotations
 
-import base64
 import math
-from pathlib import Path
 
-import httpx
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
-from pipeline.batch import CaptionJob, read_output, run
 from tokencarve.engine import CaptionEngine, EngineConfig, ModelInputs
-from tokencarve.eval import __main__ as eval_cli
 
-from .conftest import free_port
-from .test_family_engine import png
 from .tiny_family import picture
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -83,74 +73,3 @@ def test_fixed_templates_name_the_image_in_the_familys_own_tokens(qwen_model_dir
     inputs = ModelInputs.load(EngineConfig(model=qwen_model_dir, prompt_template="<image> Q: {prompt} A:"))
     assert inputs.prompt_text("w1") == "<|vision_start|><|image_pad|><|vision_end|> Q: w1 A:"
     assert inputs.prompt_error("look <|image_pad|> here").code == "invalid_prompt"
-
-
-@pytest.mark.slow
-def test_job_on_qwen_with_a_fractional_budget(ray_cluster, qwen_model_dir, tmp_path):
-    (tmp_path / "in").mkdir()
-    sizes = [(90, 40), (40, 40), (40, 120), (70, 70), (300, 30)]
-    pq.write_table(
-        pa.table({"id": [f"img-{i}" for i in range(len(sizes))], "image": [png(*s) for s in sizes]}),
-        tmp_path / "in" / "shard.parquet",
-    )
-    engine = EngineConfig(model=qwen_model_dir, keep=0.5, max_new_tokens=3, max_pixels=224 * 224)
-    summary = run(
-        CaptionJob(
-            inputs=[str(tmp_path / "in")], output=str(tmp_path / "out"), engine=engine, batch_size=3, progress_every_s=0
-        )
-    )
-    rows = read_output(str(tmp_path / "out")).to_pylist()
-    assert summary["rows_ok"] == len(rows) == len(sizes) and {str(r["keep"]) for r in rows} == {"0.5"}
-    assert len({r["visual_tokens_in"] for r in rows}) > 1  # different sizes, different counts, one batch
-    assert all(r["visual_tokens_kept"] == math.ceil(0.5 * r["visual_tokens_in"]) for r in rows)
-
-
-@pytest.mark.slow
-def test_serve_on_qwen_with_a_fractional_budget(ray_cluster, qwen_model_dir):
-    from ray import serve
-
-    from pipeline.serve import build_app
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run(
-            build_app({"model": qwen_model_dir, "keep": 0.5, "max_new_tokens": 3, "max_replicas": 1}),
-            name="qwen",
-            route_prefix="/",
-        )
-        image = base64.b64encode(png(200, 90)).decode()
-        reply = httpx.post(f"http://127.0.0.1:{port}/v1/caption", json={"image": image, "keep": 0.25}, timeout=120)
-        assert reply.status_code == 200, reply.text
-        body = reply.json()
-        assert body["visual_tokens_in"] == 21 and body["visual_tokens_kept"] == 6  # ceil(0.25 x 21)
-    finally:
-        serve.shutdown()
-
-
-def test_eval_harness_on_qwen_with_counts_and_fractions(qwen_model_dir, tmp_path):
-    sample = pq.read_table(sorted((ROOT / "data" / "sample").glob("*.parquet"))[0]).slice(0, 4)
-    pq.write_table(sample, tmp_path / "questions.parquet")
-    result = eval_cli.main(
-        [
-            "--model",
-            qwen_model_dir,
-            "--data",
-            str(tmp_path / "questions.parquet"),
-            "--methods",
-            "none,tokencarve",
-            "--budgets",
-            "0.5,8",
-            "--batch-size",
-            "2",
-            "--max-new-tokens",
-            "3",
-            "--out",
-            str(tmp_path / "eval"),
-        ]
-    )
-    by_setting = {(r["setting"]["method"], r["setting"]["keep"]): r["summary"] for r in result["results"]}
-    assert set(by_setting) == {("none", None), ("tokencarve", 0.5), ("tokencarve", 8)}
-    assert by_setting[("tokencarve", 8)]["information"]["visual_tokens"] == 8
-    everything = by_setting[("none", None)]["information"]["visual_tokens"]
-    assert by_setting[("tokencarve", 0.5)]["information"]["visual_tokens"] == math.ceil(everything / 2)

@@ -1,4 +1,4 @@
-"""TokenCarve: training-free visual-token compression for LLaVA-style models (arXiv 2503.10501).
+"""TokenCarve: training-free visual-token compression for LLaVA-style and Qwen-VL models (arXiv 2503.10501).
 
 import tokencarve
 model = tokencarve.apply(model, tokencarve.CarveConfig(keep=128))   # in place
@@ -10,8 +10,16 @@ tokencarve.remove(model)                                            # stock mode
 from .adapter import CarveConfig, CarveStats, ImageCarve, TokenCarver
 from .budgets import Adaptive, parse_budget
 from .core import CarveResult, carve_tokens, information_scores, stage_sizes
-from .families import FAMILIES, Family, family_for_config, family_of, max_tokens_per_image, tokens_per_image
-from .loading import load_llava
+from .families import (
+    FAMILIES,
+    Family,
+    family_for_config,
+    family_of,
+    max_image_tokens,
+    max_tokens_per_image,
+    tokens_per_image,
+)
+from .loading import load_llava, load_processor
 from .methods import METHODS, Method, reduce_tokens
 
 __all__ = [
@@ -32,6 +40,8 @@ __all__ = [
     "information_scores",
     "is_applied",
     "load_llava",
+    "load_processor",
+    "max_image_tokens",
     "parse_budget",
     "max_tokens_per_image",
     "reduce_tokens",
@@ -42,8 +52,8 @@ __all__ = [
 
 
 def apply(model, config: CarveConfig | None = None):
-    """Make `model` (a Llava-, LlavaNext- or LlavaOnevisionForConditionalGeneration) carve its visual
-    tokens; returns the model.
+    """Make `model` (a Llava-, LlavaNext-, LlavaOnevision-, Qwen2VL-, Qwen2_5_VL- or
+    Qwen3VLForConditionalGeneration) carve its visual tokens; returns the model.
 
     The model is changed in place (hooks only, no weights touched); `model.tokencarve` is the
     `TokenCarver` holding the config and the figures of the last forward (`last_stats`).

@@ -1,4 +1,5 @@
-"""TokenCarve on a stock Hugging Face LLaVA (1.5, NeXT or OneVision), through forward hooks.
+"""TokenCarve on a stock Hugging Face LLaVA (1.5, NeXT, OneVision) or Qwen-VL (Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL), through forward hooks.
 
 No modeling code is copied or edited: `apply` registers PyTorch hooks on modules the model
 already has and `remove` takes them off again (the PEFT pattern: wrap, then unload).
@@ -17,6 +18,11 @@ Carving happens in prefill only (a multi-token forward on an empty cache). The c
 carries a small note (`cache._tokencarve`) so that later forwards on it, from `generate()` or a
 hand-written loop, get their attention mask mapped onto the kept tokens. Kept tokens keep their
 original rotary positions; generate() continues positions from the original length by itself.
+
+mRoPE families (Qwen-VL) carry [3, B, L] positions (or [4, B, L]: a 1-D text row first, as generate()
+passes them): the cut gathers every row at the kept tokens, rebuilds the shared (cos, sin) from the
+gathered 3-D rows and hands the layers only the gathered text row. Qwen3-VL's deepstack additions
+after layers >= K go to the kept visual tokens (each its own feature; merged-away tokens' are dropped).
 """
 
 from __future__ import annotations
@@ -152,13 +158,14 @@ class _Prefill:
 
     image_mask: torch.Tensor  # [B, L] bool
     mask_2d: torch.Tensor  # [B, L] long, 1 = real token
-    position_ids: torch.Tensor  # [B, L]
+    position_ids: torch.Tensor  # [B, L]; mRoPE: [3 or 4, B, L]
     stats: CarveStats
     carve: bool  # False: figures only, the forward runs exactly as stock
     spans: ImageSpans | None = None  # each image's token positions (None: no image in the batch)
     cut_input: torch.Tensor | None = None
     cut_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     overrides: dict | None = None
+    packed: Repacked | None = None  # the layout after the cut (set by the carve)
 
 
 class TokenCarver:
@@ -197,6 +204,7 @@ class TokenCarver:
             *(layer.register_forward_pre_hook(self._reroute_layer, with_kwargs=True) for layer in layers[cut + 1 :]),
             self.language_model.register_forward_hook(self._finish_forward, with_kwargs=True),
         ]
+        self._deepstack = _DeepstackOnKeptTokens(self) if hasattr(self.language_model, "_deepstack_process") else None
 
     def reconfigure(self, config: CarveConfig) -> None:
         """Change the budget, weight or method between forwards (the cut's layer stays where it is)."""
@@ -233,18 +241,22 @@ class TokenCarver:
             self._calibration = previous
 
     def _check_method(self, config: CarveConfig) -> None:
-        # NeXT / OneVision images are a base grid, tiles and newline tokens in one span, which no
-        # square grid describes
+        # NeXT / OneVision images are a base grid, tiles and newline tokens in one span, and Qwen-VL
+        # grids are as wide and high as each image: no one square grid describes them
         if methods.REGISTRY[config.method].square_grid and self.tokens_per_image is None:
+            shape = "native-resolution grids of every shape" if self.family.native_resolution else "base + tiles"
             raise ValueError(
                 f"method={config.method!r} needs LLaVA-1.5's square token grid; {self.family.name} images are "
-                "base + tiles + newline tokens"
+                f"{shape} (+ newline tokens for the LLaVA ones)"
             )
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self._deepstack is not None:
+            self._deepstack.remove()
+            self._deepstack = None
         self._image_mask = self._prefill = self._count_images = None
 
     # -- hooks -----------------------------------------------------------------------------------
@@ -287,15 +299,13 @@ class TokenCarver:
             mask_2d = torch.ones(batch, length, dtype=torch.long, device=device)
         if image_mask is None or image_mask.shape != (batch, length):
             image_mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
-        positions = kwargs.get("position_ids")
-        if positions is None:  # what LlamaModel would use: 0..L-1
-            positions = torch.arange(length, device=device).unsqueeze(0)
+        positions = _prefill_positions(kwargs.get("position_ids"), batch, length, device, self.family.mrope)
         spans = None
         if bool(image_mask.any()):
             spans = image_spans(image_mask, count_images(image_mask) if count_images is not None else None)
         carve = length > 1 and spans is not None and any(self.config.budget(n) < n for n in spans.counts)
         stats = _uncarved_stats(image_mask, mask_2d)
-        self._prefill = _Prefill(image_mask, mask_2d.long(), positions.expand(batch, -1), stats, carve, spans)
+        self._prefill = _Prefill(image_mask, mask_2d.long(), positions, stats, carve, spans)
         self.last_stats = stats
         return None
 
@@ -352,6 +362,7 @@ class TokenCarver:
         if cache is not None:
             _shrink_cache(cache, packed.order, num_layers=cfg.layer)
         prefill.overrides = self._layer_overrides(packed)
+        prefill.packed = packed
         stats = prefill.stats
         stats.prompt_tokens_kept = packed.mask_2d.sum(1).tolist()
         stats.images = self._describe_images(groups)
@@ -364,18 +375,25 @@ class TokenCarver:
         return packed.hidden
 
     def _layer_overrides(self, packed: Repacked) -> dict:
-        """What layers >= K get instead of the uncompressed mask, positions and rotary tables."""
+        """What layers >= K get instead of the uncompressed mask, positions and rotary tables.
+
+        mRoPE: the rotary tables come from the kept tokens' original 3-D rows (the last three), and the
+        layers' `position_ids` is the gathered 1-D text row where the model had one (else None, as stock)."""
+        rotary_positions = text_positions = packed.position_ids
+        if self.family.mrope:
+            rotary_positions = packed.position_ids[-3:]
+            text_positions = packed.position_ids[0] if packed.position_ids.shape[0] == 4 else None
         causal_mask = create_causal_mask(
             config=self.language_model.config,
             inputs_embeds=packed.hidden,
             attention_mask=packed.mask_2d,
-            position_ids=packed.position_ids,
+            position_ids=text_positions,
             **{_MASK_CACHE_ARGUMENT: None},  # layers >= K start empty: mask the kept tokens among themselves
         )
         return {
             "attention_mask": causal_mask,
-            "position_ids": packed.position_ids,
-            "position_embeddings": self.language_model.rotary_emb(packed.hidden, position_ids=packed.position_ids),
+            "position_ids": text_positions,
+            "position_embeddings": self.language_model.rotary_emb(packed.hidden, position_ids=rotary_positions),
         }
 
     def _reduce_images(self, hidden, attention, *, keep_all: bool = False):
@@ -454,10 +472,55 @@ class TokenCarver:
                 f"mask over the uncompressed sequence ({carved.original_length} prompt + {after_prefill} new tokens)"
             )
         kwargs["attention_mask"] = torch.cat([prefill_mask, tail], dim=1)
-        if kwargs.get("position_ids") is None:  # what LlamaModel would use on the uncompressed cache
+        # what LlamaModel would use on the uncompressed cache (a Qwen-VL model always passes its own,
+        # from rope_deltas, which the shorter cache does not change)
+        if kwargs.get("position_ids") is None and not self.family.mrope:
             start = cached + carved.removed
             kwargs["position_ids"] = torch.arange(start, start + new_tokens, device=prefill_mask.device).unsqueeze(0)
         return kwargs
+
+
+class _DeepstackOnKeptTokens:
+    """Qwen3-VL adds vision-tower features to the visual positions after its first decoder layers
+    (`_deepstack_process(hidden, visual_pos_masks, features)`, inside the text model's layer loop, with
+    a full-length mask). After a cut before the last of those layers, the additions must land on the
+    kept visual tokens: this stands in for the method on the instance (removed with the carver) and,
+    in a carved forward, hands it the mask and features of the kept tokens."""
+
+    def __init__(self, carver: TokenCarver):
+        self.carver, self.language_model = carver, carver.language_model
+        self.original = self.language_model._deepstack_process
+        self.language_model._deepstack_process = self
+
+    def __call__(self, hidden, visual_pos_masks, visual_embeds):
+        prefill = self.carver._prefill
+        if prefill is not None and prefill.packed is not None:
+            visual_pos_masks, visual_embeds = kept_visual_features(prefill.packed, visual_pos_masks, visual_embeds)
+        return self.original(hidden, visual_pos_masks, visual_embeds)
+
+    def remove(self) -> None:
+        del self.language_model._deepstack_process  # the class's method again
+
+
+def kept_visual_features(packed: Repacked, visual_pos_masks: torch.Tensor, features: torch.Tensor):
+    """A full-length visual mask [B, L] and its features [n_visual, D] (row-major) mapped onto the
+    packed layout: the mask of the kept visual tokens [B, L'] and, in its row-major order, their features."""
+    visual_pos_masks = visual_pos_masks.to(packed.order.device)
+    index = (visual_pos_masks.flatten().cumsum(0) - 1).view_as(visual_pos_masks)  # row of each position's feature
+    kept = visual_pos_masks.gather(1, packed.order) & packed.mask_2d.bool()
+    return kept, features[index.gather(1, packed.order)[kept].to(features.device)]
+
+
+def _prefill_positions(position_ids, batch: int, length: int, device, mrope: bool) -> torch.Tensor:
+    """The positions a prefill's layers see, as the text model would derive them: [B, L] (0..L-1 when
+    none are given), or for mRoPE [3 or 4, B, L] (2-D positions are broadcast to three rows, as stock)."""
+    if position_ids is None:
+        position_ids = torch.arange(length, device=device).unsqueeze(0)
+    if not mrope:
+        return position_ids.expand(batch, -1)
+    if position_ids.ndim == 2:
+        position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+    return position_ids.expand(-1, batch, -1)
 
 
 @dataclass
@@ -493,13 +556,6 @@ def _check_decoder(language_model, cut: int) -> None:
     for name in ("input_layernorm", "self_attn"):
         if not hasattr(layer, name):
             raise TypeError(f"decoder layer {type(layer).__name__} has no {name}: not a Llama-style layer")
-    attention = layer.self_attn
-    if hasattr(attention, "q_norm") or hasattr(attention, "k_norm"):
-        # Qwen3 / OLMo-2 style query-key norms: the attention row would need them too
-        raise TypeError(
-            f"{type(attention).__name__} normalises queries and keys; TokenCarve supports "
-            "Llama / Mistral / Qwen2-style attention"
-        )
     config = language_model.config
     layer_types = getattr(config, "layer_types", None)
     sliding = "sliding_attention" in layer_types if layer_types else getattr(config, "sliding_window", None) is not None

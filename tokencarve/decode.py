@@ -21,7 +21,9 @@ The carve hooks stay out of the step: it calls each layer's `forward` directly (
 through `module(...)`), and prefill, where the carve happens, is an ordinary eager forward.
 
 Exactness: the step is greedy decoding as `generate(do_sample=False)` does it: positions continue
-from each row's uncompressed prompt length (generate's cumsum of the 2-D mask), the mask is the
+from each row's uncompressed prompt length (generate's cumsum of the 2-D mask; for mRoPE models from
+max(position) + 1, the prompt length plus the row's rope_delta: a decoded token's three rows are
+equal, so a 1-D table of the model's own rotary module serves them), the mask is the
 prefill's mask plus every generated token, eos ends a row, `max_new_tokens` caps it.
 """
 
@@ -34,6 +36,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from .families import prefill_positions
 
 # Generation settings under which generate()'s greedy pick is not a plain argmax of the logits.
 _GREEDY_CHANGING = {
@@ -122,18 +126,20 @@ class Prefill:
 
 
 def prefill(model, inputs: dict) -> Prefill:
-    """The first forward of a left-padded batch, as generate() runs it: positions from the 2-D mask
-    (pads at 0), a fresh cache, logits of the last position only. TokenCarve, where applied, carves
-    here; its note on the cache says which entries of the (shorter) cache are real."""
+    """The first forward of a left-padded batch, as generate() runs it: positions as generate() makes
+    them (the 2-D mask's cumsum, pads at 0; mRoPE: the model's 3-D rows too), a fresh cache, logits of
+    the last position only. TokenCarve, where applied, carves here; its note on the cache says which
+    entries of the (shorter) cache are real."""
     mask = inputs["attention_mask"]
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    # the next position continues from the uncompressed prompt (mRoPE: from max(position) + 1)
+    positions, next_positions = prefill_positions(model, inputs)
     out = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
     cache = getattr(out, "cache", None) or out.past_key_values
     note = getattr(cache, "_tokencarve", None)
     return Prefill(
         cache,
         note.prefill_mask if note is not None else mask,
-        mask.sum(1),  # the next position: generate()'s cumsum continues from the uncompressed prompt
+        next_positions,
         out.logits[:, -1].argmax(-1),
     )
 

@@ -22,7 +22,8 @@ from tokencarve.budgets import Adaptive
 from tokencarve.budgets import parse_budget as parse_budget  # the one parser of a written budget, re-exported
 from tokencarve.decode import Prefill, StaticDecoder, check_greedy, eos_ids
 from tokencarve.decode import prefill as prefill_rows
-from tokencarve.loading import chat_prompt
+from tokencarve.families import family_for_config, image_placeholder, max_image_tokens
+from tokencarve.loading import chat_prompt, load_processor
 
 from .images import RowError, square
 
@@ -81,6 +82,12 @@ class EngineConfig:
         choices=IMAGE_POLICIES,
     )
     seed: int = _setting(0, "the random method's seed")
+    # native-resolution families (Qwen-VL): bounds on an image's area after the processor's resize, so on
+    # its token count (area / (patch x merge)^2: 28 px squares for Qwen2/2.5-VL); None: the checkpoint's
+    min_pixels: int | None = _setting(None, "native-resolution models: an image's least area in pixels")
+    max_pixels: int | None = _setting(
+        None, "native-resolution models: an image's largest area in pixels (bounds its tokens)"
+    )
     # an adaptive budget without tau is calibrated on this many rows (images) before any is captioned:
     # the job's first rows, the harness's first questions (tau is then recorded with the output)
     calibration_rows: int = _setting(256, "rows an adaptive budget without tau (auto:64) is calibrated on")
@@ -116,6 +123,11 @@ class EngineConfig:
             raise ValueError(f"compile_decode must be one of {COMPILE_CHOICES}, got {self.compile_decode!r}")
         if self.decode_slots is not None and self.decode_slots < 1:
             raise ValueError("decode_slots must be >= 1")
+        for bound in (self.min_pixels, self.max_pixels):
+            if bound is not None and bound < 1:
+                raise ValueError("min_pixels / max_pixels must be >= 1")
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ValueError("min_pixels must not exceed max_pixels")
         if self.calibration_rows < 1:
             raise ValueError("calibration_rows must be >= 1")
         if self.method != "none":
@@ -147,7 +159,9 @@ class ModelInputs:
 
     Images: LLaVA-1.5 pads every image to a square with the processor's mean colour and resizes it
     to the vision tower's side (its `pad`); LLaVA-NeXT / OneVision take any resolution (their
-    processor tiles it), so an image is only shrunk to fit the largest tiling grid, aspect kept.
+    processor tiles it), so an image is only shrunk to fit the largest tiling grid, aspect kept;
+    Qwen-VL images are resized to the native grid their processor would give them (a multiple of
+    patch x merge px a side, the area within min / max pixels, which bound its tokens).
     Prompts: the checkpoint's chat template, and a prompt must fit the context window next to the
     largest image's tokens and the answer. The batch job's CPU stage, Serve and the engine itself
     all go through one of these, so they see the same pixels and refuse the same prompts."""
@@ -156,14 +170,17 @@ class ModelInputs:
         self.processor = processor
         self.template = config.prompt_template  # None: the checkpoint's chat template (tokencarve.loading.chat_prompt)
         self.tokenizer = processor.tokenizer
-        self.image_size = model_config.vision_config.image_size
+        family = family_for_config(model_config)
+        self.native = family.native_resolution  # each image at its own grid (`_native_size`)
+        self.placeholder = image_placeholder(family, processor)
+        self.image_size = getattr(model_config.vision_config, "image_size", None)
         pinpoints = getattr(model_config, "image_grid_pinpoints", None)
         self.policy = config.image_policy
         self.square = not pinpoints  # LLaVA-1.5's pad; else the largest grid bounds an any-resolution image
         self.max_side = max(max(p) for p in pinpoints) if pinpoints else self.image_size
         mean = getattr(processor.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
         self.pad_color = tuple(int(round(255 * m)) for m in mean[:3])
-        self.image_tokens = tokencarve.max_tokens_per_image(model_config)
+        self.image_tokens = max_image_tokens(model_config, processor.image_processor)
         self.context_window = model_config.text_config.max_position_embeddings
         self.max_prompt_tokens = config.max_prompt_tokens
         self.max_new_tokens = config.max_new_tokens
@@ -171,13 +188,16 @@ class ModelInputs:
 
     @classmethod
     def load(cls, config: EngineConfig) -> ModelInputs:
-        from transformers import AutoConfig, AutoProcessor
+        from transformers import AutoConfig
 
-        return cls(config, AutoProcessor.from_pretrained(config.model), AutoConfig.from_pretrained(config.model))
+        processor = load_processor(config.model, min_pixels=config.min_pixels, max_pixels=config.max_pixels)
+        return cls(config, processor, AutoConfig.from_pretrained(config.model))
 
-    def image(self, image: Image.Image) -> Image.Image:
+    def image(self, image: Image.Image) -> Image.Image | RowError:
         if self.policy == "processor":
             return image
+        if self.native:
+            return self._native_size(image)
         if self.square:
             return square(image, self.image_size, self.pad_color)
         if max(image.size) <= self.max_side:
@@ -186,11 +206,44 @@ class ModelInputs:
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         return image.resize(size, Image.Resampling.BICUBIC)
 
+    def image_error(self, image: Image.Image) -> RowError | None:
+        """Why the model's processor cannot take this image, or None (Serve refuses such a request
+        up front; the batch job's CPU stage writes the same error row through `image`)."""
+        target = self._native_target(image) if self.native and self.policy != "processor" else None
+        return target if isinstance(target, RowError) else None
+
+    def _native_size(self, image: Image.Image) -> Image.Image | RowError:
+        """Qwen-VL: the image at the size its processor resizes it to, done here so that the job's CPU
+        stage does it and ships no more pixels than the model takes; the processor's resize is then
+        the identity (the same pixels either way: tested)."""
+        target = self._native_target(image)
+        if isinstance(target, RowError):
+            return target
+        return image if target == image.size else image.resize(target, Image.Resampling.BICUBIC)
+
+    def _native_target(self, image: Image.Image) -> tuple[int, int] | RowError:
+        """(width, height) by the processor's own smart_resize: a multiple of patch x merge px a side,
+        the area within min / max pixels, the aspect ratio kept."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        processor = self.processor.image_processor
+        try:
+            height, width = smart_resize(
+                image.height,
+                image.width,
+                factor=processor.patch_size * processor.merge_size,
+                min_pixels=processor.size["shortest_edge"],
+                max_pixels=processor.size["longest_edge"],
+            )
+        except ValueError as err:  # e.g. an aspect ratio over 200:1
+            return RowError("unsupported_image_shape", f"{image.width}x{image.height}: {err}")
+        return width, height
+
     def prompt_text(self, prompt: str | None) -> str:
         """The model's input text for one image and one question."""
         if self.template is None:
             return chat_prompt(self.processor, prompt or DEFAULT_PROMPT)
-        return self.template.format(prompt=prompt or DEFAULT_PROMPT)
+        return self.template.replace("<image>", self.placeholder).format(prompt=prompt or DEFAULT_PROMPT)
 
     def prompt_limit(self, max_new_tokens: int | None = None) -> int:
         """The most prompt tokens (template included, image tokens not) a row may have."""
@@ -199,8 +252,9 @@ class ModelInputs:
 
     def prompt_error(self, prompt: str | None, max_new_tokens: int | None = None) -> RowError | None:
         """Why a prompt cannot be run, or None. Costs one tokenizer call, no forward."""
-        if prompt is not None and "<image>" in prompt:
-            return RowError("invalid_prompt", "the prompt contains the image placeholder <image>")
+        for placeholder in dict.fromkeys(("<image>", self.image_token)):
+            if prompt is not None and placeholder in prompt:
+                return RowError("invalid_prompt", f"the prompt contains the image placeholder {placeholder}")
         limit = self.prompt_limit(max_new_tokens)
         tokens = self.prompt_tokens(prompt)
         if tokens > limit:
@@ -212,9 +266,13 @@ class ModelInputs:
             )
         return None
 
+    @property
+    def image_token(self) -> str:
+        return getattr(self.processor, "image_token", None) or "<image>"
+
     def _prompt_tokens(self, prompt: str | None) -> int:
         text = self.prompt_text(prompt)
-        return len(self.tokenizer(text).input_ids) - 1  # the <image> placeholder counts as the image's tokens
+        return len(self.tokenizer(text).input_ids) - 1  # the image placeholder counts as the image's tokens
 
 
 @dataclass
@@ -265,7 +323,9 @@ class CaptionEngine:
         trained, a test's); TokenCarve is applied unless the model already carries it."""
         self.config = config
         if model is None:
-            model, processor = load_llava(config.model, config.device, config.dtype)
+            model, processor = load_llava(
+                config.model, config.device, config.dtype, min_pixels=config.min_pixels, max_pixels=config.max_pixels
+            )
         processor.tokenizer.padding_side = "left"  # batched generate() continues every row from its last token
         self.model, self.processor = model, processor
         if not tokencarve.is_applied(model):
@@ -334,7 +394,10 @@ class CaptionEngine:
     def _model_inputs(self, images, prompts) -> dict:
         """The processor's tensors for rows of (image, prompt), on the model's device and dtype."""
         texts = [self.inputs.prompt_text(p) for p in prompts]
-        images = [self.inputs.image(image) for image in images]  # a no-op on rows the job already squared
+        images = [self.inputs.image(image) for image in images]  # a no-op on rows the job already prepared
+        refused = next((image for image in images if isinstance(image, RowError)), None)
+        if refused is not None:
+            raise ValueError(f"{refused.code}: {refused.message}")
         inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.model.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
