@@ -249,7 +249,9 @@ def ratio(row: dict, rows: list[dict], decode: str) -> float | None:
 
 def bench_prefill(model, args, prompts, device: str) -> list[dict]:
     """The prefill alone per budget and method at each --prefill-batches size: its time, the carve
-    step inside it (the last timed run's) and the KV cache it leaves."""
+    step inside it (the last timed run's) and the KV cache it leaves. None with no --prefill-batches."""
+    if not args.prefill_batches:
+        return []
     rows = []
     for keep in args.budgets:
         for method in [None] if keep is None else args.methods:

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -70,6 +72,7 @@ def test_bench_decode_random_llava15_tiny(tmp_path):
     assert "llava-1.5-random" in bench.report(record["environment"], record["models"], bench.parse_args(argv))
 
 
+@pytest.mark.slow  # Qwen2.5-VL's real vocabulary and a 1008 px image through its ViT: about a minute
 def test_bench_gpu_tiny_qwen25_vl(tmp_path):
     """--arch qwen2.5-vl (the next GPU session's second model) at tiny scale: a 1008 px image of 1,296
     tokens per prompt, its 3-D positions through the static path, every row at its own length."""
