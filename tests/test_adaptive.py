@@ -362,3 +362,43 @@ def test_the_report_places_adaptive_settings_by_the_mean_they_kept(tmp_path):
     assert "| volume | auto:64 (mean 63.5) | 98.0 |" in report.task_table(results)
     report.accuracy_plot(results, tmp_path / "accuracy.png")
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
+
+
+@pytest.mark.slow  # a real Ray cluster
+def test_the_job_calibrates_once_records_tau_and_resumes_with_it(ray_cluster, tiny_model_dir, tmp_path, monkeypatch):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from pipeline.batch import read_output, run
+
+    from .bad_images import encode, gradient
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rows = [{"id": f"r{i}", "image": encode(gradient(60 + 9 * i, 40 + 5 * i), "PNG"), "prompt": None} for i in range(9)]
+    pq.write_table(pa.Table.from_pylist(rows[:5]), corpus / "a.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[5:]), corpus / "b.parquet")
+    engine = EngineConfig(
+        model=tiny_model_dir, keep=parse_budget("auto:32,min=8"), max_new_tokens=3, calibration_rows=6
+    )
+    job = CaptionJob(inputs=[str(corpus)], output=str(tmp_path / "out"), engine=engine, batch_size=4)
+    summary = run(job)
+    claimed = json.loads((tmp_path / "out" / "_job.json").read_text())["keep"]
+    budget = parse_budget(claimed)
+    assert budget.uncalibrated == Adaptive(mean=32, min=8) and summary["tau"] == budget.tau is not None
+    assert summary["keep"] == claimed and summary["rows_ok"] == 9
+    table = read_output(str(tmp_path / "out"))
+    assert set(table.column("keep").to_pylist()) == {claimed}  # every row says which budget, tau included
+    kept = table.column("visual_tokens_kept").to_pylist()
+    assert summary["visual_tokens_kept_mean"] == pytest.approx(sum(kept) / 9, abs=0.01)
+    assert summary["visual_tokens_kept_p95"] == sorted(kept)[-1] and all(k % 8 == 0 for k in kept)
+
+    def no_second_calibration(*args, **kwargs):
+        raise AssertionError("a resumed output must take its recorded tau")
+
+    monkeypatch.setattr(calibration._calibrate, "options", no_second_calibration)
+    units = tmp_path / "out" / "_units"
+    next(units.iterdir()).unlink()  # one unit left unfinished: the rerun re-checks it
+    again = run(job)  # the uncalibrated budget again
+    assert again["keep"] == claimed and again["units_done"] == 2 and again["rows_ok"] == 9
