@@ -56,6 +56,7 @@ COLUMNS = [
     "kept max",
     "generated tokens",
     "prefill s",
+    "carve s",
     "decode s",
     "steps",
     "ms/step",
@@ -114,13 +115,14 @@ class PrefillPadding:
 
 def timed(engine: CaptionEngine, images, prompts, keep, block: int, padding: PrefillPadding) -> dict:
     """One pass over the rows in calls of `block`: wall time and where it went."""
-    captions, prefill, decode, steps = [], 0.0, 0.0, 0
+    captions, prefill, carve, decode, steps = [], 0.0, 0.0, 0.0, 0
     padding.padded = padding.total = 0
     started = time.perf_counter()
     for start in range(0, len(images), block):
         rows = slice(start, start + block)
         captions += engine.caption(images[rows], prompts[rows], keep=keep)
         prefill += engine.last_timing.prefill_seconds
+        carve += engine.last_timing.carve_seconds
         decode += engine.last_timing.decode_seconds
         steps += engine.decoder.steps
     seconds = time.perf_counter() - started
@@ -128,6 +130,7 @@ def timed(engine: CaptionEngine, images, prompts, keep, block: int, padding: Pre
     return {
         "seconds": seconds,
         "prefill_s": prefill,
+        "carve_s": carve,
         "decode_s": decode,
         "steps": steps,
         "kept": kept,
@@ -170,6 +173,7 @@ def measure(name: str, mean: int, model, processor, padding, images, prompts, ar
                 "kept max": max(kept),
                 "generated tokens": measured[0]["generated"],
                 "prefill s": median("prefill_s"),
+                "carve s": median("carve_s"),
                 "decode s": decode,
                 "steps": steps,
                 "ms/step": 1000 * decode / steps,

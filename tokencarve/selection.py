@@ -78,7 +78,9 @@ def _pivot_steps(gram: torch.Tensor, limit: int, fallback: torch.Tensor | None =
     residual = gram.diagonal(dim1=-2, dim2=-1).clone()
     tolerance = residual.amax(-1, keepdim=True).clamp_min(1e-300) * 1e-10
     fallback = (fallback if fallback is not None else residual).to(torch.float64)
-    factor = gram.new_zeros(batch, num_tokens, limit)
+    # the Cholesky factor, one row per step ([B, limit, N]): the steps so far are a contiguous block
+    # whatever `limit` is (an adaptive budget's is its max, far past where most images stop)
+    factor = gram.new_zeros(batch, limit, num_tokens)
     picked = torch.zeros(batch, num_tokens, dtype=torch.bool, device=gram.device)
     for step in range(limit):
         gain = residual.masked_fill(picked, float("-inf"))
@@ -87,10 +89,10 @@ def _pivot_steps(gram: torch.Tensor, limit: int, fallback: torch.Tensor | None =
         best = torch.where(exhausted, fallback.masked_fill(picked, float("-inf")).argmax(-1), best)
         picked[rows, best] = True
         # new Cholesky column: (G[:, j] - F F[j]^T) / sqrt(residual_j), zero where the rank is used up
-        column = gram[rows, :, best] - (factor[:, :, :step] @ factor[rows, best, :step].unsqueeze(-1)).squeeze(-1)
+        column = gram[rows, :, best] - (factor[:, :step].mT @ factor[rows, :step, best].unsqueeze(-1)).squeeze(-1)
         scale = torch.where(exhausted, 0.0, best_gain.clamp_min(1e-300).rsqrt())
         column = column * scale.unsqueeze(-1)
-        factor[:, :, step] = column
+        factor[:, step] = column
         residual = (residual - column.square()).clamp_min(0.0)
         yield best, residual
 
@@ -172,17 +174,18 @@ def adaptive_pivots(
     and shares are those it has alone, whatever its neighbours need (the steps are per image)."""
     trace = gram.diagonal(dim1=-2, dim2=-1).to(torch.float64).sum(-1, keepdim=True).clamp_min(1e-300)
     limit = min(picks_for(rule.high), gram.shape[-1])
-    picks, shares = [], []
+    picks = []
+    left = trace.new_empty(trace.shape[0], min(limit, rule.high))  # the energy outside the picks, per step
     for step, (best, residual) in enumerate(_pivot_steps(gram, limit, fallback), start=1):
         picks.append(best)
         if step <= rule.high:
-            shares.append(1.0 - residual.sum(-1, keepdim=True) / trace)
+            left[:, step - 1] = residual.sum(-1)
         if rule.tau is not None and step % rule.multiple == 0 and step < limit:
-            curve = torch.cat(shares, dim=-1)
+            curve = 1.0 - left[:, :step] / trace
             reached = bool((curve[:, -1] >= rule.tau).all())
             if reached and picks_for(int(adaptive_counts(curve, rule).max())) <= step:
                 break
-    curve = torch.cat(shares, dim=-1)
+    curve = 1.0 - left[:, : min(len(picks), rule.high)] / trace
     return torch.stack(picks, dim=1), curve, adaptive_counts(curve, rule)
 
 
