@@ -147,41 +147,54 @@ def random_scene(rng: random.Random, max_objects: int | None = None, variant: st
     return Scene(things, text, cells[count] if has_text else None, background, variant)
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=32)
 def _font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)  # Pillow's bundled Aileron (needs FreeType, Pillow >= 10.1)
 
 
-def cell_centre(cell: int) -> tuple[int, int]:
-    return (cell % 3) * CELL + CELL // 2, (cell // 3) * CELL + CELL // 2
+def cell_centre(cell: int, size: tuple[int, int] = (SIZE, SIZE)) -> tuple[int, int]:
+    """The pixel centre of a grid cell in an image of `size` (width, height): (56, 56) for cell 0 at 336."""
+    width, height = size
+    return (2 * (cell % 3) + 1) * width // 6, (2 * (cell // 3) + 1) * height // 6
 
 
-def render(scene: Scene, rng: random.Random, with_masks: bool = False):
+def render(scene: Scene, rng: random.Random, with_masks: bool = False, size: tuple[int, int] | None = None):
     """Draw the scene; `rng` only moves objects by whole patches (up to 2) within their cells.
+
+    `size` (width, height), default SIZE x SIZE: the scene is rendered natively at that size, not drawn
+    at 336 and resized: cell centres scale with each side, objects, moves and the text scale with the
+    shorter side (so a circle stays a circle at any aspect ratio), texture and sensor noise are drawn
+    per pixel of the output. A resize would blur the noise and squash shapes on non-square images,
+    and scaling the geometry is a few multiplications; at 336 x 336 the arithmetic is exactly the
+    unscaled one (same integers, same draws from `rng`), so default renders are byte-identical.
 
     With `with_masks`, also return an "L" image of the same size where object k (0-based, in
     `scene.things` order) is painted with value k + 1, and the text's bounding box with 255 (the
     training script derives per-patch targets from it). The scene image is the same either way."""
     kind = variant_of(scene.variant)
+    width, height = size or (SIZE, SIZE)
+    scale = min(width, height) / SIZE
     if kind.textured:
-        image = textured_background(scene.background, rng)
+        image = textured_background(scene.background, rng, (width, height))
     else:
-        image = Image.new("RGB", (SIZE, SIZE), scene.background)
+        image = Image.new("RGB", (width, height), scene.background)
     draw = ImageDraw.Draw(image)
-    mask = Image.new("L", (SIZE, SIZE), 0) if with_masks else None
+    mask = Image.new("L", (width, height), 0) if with_masks else None
     for index, thing in enumerate(scene.things):
-        radius = kind.radius[thing.size]
-        cx, cy = cell_centre(thing.cell)  # a patch corner
+        radius = round(kind.radius[thing.size] * scale)
+        cx, cy = cell_centre(thing.cell, (width, height))  # a patch corner at 336 x 336
         shift = 7 if thing.size == "small" else 0  # small: centre of a patch
         low, high = (-2, 1) if thing.size == "small" else kind.moves
-        cx, cy = cx + shift + 14 * rng.randint(low, high), cy + shift + 14 * rng.randint(low, high)
+        dx, dy = shift + 14 * rng.randint(low, high), shift + 14 * rng.randint(low, high)
+        cx, cy = cx + round(dx * scale), cy + round(dy * scale)
         _draw_shape(draw, thing.shape, cx, cy, radius, COLOURS[thing.colour])
         if mask is not None:
             _draw_shape(ImageDraw.Draw(mask), thing.shape, cx, cy, radius, index + 1)
     if scene.text is not None:
-        draw.text(cell_centre(scene.text_cell), scene.text, fill=TEXT_COLOUR, font=_font(FONT_SIZE), anchor="mm")
+        font, centre = _font(round(FONT_SIZE * scale)), cell_centre(scene.text_cell, (width, height))
+        draw.text(centre, scene.text, fill=TEXT_COLOUR, font=font, anchor="mm")
         if mask is not None:
-            box = draw.textbbox(cell_centre(scene.text_cell), scene.text, font=_font(FONT_SIZE), anchor="mm")
+            box = draw.textbbox(centre, scene.text, font=font, anchor="mm")
             ImageDraw.Draw(mask).rectangle(box, fill=255)
     if kind.textured:  # sensor-like noise over everything, objects included: no two patches are identical
         image = _add_noise(image, rng, sigma=4.0)
@@ -191,13 +204,17 @@ def render(scene: Scene, rng: random.Random, with_masks: bool = False):
 TEXTURES = ("noise", "stripes", "checker", "blotches")
 
 
-def textured_background(tint: tuple[int, int, int], rng: random.Random) -> Image.Image:
-    """A SIZE x SIZE background: the tint plus one of TEXTURES, +-10..25 grey levels, drawn from `rng`."""
+def textured_background(
+    tint: tuple[int, int, int], rng: random.Random, size: tuple[int, int] = (SIZE, SIZE)
+) -> Image.Image:
+    """A background of `size` (width, height): the tint plus one of TEXTURES, +-10..25 grey levels, drawn
+    from `rng` (the same draws whatever the size; periods and blocks are in pixels)."""
+    width, height = size
     noise = np.random.default_rng(rng.randrange(2**32))
     kind, amplitude = rng.choice(TEXTURES), rng.uniform(10, 25)
-    ys, xs = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     if kind == "noise":
-        pattern = noise.normal(0, 0.5, (SIZE, SIZE))
+        pattern = noise.normal(0, 0.5, (height, width))
     elif kind == "stripes":  # a sine grating at a random angle and period
         angle, period = rng.uniform(0, math.pi), rng.uniform(8, 40)
         pattern = np.sin(2 * math.pi * (xs * math.cos(angle) + ys * math.sin(angle)) / period)
@@ -206,13 +223,14 @@ def textured_background(tint: tuple[int, int, int], rng: random.Random) -> Image
         pattern = ((ys // block + xs // block) % 2) * 2.0 - 1.0
     else:  # blotches: a coarse random field, smoothly upsampled
         coarse = Image.fromarray(noise.uniform(0, 255, (6, 6)).astype(np.uint8), "L")
-        pattern = np.asarray(coarse.resize((SIZE, SIZE), Image.BICUBIC), dtype=np.float32) / 127.5 - 1.0
+        pattern = np.asarray(coarse.resize((width, height), Image.BICUBIC), dtype=np.float32) / 127.5 - 1.0
     pixels = np.asarray(tint, dtype=np.float32) + amplitude * pattern[..., None]
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
 def _add_noise(image: Image.Image, rng: random.Random, sigma: float) -> Image.Image:
-    noise = np.random.default_rng(rng.randrange(2**32)).normal(0, sigma, (SIZE, SIZE, 3))
+    width, height = image.size
+    noise = np.random.default_rng(rng.randrange(2**32)).normal(0, sigma, (height, width, 3))
     return Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255).astype(np.uint8), "RGB")
 
 
@@ -293,9 +311,15 @@ def cell_question(scene: Scene, rng: random.Random) -> tuple[str, str]:
 
 
 def example(
-    rng: random.Random, task: str | None = None, exist_yes: bool | None = None, variant: str = "simple"
+    rng: random.Random,
+    task: str | None = None,
+    exist_yes: bool | None = None,
+    variant: str = "simple",
+    size: tuple[int, int] | None = None,
 ) -> tuple[Image.Image, Scene, str, str, str]:
-    """One (image, scene, task, prompt, answer); a scene the task does not apply to is redrawn."""
+    """One (image, scene, task, prompt, answer); a scene the task does not apply to is redrawn. `size`
+    (width, height) renders natively at that size (see `render`); it draws nothing from `rng`, so the
+    scene, question and answer are those of the default size."""
     chosen = task or rng.choice(TASKS)
     while True:
         scene = random_scene(rng, variant=variant)
@@ -303,7 +327,27 @@ def example(
             prompt, answer = question(scene, chosen, rng, exist_yes)
         except LookupError:
             continue
-        return render(scene, rng), scene, chosen, prompt, answer
+        return render(scene, rng, size=size), scene, chosen, prompt, answer
+
+
+SIDE_STEP = 28  # Qwen-VL's patch (14) x merge (2): its processor resizes each side to a multiple of it
+
+
+def parse_sizes(text: str) -> tuple[int, int]:
+    """ "224-448" -> (224, 448): the range of an image side in pixels (both ends multiples of SIDE_STEP)."""
+    low, _, high = text.partition("-")
+    low, high = int(low), int(high or low)
+    if not (SIDE_STEP <= low <= high) or low % SIDE_STEP or high % SIDE_STEP:
+        raise ValueError(f"sizes {text!r}: want LOW-HIGH, multiples of {SIDE_STEP} px, LOW <= HIGH")
+    return low, high
+
+
+def draw_size(rng: random.Random, sizes: tuple[int, int]) -> tuple[int, int]:
+    """(width, height), each side drawn independently from the multiples of SIDE_STEP in `sizes`, so
+    aspect ratios run from low:high to high:low and the Qwen-VL processor needs no resize (224-448:
+    8 to 16 tokens a side, 64 to 256 visual tokens)."""
+    sides = range(sizes[0], sizes[1] + 1, SIDE_STEP)
+    return rng.choice(sides), rng.choice(sides)
 
 
 def png_bytes(image: Image.Image) -> bytes:
