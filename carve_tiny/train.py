@@ -41,7 +41,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import BOS, DECODER_LAYERS, EOS, IMAGE, IMAGE_TOKENS, PAD, PATCH, build_untrained, pixel_values, save
+from .model import (
+    BOS,
+    DECODER_LAYERS,
+    EOS,
+    IMAGE,
+    IMAGE_TOKENS,
+    PAD,
+    PATCH,
+    QWEN_SIDES,
+    QWEN_TOKENS,
+    build_untrained,
+    build_untrained_qwen,
+    pixel_values,
+    save,
+    save_qwen,
+)
 from .scenes import (
     COLOURS,
     SHAPES,
@@ -50,6 +65,8 @@ from .scenes import (
     WORDS,
     Scene,
     cell_question,
+    draw_size,
+    parse_sizes,
     question,
     random_scene,
     render,
@@ -86,6 +103,56 @@ def patch_heads(cell_target: str = "every-patch", scenes: str = "simple") -> dic
     return {**PATCH_HEADS, "size": sizes, "cell": 9 if cell_target == "every-patch" else 10}
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How an architecture lays one scene's image into the prompt: LLaVA's 576 `<image>` tokens of a
+    336 x 336 image (the default), or Qwen2.5-VL's `<|vision_start|>`, one `<|image_pad|>` per 28 x 28 px
+    of a native-size image, `<|vision_end|>`, with 3-D positions from the model's own `get_rope_index`."""
+
+    image: int = IMAGE
+    sizes: tuple[int, int] | None = None  # native sizes (Qwen): each side drawn from this range
+    vision_start: int | None = None
+    vision_end: int | None = None
+    rope_index: object = None  # Qwen: the model's get_rope_index
+    image_processor: object = None  # Qwen: the checkpoint's image processor
+
+    @property
+    def qwen(self) -> bool:
+        return self.rope_index is not None
+
+    @property
+    def token_px(self) -> int:
+        """Pixels a side per visual token: a patch, or a 2 x 2 merge of patches."""
+        return 2 * PATCH if self.qwen else PATCH
+
+    def image_ids(self, size: tuple[int, int] | None) -> list[int]:
+        if not self.qwen:
+            return [IMAGE] * IMAGE_TOKENS
+        tokens = (size[0] // self.token_px) * (size[1] // self.token_px)
+        return [self.vision_start, *[self.image] * tokens, self.vision_end]
+
+    def pixels(self, images) -> dict[str, torch.Tensor]:
+        if not self.qwen:
+            return {"pixel_values": pixel_values(images)}
+        out = self.image_processor(images=images, return_tensors="pt")
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+
+
+LLAVA = Layout()
+
+
+def qwen_layout(model, processor, sizes: tuple[int, int] = QWEN_SIDES) -> Layout:
+    vocab = processor.tokenizer.get_vocab()
+    return Layout(
+        image=vocab[QWEN_TOKENS["image_token"]],
+        sizes=sizes,
+        vision_start=vocab[QWEN_TOKENS["vision_bos_token"]],
+        vision_end=vocab[QWEN_TOKENS["vision_eos_token"]],
+        rope_index=model.model.get_rope_index,
+        image_processor=processor.image_processor,
+    )
+
+
 class Encoder:
     """Token ids of prompt pieces, cached (tokenizing is the slow part of batching)."""
 
@@ -105,7 +172,8 @@ class Row:
     labels: list[int]
     branch: list[int]  # 0: shared prefix, k >= 1: k-th question
     tasks: list[str]  # task of branch k at index k - 1
-    targets: torch.Tensor  # [576, len(PATCH_HEADS)] per-patch auxiliary targets
+    targets: torch.Tensor  # [visual tokens, len(PATCH_HEADS)] per-token auxiliary targets
+    grid: tuple[int, int] = (GRID, GRID)  # visual tokens (rows, columns)
 
 
 def occupied(targets):
@@ -114,16 +182,19 @@ def occupied(targets):
     return (targets[:, CONTENT_COLUMNS] > 0).any(1)
 
 
-def patch_targets(scene: Scene, mask, cell_target: str = "every-patch") -> torch.Tensor:
-    """Per-patch classes from the render's object mask: the object covering >= 15 % of a patch gives
-    its colour / shape / size (and its first such patch is its "anchor"); patches in the text's box
-    the text; every patch its grid cell, or with `cell_target="objects"` only the patches of an object
-    or the text (1 + cell; 0 elsewhere)."""
-    m = np.asarray(mask).reshape(GRID, PATCH, GRID, PATCH).transpose(0, 2, 1, 3).reshape(GRID * GRID, PATCH * PATCH)
-    targets = np.zeros((GRID * GRID, len(PATCH_HEADS)), dtype=np.int64)
-    rows, cols = np.divmod(np.arange(GRID * GRID), GRID)
+def patch_targets(scene: Scene, mask, cell_target: str = "every-patch", token_px: int = PATCH) -> torch.Tensor:
+    """Per-patch classes from the render's object mask: the object covering >= 15 % of a 14-px patch's
+    area gives its colour / shape / size (and its first such patch is its "anchor"); patches in the
+    text's box the text; every patch its grid cell, or with `cell_target="objects"` only the patches of
+    an object or the text (1 + cell; 0 elsewhere). `token_px`: the pixels a side of one visual token
+    (28 for Qwen's merged tokens), on an image of any size that is a multiple of it; row-major."""
+    height, width = np.asarray(mask).shape
+    rows_n, cols_n, px = height // token_px, width // token_px, token_px
+    m = np.asarray(mask).reshape(rows_n, px, cols_n, px).transpose(0, 2, 1, 3).reshape(rows_n * cols_n, px * px)
+    targets = np.zeros((rows_n * cols_n, len(PATCH_HEADS)), dtype=np.int64)
+    rows, cols = np.divmod(np.arange(rows_n * cols_n), cols_n)
     cell = COLUMN["cell"]
-    targets[:, cell] = (rows // (GRID // 3)) * 3 + cols // (GRID // 3)
+    targets[:, cell] = (3 * rows // rows_n) * 3 + 3 * cols // cols_n
     if scene.things:
         counts = np.stack([(m == k + 1).sum(1) for k in range(len(scene.things))], 1)
         best, covered = counts.argmax(1), counts.max(1) >= 0.15 * PATCH * PATCH
@@ -158,12 +229,15 @@ def training_row(
     questions=None,
     cell_target: str = "every-patch",
     scenes: str = "simple",
+    layout: Layout = LLAVA,
 ) -> Row:
-    """One scene: the prefix `<s> USER: <image>*576`, then one branch per question: up to
-    `questions[task]` of each task that applies (existence alternating yes / no), including the
+    """One scene: the prefix `<s> USER: <image>*576` (Qwen: `<s> USER: <|vision_start|><|image_pad|>*n
+    <|vision_end|>` for an image of a size drawn from `layout.sizes`), then one branch per question:
+    up to `questions[task]` of each task that applies (existence alternating yes / no), including the
     training-only "What is in the <cell> cell?"."""
     scene = random_scene(rng, max_objects, scenes)
-    ids = [BOS, *encode("USER:"), *[IMAGE] * IMAGE_TOKENS]
+    size = draw_size(rng, layout.sizes) if layout.sizes else None
+    ids = [BOS, *encode("USER:"), *layout.image_ids(size)]
     labels, branch, tasks, seen = [IGNORE] * len(ids), [0] * len(ids), [], set()
     for task, count in (questions or QUESTIONS).items():
         for j in range(count):
@@ -182,15 +256,23 @@ def training_row(
             labels += [IGNORE] * len(head) + tail
             branch += [len(tasks) + 1] * (len(head) + len(tail))
             tasks.append(task)
-    image, mask = render(scene, rng, with_masks=True)
-    return Row(image, ids, labels, branch, tasks, patch_targets(scene, mask, cell_target))
+    image, mask = render(scene, rng, with_masks=True, size=size)
+    grid = (image.height // layout.token_px, image.width // layout.token_px)
+    return Row(image, ids, labels, branch, tasks, patch_targets(scene, mask, cell_target, layout.token_px), grid)
 
 
 def collate(
-    rows: list[Row], device="cpu", hide_background: float = 0.0, rng: random.Random | None = None
+    rows: list[Row],
+    device="cpu",
+    hide_background: float = 0.0,
+    rng: random.Random | None = None,
+    layout: Layout = LLAVA,
 ) -> dict[str, torch.Tensor]:
     """Right-padded batch with a [B, 1, L, L] boolean mask: causal within the prefix and within each
-    branch, every branch sees the prefix, no branch sees another; positions restart per branch.
+    branch, every branch sees the prefix, no branch sees another; positions restart per branch, after
+    the prefix: LLaVA's 1-D positions ([B, L]), or Qwen's 3-D ones ([3, B, L]): the prefix's by the
+    model's own get_rope_index (the image at (s, s + row, s + column)), each branch's text from the
+    prefix's largest position + 1 on, as get_rope_index gives the single-turn prompt.
 
     `hide_background` (0..1): that fraction of the background patches (no object, no text under them)
     is masked out as attention keys: the training curriculum's way of letting a from-scratch decoder
@@ -206,25 +288,35 @@ def collate(
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     mask = causal & ((branch[:, :, None] == branch[:, None, :]) | (branch[:, None, :] == 0)) & (branch[:, None, :] >= 0)
     if hide_background > 0:
-        start = rows[0].ids.index(IMAGE)
         generator = torch.Generator().manual_seed((rng or random).randrange(2**31))
         for i, r in enumerate(rows):
-            hidden = ~occupied(r.targets) & (torch.rand(IMAGE_TOKENS, generator=generator) < hide_background)
+            start = r.ids.index(layout.image)
+            hidden = ~occupied(r.targets) & (torch.rand(len(r.targets), generator=generator) < hide_background)
             mask[i, :, start + hidden.nonzero().flatten()] = False
     mask[:, :, 0] = True  # padding rows attend to <s> (no fully masked row)
-    prefix = int((branch[0] == 0).sum())
     offsets = torch.zeros_like(branch)
     for i in range(size):
         for k in range(1, int(branch[i].max()) + 1):
             where = (branch[i] == k).nonzero().flatten()
             offsets[i, where] = torch.arange(len(where))
-    position_ids = torch.where(branch > 0, prefix + offsets, torch.arange(length).expand(size, -1))
+    position_ids = torch.zeros((3 if layout.qwen else 1, size, length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        prefix = int((branch[i] == 0).sum())
+        if layout.qwen:
+            ids = input_ids[i : i + 1, :prefix]
+            grid = torch.tensor([[1, 2 * r.grid[0], 2 * r.grid[1]]])  # in patches, before the 2 x 2 merge
+            own = layout.rope_index(ids, mm_token_type_ids=(ids == layout.image).int(), image_grid_thw=grid)[0][:, 0]
+        else:
+            own = torch.arange(prefix)[None]
+        position_ids[:, i, :prefix] = own
+        after = branch[i] > 0
+        position_ids[:, i, after] = int(own.max()) + 1 + offsets[i, after]
     batch = dict(
         input_ids=input_ids,
         attention_mask=mask[:, None],
-        position_ids=position_ids,
+        position_ids=position_ids if layout.qwen else position_ids[0],
         labels=labels,
-        pixel_values=pixel_values([r.image for r in rows]),
+        **layout.pixels([r.image for r in rows]),
     )
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -248,11 +340,14 @@ def answer_hits(logits: torch.Tensor, labels: torch.Tensor, rows: list[Row]) -> 
 
 
 class PatchProbe(torch.nn.Module):
-    """Training-only linear probe on the projector's output: one softmax per `patch_heads` entry."""
+    """Training-only linear probe on the projector's output: one softmax per `patch_heads` entry
+    (`cell=False`: all but the grid cell, which a tower without absolute positions cannot know)."""
 
-    def __init__(self, width: int, cell_target: str = "every-patch", scenes: str = "simple"):
+    def __init__(self, width: int, cell_target: str = "every-patch", scenes: str = "simple", cell: bool = True):
         super().__init__()
         self.heads = patch_heads(cell_target, scenes)
+        if not cell:
+            del self.heads["cell"]
         self.dense = {"cell"} if cell_target == "every-patch" else set()  # heads where class 0 is a real class
         self.linear = torch.nn.Linear(width, sum(self.heads.values()))
 
@@ -287,6 +382,65 @@ class PatchProbe(torch.nn.Module):
         return out
 
 
+POSITION_CLASSES = 1 + QWEN_SIDES[1] // (2 * PATCH)  # 0 (none) and 1 + 0..15
+
+
+def position_targets(rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
+    """([visual tokens of all rows, 2], [rows, 2]): each object / text token's (1 + row, 1 + column) in
+    its image's token grid (0, 0 on the background), and each image's grid (rows, columns)."""
+    tokens = []
+    for r in rows:
+        index = torch.arange(r.grid[0] * r.grid[1])
+        where = torch.as_tensor(occupied(r.targets))
+        tokens.append(torch.stack([index // r.grid[1] + 1, index % r.grid[1] + 1], 1) * where[:, None])
+    return torch.cat(tokens), torch.tensor([r.grid for r in rows])
+
+
+class PositionProbe(torch.nn.Module):
+    """Training-only linear probes on the decoder's hidden states at the input of layer `layer` (the
+    cut's): on each object or text token its row and column in the token grid, and on <|vision_end|>
+    the grid's height and width. Qwen's vision tower has no absolute position (2-D rotary is relative,
+    windows and patch embedding are translation-invariant), so the decoder's mRoPE is the only place a
+    visual token's position exists; these targets make layers 0-1 read it from there (a visual token at
+    (s, s + row, s + column) against the text before the image), and <|vision_end|>, which sees the
+    whole image, hold its size, from which later layers can tell the 3 x 3 cell (row / rows)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.token = torch.nn.Linear(width, 2 * POSITION_CLASSES)
+        self.grid = torch.nn.Linear(width, 2 * POSITION_CLASSES)
+
+    def _logits(self, hidden, input_ids, layout):
+        visual = hidden[input_ids == layout.image]
+        end = hidden[input_ids == layout.vision_end]
+        return self.token(visual).unflatten(-1, (2, -1)), self.grid(end).unflatten(-1, (2, -1))
+
+    def loss(self, hidden, input_ids, rows: list[Row], layout: Layout) -> torch.Tensor:
+        token_logits, grid_logits = self._logits(hidden, input_ids, layout)
+        token_targets, grid_targets = (t.to(hidden.device) for t in position_targets(rows))
+        total = 0.0
+        for axis in (0, 1):
+            losses = F.cross_entropy(token_logits[:, axis], token_targets[:, axis], reduction="none")
+            present = token_targets[:, axis] > 0
+            total = total + (
+                0.5 * losses[present].mean() + 0.5 * losses[~present].mean() if present.any() else losses.mean()
+            )
+            total = total + F.cross_entropy(grid_logits[:, axis], grid_targets[:, axis])
+        return total / 4
+
+    @torch.no_grad()
+    def accuracy(self, hidden, input_ids, rows: list[Row], layout: Layout) -> dict[str, float]:
+        token_logits, grid_logits = self._logits(hidden, input_ids, layout)
+        token_targets, grid_targets = (t.to(hidden.device) for t in position_targets(rows))
+        present = token_targets[:, 0] > 0
+        out = {}
+        for axis, name in enumerate(("row", "col")):
+            hit = token_logits[:, axis].argmax(-1) == token_targets[:, axis]
+            out[name] = hit[present].float().mean().item() if present.any() else float("nan")
+            out["grid_" + name] = (grid_logits[:, axis].argmax(-1) == grid_targets[:, axis]).float().mean().item()
+        return out
+
+
 @torch.no_grad()
 def warm_start(model: torch.nn.Module, tokenizer, source_path: str | Path) -> int:
     """Start `model` from a trained checkpoint (progressive growing, as in Net2Net / Gopher-style depth
@@ -294,10 +448,17 @@ def warm_start(model: torch.nn.Module, tokenizer, source_path: str | Path) -> in
     output head are matched by token string, so a vocabulary that gained words (hard scenes' "medium")
     keeps every known word; decoder layers the source lacks start as identity blocks (their attention
     output and MLP down projections zeroed, so they add nothing until trained). Returns how many
-    tensors were copied whole."""
-    from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
+    tensors were copied whole.
 
-    source = LlavaForConditionalGeneration.from_pretrained(source_path)
+    Across architectures (carve-tiny-qwen from carve-tiny-hard): the decoder's weights have the same
+    names and shapes (Qwen2 layers add q/k/v biases, which start at zero), and the source's CLIP patch
+    embedding becomes the Qwen tower's, split evenly over its two temporal slices (an image is its own
+    two frames, so the features are the same); the rest of the tower starts fresh."""
+    from transformers import AutoConfig, PreTrainedTokenizerFast
+
+    from tokencarve.families import family_for_config
+
+    source = family_for_config(AutoConfig.from_pretrained(source_path)).model_class.from_pretrained(source_path)
     old_vocab = PreTrainedTokenizerFast.from_pretrained(source_path).get_vocab()
     new_vocab = tokenizer.get_vocab()
     shared = [(new_vocab[t], old_vocab[t]) for t in new_vocab if t in old_vocab]
@@ -312,6 +473,11 @@ def warm_start(model: torch.nn.Module, tokenizer, source_path: str | Path) -> in
             copied += 1
         elif name.endswith(("embed_tokens.weight", "lm_head.weight")) and old.shape[1:] == tensor.shape[1:]:
             tensor[new_rows] = old[old_rows]
+    patch = source_state.get("model.vision_tower.embeddings.patch_embedding.weight")
+    target = getattr(getattr(model.model, "visual", None), "patch_embed", None)
+    if patch is not None and target is not None and target.proj.weight.shape[2:] == (2, *patch.shape[2:]):
+        target.proj.weight.copy_(patch[:, :, None].expand_as(target.proj.weight) / 2)
+        copied += 1
     source_layers = source.config.text_config.num_hidden_layers
     for layer in model.model.language_model.layers[source_layers:]:
         layer.self_attn.o_proj.weight.zero_()
@@ -322,7 +488,26 @@ def warm_start(model: torch.nn.Module, tokenizer, source_path: str | Path) -> in
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenes", choices=sorted(VARIANTS), default="simple", help="scene variant (carve_tiny.scenes)")
-    p.add_argument("--out", default=None, help="default: models/carve-tiny, or models/carve-tiny-hard for hard scenes")
+    p.add_argument(
+        "--arch",
+        choices=("llava", "qwen"),
+        default="llava",
+        help="llava: LLaVA-1.5 (carve-tiny, carve-tiny-hard); qwen: Qwen2.5-VL at native sizes (carve-tiny-qwen)",
+    )
+    p.add_argument(
+        "--sizes", type=parse_sizes, default=None, help="qwen: image sides drawn from LOW-HIGH px (default 224-448)"
+    )
+    p.add_argument(
+        "--position-weight",
+        type=float,
+        default=1.0,
+        help="qwen: weight of the position probe on the decoder's hidden states at the cut (PositionProbe)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="default: models/carve-tiny, models/carve-tiny-hard for hard scenes, models/carve-tiny-qwen for qwen",
+    )
     p.add_argument(
         "--init-from",
         default=None,
@@ -372,17 +557,40 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
-    model, processor = build_untrained(seed=args.seed, scenes=args.scenes)
+    qwen = args.arch == "qwen"
+    if qwen:
+        model, processor = build_untrained_qwen(seed=args.seed, scenes=args.scenes)
+        layout = qwen_layout(model, processor, args.sizes or QWEN_SIDES)
+    else:
+        model, processor = build_untrained(seed=args.seed, scenes=args.scenes)
+        layout = LLAVA
     if args.init_from:
         copied = warm_start(model, processor.tokenizer, args.init_from)
         print(f"warm start from {args.init_from}: {copied} tensors copied", flush=True)
-    probe = PatchProbe(model.config.text_config.hidden_size, args.cell_target, args.scenes)
+    width = model.config.text_config.hidden_size
+    probe = PatchProbe(width, args.cell_target, args.scenes, cell=not qwen)
+    position_probe = PositionProbe(width) if qwen and args.position_weight > 0 else None
     most = variant_of(args.scenes).max_objects
     model.to(args.device).train()
     probe.to(args.device)
     captured = {}
-    hook = model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: captured.__setitem__("f", o))
-    named = [*model.named_parameters(), *(("probe." + n, q) for n, q in probe.named_parameters())]
+    if qwen:  # the merger's output in image order (the tower's pooler output), and the cut's input
+        hooks = [
+            model.model.visual.register_forward_hook(lambda m, i, o: captured.__setitem__("f", o.pooler_output)),
+            model.model.language_model.layers[2].register_forward_pre_hook(
+                lambda m, args_: captured.__setitem__("h", args_[0])
+            ),
+        ]
+    else:
+        hooks = [model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: captured.__setitem__("f", o))]
+    probes = [probe] + ([position_probe] if position_probe is not None else [])
+    for extra in probes:
+        extra.to(args.device)
+    named = [
+        *model.named_parameters(),
+        *(("probe." + n, q) for n, q in probe.named_parameters()),
+        *(("position_probe." + n, q) for n, q in (position_probe.named_parameters() if position_probe else [])),
+    ]
     decay = [q for n, q in named if q.ndim >= 2 and "embed" not in n]
     no_decay = [q for n, q in named if not (q.ndim >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW(
@@ -395,12 +603,13 @@ def main(argv=None) -> None:
     encode = Encoder(processor.tokenizer)
     rng = random.Random(args.seed)
     print(
-        f"carve-tiny ({args.scenes} scenes): {sum(q.numel() for q in model.parameters()) / 1e6:.2f} M parameters, {args.steps} steps "
+        f"carve-tiny ({args.arch}, {args.scenes} scenes): {sum(q.numel() for q in model.parameters()) / 1e6:.2f} M parameters, {args.steps} steps "
         f"of {args.batch_size} scenes, device {args.device}, {args.threads} thread(s)",
         flush=True,
     )
 
     started, losses, aux_losses, hits, step, stopped_early = time.time(), [], [], {}, 0, False
+    position_losses, probe_hits = [], {}
     for step in range(args.steps):
         if time.time() - started > args.max_minutes * 60:
             stopped_early = True
@@ -410,19 +619,27 @@ def main(argv=None) -> None:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
         max_objects = min(most, 2 + ((most - 2) * step) // max(1, args.curriculum))
         rows = [
-            training_row(encode, rng, max_objects, questions, args.cell_target, args.scenes)
+            training_row(encode, rng, max_objects, questions, args.cell_target, args.scenes, layout)
             for _ in range(args.batch_size)
         ]
         hide = float(min(1.0, max(0.0, (hide_until - step / args.steps) / max(1e-9, hide_until - hide_from))))
-        batch = collate(rows, args.device, hide, rng)
+        batch = collate(rows, args.device, hide, rng, layout)
         with torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=args.precision == "bfloat16"):
             out = model(**batch)
         loss = out.loss
         if args.aux_weight > 0:
-            features = captured["f"].reshape(len(rows), IMAGE_TOKENS, -1)
-            aux = probe.loss(features.float(), torch.stack([r.targets for r in rows]).to(args.device))
+            targets = torch.cat([r.targets for r in rows]).to(args.device)[None]
+            features = captured["f"].reshape(1, len(targets[0]), -1)
+            aux = probe.loss(features.float(), targets)
             loss = loss + args.aux_weight * aux
             aux_losses.append(aux.item())
+        if position_probe is not None:
+            hidden = captured["h"].float()
+            position_loss = position_probe.loss(hidden, batch["input_ids"], rows, layout)
+            loss = loss + args.position_weight * position_loss
+            position_losses.append(position_loss.item())
+            if (step + 1) % args.log_every == 0 or step == 0:
+                probe_hits = position_probe.accuracy(hidden, batch["input_ids"], rows, layout)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([q for _, q in named], 1.0)
@@ -435,6 +652,11 @@ def main(argv=None) -> None:
             n = args.log_every
             tasks = " ".join(f"{t} {100 * sum(h) / max(1, len(h)):3.0f}" for t, h in sorted(hits.items()))
             aux_text = f"  aux {sum(aux_losses[-n:]) / len(aux_losses[-n:]):.3f}" if aux_losses else ""
+            if position_losses:
+                aux_text += (
+                    f"  position {sum(position_losses[-n:]) / len(position_losses[-n:]):.3f} probe %: "
+                    + " ".join(f"{k} {100 * v:.0f}" for k, v in probe_hits.items())
+                )
             print(
                 f"step {step + 1:5d}  hide {hide:.2f}  loss {sum(losses[-n:]) / len(losses[-n:]):.4f}{aux_text}  "
                 f"lr {optimizer.param_groups[0]['lr']:.2e}  {time.time() - started:6.0f}s  "
@@ -444,11 +666,16 @@ def main(argv=None) -> None:
             hits = {}
     else:
         step = args.steps
-    hook.remove()
+    for hook in hooks:
+        hook.remove()
     minutes = (time.time() - started) / 60
-    out_dir = Path(args.out or ("models/carve-tiny" if args.scenes == "simple" else "models/carve-tiny-hard"))
-    save(model.eval().to("cpu"), processor, out_dir)
+    default_out = "models/carve-tiny" if args.scenes == "simple" else "models/carve-tiny-hard"
+    out_dir = Path(args.out or ("models/carve-tiny-qwen" if qwen else default_out))
+    (save_qwen if qwen else save)(model.eval().to("cpu"), processor, out_dir)
     record = {
+        "arch": args.arch,
+        "sizes": list(layout.sizes) if qwen else None,
+        "position_weight": args.position_weight if qwen else None,
         "scenes": args.scenes,
         "init_from": args.init_from,
         "decoder_layers": DECODER_LAYERS[args.scenes],

@@ -70,3 +70,122 @@ def test_native_render_puts_every_object_in_its_cell(size):
             extent = (ys.max() - ys.min() + 1, xs.max() - xs.min() + 1)
             if thing.shape in ("circle", "square", "diamond"):
                 assert abs(extent[0] - extent[1]) <= 1
+
+
+# ---------------------------------------------------------------- the model and its training layout
+
+import torch  # noqa: E402
+
+from carve_tiny import model, train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def untrained_qwen():
+    qwen, processor = model.build_untrained_qwen(seed=0)
+    with torch.no_grad():  # random q/k/v biases, so that the checks see them
+        for layer in qwen.model.language_model.layers:
+            for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                projection.bias.normal_(0.0, 0.3)
+    return qwen.eval(), processor
+
+
+def test_qwen_architecture_and_token_counts(untrained_qwen):
+    qwen, processor = untrained_qwen
+    config = qwen.config
+    assert type(qwen).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    text, vision = config.text_config, config.vision_config
+    assert text.num_hidden_layers == 8 and text.hidden_size == 128  # the cut before layer 2: a quarter
+    head_dim = text.hidden_size // text.num_attention_heads
+    assert sum(text.rope_parameters["mrope_section"]) == head_dim // 2
+    assert vision.patch_size == 14 and vision.spatial_merge_size == 2
+    assert vision.fullatt_block_indexes and len(vision.fullatt_block_indexes) < vision.depth  # windowed + full
+    for size, tokens in (((224, 224), 64), ((448, 448), 256), ((224, 448), 128), ((336, 252), 108)):
+        image = Image.new("RGB", size, (200, 200, 200))
+        out = processor(images=[image], text=["USER: <|vision_start|><|image_pad|><|vision_end|>Hi ASSISTANT:"])
+        assert int((out["input_ids"] == config.image_token_id).sum()) == tokens
+
+
+def test_qwen_training_rows_are_the_inference_prompt(untrained_qwen):
+    """Each branch, with the image prefix, is token for token what the processor makes of the chat
+    template's prompt for that question and image (native size: token counts vary per row)."""
+    from tokencarve.loading import chat_prompt
+
+    qwen, processor = untrained_qwen
+    layout = train.qwen_layout(qwen, processor)
+    rng, counts = random.Random(2), set()
+    for _ in range(3):
+        row = train.training_row(train.Encoder(processor.tokenizer), rng, scenes="hard", layout=layout)
+        counts.add(row.grid)
+        assert len(row.targets) == row.grid[0] * row.grid[1] == row.ids.count(layout.image)
+        for k in (1, len(row.tasks)):
+            own = [i for i, b in enumerate(row.branch) if b in (0, k)]
+            answer_at = next(i for i in own if row.labels[i] != train.IGNORE)
+            question_ids = [row.ids[i] for i in own if row.branch[i] == k and i < answer_at]
+            prompt = processor.tokenizer.decode(question_ids[:-2])
+            expected = processor(images=[row.image], text=[chat_prompt(processor, prompt)])["input_ids"][0]
+            assert [row.ids[i] for i in own if i < answer_at] == expected.tolist()
+    assert len(counts) > 1
+
+
+def test_qwen_branches_equal_separate_single_turn_forwards(untrained_qwen):
+    """Two rows of different sizes in one batch: every branch's logits equal a separate single-turn
+    forward where the model computes its own 3-D positions (get_rope_index)."""
+    qwen, processor = untrained_qwen
+    layout = train.qwen_layout(qwen, processor)
+    rng = random.Random(3)
+    rows = [train.training_row(train.Encoder(processor.tokenizer), rng, scenes="hard", layout=layout) for _ in range(2)]
+    assert rows[0].grid != rows[1].grid
+    batch = train.collate(rows, layout=layout)
+    assert batch["position_ids"].shape[0] == 3
+    with torch.no_grad():
+        logits = qwen(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        for i, row in enumerate(rows):
+            single_image = layout.pixels([row.image])
+            for k in (1, len(row.tasks)):
+                own = [j for j, b in enumerate(row.branch) if b in (0, k)]
+                ids = torch.tensor([[row.ids[j] for j in own]])
+                single = qwen(input_ids=ids, mm_token_type_ids=(ids == layout.image).int(), **single_image).logits[0]
+                torch.testing.assert_close(single, logits[i, own], atol=1e-4, rtol=1e-4)
+
+
+def test_qwen_position_targets_follow_the_objects(untrained_qwen):
+    qwen, processor = untrained_qwen
+    layout = train.qwen_layout(qwen, processor)
+    row = train.training_row(train.Encoder(processor.tokenizer), random.Random(5), scenes="hard", layout=layout)
+    tokens, grids = train.position_targets([row])
+    assert grids.tolist() == [list(row.grid)]
+    cells = row.targets[:, train.COLUMN["cell"]]  # "every-patch": the cell of each token
+    where = tokens[:, 0] > 0
+    assert where.any() and (where == torch.as_tensor(train.occupied(row.targets))).all()
+    rows, cols = tokens[where, 0] - 1, tokens[where, 1] - 1
+    assert ((3 * rows // row.grid[0]) * 3 + 3 * cols // row.grid[1] == cells[where]).all()
+
+
+HARD_MODEL = os.path.join(os.path.dirname(__file__), "..", "models", "carve-tiny-hard")
+
+
+@pytest.mark.slow  # loads the bundled carve-tiny-hard
+def test_warm_start_from_carve_tiny_hard_keeps_the_decoder_on_text():
+    """With carve-tiny-hard's rope_theta, the warm-started Qwen decoder computes what carve-tiny-hard
+    computes on text (mRoPE with equal t / h / w positions is 1-D RoPE; the new q/k/v biases start at
+    zero); the CLIP patch embedding becomes the tower's, split over the two temporal slices."""
+    from transformers import LlavaForConditionalGeneration
+
+    rope = dict(model.QWEN_ROPE, rope_theta=1e6)
+    qwen, processor = model.build_untrained_qwen(seed=0, rope=rope)
+    copied = train.warm_start(qwen, processor.tokenizer, HARD_MODEL)
+    assert copied == 8 * 9 + 2  # per layer: 4 attention, 3 MLP, 2 norms; the final norm; the patch embedding
+    source = LlavaForConditionalGeneration.from_pretrained(HARD_MODEL).eval()
+    patch = source.model.vision_tower.embeddings.patch_embedding.weight
+    torch.testing.assert_close(qwen.model.visual.patch_embed.proj.weight.sum(2), patch)
+    text = "USER: Where is the blue star? ASSISTANT: top left"
+    old = model.build_tokenizer("hard")(text, return_tensors="pt")["input_ids"]
+    new = processor.tokenizer(text, return_tensors="pt")["input_ids"]
+    assert old.tolist() == new.tolist()  # the Qwen tokens come after the shared vocabulary
+    with torch.no_grad():
+        torch.testing.assert_close(
+            qwen.eval()(input_ids=new).logits[..., : source.config.text_config.vocab_size],
+            source(input_ids=old).logits,
+            atol=1e-4,
+            rtol=1e-4,
+        )

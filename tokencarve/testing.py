@@ -440,13 +440,18 @@ def tiny_qwen_vl(family: str, seed: int = 0, **config):
     return model
 
 
-def qwen_image_processor(family: str, max_side: int = 224):
-    """The checkpoint's own image processor (its PIL backend), at test sizes: 56 px up to max_side a side."""
+def qwen_image_processor(family: str, max_side: int = 224, min_side: int | None = None):
+    """The checkpoint's own image processor (its PIL backend), at test sizes: 56 px (or min_side) up to
+    max_side a side (as areas: min_side^2 .. max_side^2 pixels)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     patch = 16 if family == "qwen3-vl" else 14
     return Qwen2VLImageProcessorPil(
-        patch_size=patch, merge_size=2, temporal_patch_size=2, min_pixels=(2 * patch) ** 2, max_pixels=max_side**2
+        patch_size=patch,
+        merge_size=2,
+        temporal_patch_size=2,
+        min_pixels=(min_side or 2 * patch) ** 2,
+        max_pixels=max_side**2,
     )
 
 
@@ -467,20 +472,26 @@ def save_tiny_qwen_vl_with_processor(path, family: str, seed: int = 0, **config)
     processor_config naming the family's processor class), saved for from_pretrained(path) offline.
     The full processor also builds a video processor, which needs torchvision: where it is missing,
     tokencarve.loading.load_processor builds the image-and-text path from the same files."""
+    model = tiny_qwen_vl(family, seed, **config)
+    save_qwen_processor_files(
+        path, type(model).__name__, qwen_tokenizer(), qwen_image_processor(family), QWEN_CHAT_TEMPLATE
+    )
+    model.save_pretrained(path)
+
+
+def save_qwen_processor_files(path, model_class: str, tokenizer, image_processor, chat_template: str) -> None:
+    """A Qwen-VL checkpoint's processor files (tokenizer, image processor, chat template, processor_config
+    naming the family's processor class) for `model_class`, loadable offline with or without torchvision."""
     import json
     from pathlib import Path
 
     from .processing import PROCESSOR_CLASSES
 
-    model = tiny_qwen_vl(family, seed, **config)
-    qwen_image_processor(family).save_pretrained(path)
-    tokenizer = qwen_tokenizer()
-    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    image_processor.save_pretrained(path)
+    tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(path)
-    Path(path, "chat_template.jinja").write_text(QWEN_CHAT_TEMPLATE)
-    processor_class = PROCESSOR_CLASSES[type(model).__name__]
-    Path(path, "processor_config.json").write_text(json.dumps({"processor_class": processor_class}))
-    model.save_pretrained(path)
+    Path(path, "chat_template.jinja").write_text(chat_template)
+    Path(path, "processor_config.json").write_text(json.dumps({"processor_class": PROCESSOR_CLASSES[model_class]}))
 
 
 QWEN25VL_IMAGE_TOKEN = 151655  # Qwen/Qwen2.5-VL-7B-Instruct's <|image_pad|> (vocabulary: 152064)
