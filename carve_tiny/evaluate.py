@@ -2,6 +2,7 @@
 
     python -m carve_tiny.evaluate --model models/carve-tiny --seed 1234 --per-task 100
     python -m carve_tiny.evaluate --model models/carve-tiny-hard --scenes hard --seed 1234 --per-task 100
+    python -m carve_tiny.evaluate --model models/carve-tiny-qwen --scenes hard --sizes 224-448 --seed 1234 --per-task 100
 
 Questions come from a seed the model never trained on. Answers are generated greedily through the
 production engine (`tokencarve.engine.CaptionEngine`, the stock model: the batch job's preprocessing,
@@ -28,18 +29,31 @@ from tokencarve import load_llava
 from tokencarve.engine import CaptionEngine, EngineConfig
 from tokencarve.eval.scoring import normalize, summarize
 
-from .scenes import SIZE, TASKS, VARIANTS, example
+from .data import size_rng
+from .scenes import TASKS, VARIANTS, draw_size, example, parse_sizes
 
 CONTROLS = ("vanilla", "blank", "shuffled")
 
 
-def question_set(seed: int, per_task: int, scenes: str = "simple") -> list[dict]:
+def question_set(seed: int, per_task: int, scenes: str = "simple", sizes: tuple[int, int] | None = None) -> list[dict]:
     """`per_task` fresh questions of every task (task-major order), each with its own scene of the
-    `scenes` variant; existence questions alternate yes / no."""
-    rng = random.Random(seed)
+    `scenes` variant; existence questions alternate yes / no. `sizes` (low, high): native-size images
+    as `carve_tiny.data --sizes` draws them (their own stream: the questions are those without sizes)."""
+    rng, sizing = random.Random(seed), size_rng(seed)
     keys = ("image", "scene", "task", "prompt", "answer")
     return [
-        dict(zip(keys, example(rng, task, exist_yes=i % 2 == 0, variant=scenes)))
+        dict(
+            zip(
+                keys,
+                example(
+                    rng,
+                    task,
+                    exist_yes=i % 2 == 0,
+                    variant=scenes,
+                    size=draw_size(sizing, sizes) if sizes else None,
+                ),
+            )
+        )
         for task in TASKS
         for i in range(per_task)
     ]
@@ -63,7 +77,7 @@ def generate_answers(model, processor, images, prompts, batch_size: int = 16, ma
 def control_images(questions: list[dict], control: str) -> list[Image.Image]:
     images = [q["image"] for q in questions]
     if control == "blank":
-        return [Image.new("RGB", (SIZE, SIZE), (240, 240, 240))] * len(images)
+        return [Image.new("RGB", image.size, (240, 240, 240)) for image in images]  # each question's size
     if control == "shuffled":
         half = len(images) // 2
         return images[half:] + images[:half]
@@ -110,6 +124,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=1234, help="question seed (training uses 0, the sample corpus 7)")
     p.add_argument("--per-task", type=int, default=100)
     p.add_argument("--scenes", choices=sorted(VARIANTS), default="simple", help="scene variant of the questions")
+    p.add_argument("--sizes", type=parse_sizes, default=None, help="native-size images, LOW-HIGH px (carve-tiny-qwen)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--controls", default=",".join(CONTROLS))
     p.add_argument("--threads", type=int, default=1)
@@ -117,7 +132,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, processor = load_llava(args.model, device="cpu", dtype="float32")
-    questions = question_set(args.seed, args.per_task, args.scenes)
+    questions = question_set(args.seed, args.per_task, args.scenes, args.sizes)
     results = {}
     for control in args.controls.split(","):
         started = time.time()
@@ -130,7 +145,15 @@ def main(argv=None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
-                {"seed": args.seed, "per_task": args.per_task, "scenes": args.scenes, "results": results}, f, indent=2
+                {
+                    "seed": args.seed,
+                    "per_task": args.per_task,
+                    "scenes": args.scenes,
+                    "sizes": list(args.sizes) if args.sizes else None,
+                    "results": results,
+                },
+                f,
+                indent=2,
             )
 
 

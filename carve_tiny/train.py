@@ -174,6 +174,25 @@ class Row:
     tasks: list[str]  # task of branch k at index k - 1
     targets: torch.Tensor  # [visual tokens, len(PATCH_HEADS)] per-token auxiliary targets
     grid: tuple[int, int] = (GRID, GRID)  # visual tokens (rows, columns)
+    owner: np.ndarray | None = None  # distillation: per visual token, see `token_owner`
+    teacher_image: object = None  # distillation: the same scene at 336 x 336, for the LLaVA teacher
+    teacher_owner: np.ndarray | None = None
+
+
+def token_owner(mask, token_px: int, objects: int) -> np.ndarray:
+    """Per visual token (row-major), what it shows by the rule of `patch_targets`: the index of the
+    object covering most of it (if >= 15 % of a 14-px patch's area), `objects` for the text, -1 for none."""
+    height, width = np.asarray(mask).shape
+    rows_n, cols_n = height // token_px, width // token_px
+    m = np.asarray(mask).reshape(rows_n, token_px, cols_n, token_px).transpose(0, 2, 1, 3).reshape(rows_n * cols_n, -1)
+    least = 0.15 * PATCH * PATCH
+    owner = np.full(rows_n * cols_n, -1, dtype=np.int64)
+    owner[(m == 255).sum(1) >= least] = objects
+    if objects:
+        counts = np.stack([(m == k + 1).sum(1) for k in range(objects)], 1)
+        covered = counts.max(1) >= least
+        owner[covered] = counts.argmax(1)[covered]
+    return owner
 
 
 def occupied(targets):
@@ -230,6 +249,7 @@ def training_row(
     cell_target: str = "every-patch",
     scenes: str = "simple",
     layout: Layout = LLAVA,
+    teacher: bool = False,
 ) -> Row:
     """One scene: the prefix `<s> USER: <image>*576` (Qwen: `<s> USER: <|vision_start|><|image_pad|>*n
     <|vision_end|>` for an image of a size drawn from `layout.sizes`), then one branch per question:
@@ -256,9 +276,18 @@ def training_row(
             labels += [IGNORE] * len(head) + tail
             branch += [len(tasks) + 1] * (len(head) + len(tail))
             tasks.append(task)
+    state = rng.getstate()
     image, mask = render(scene, rng, with_masks=True, size=size)
     grid = (image.height // layout.token_px, image.width // layout.token_px)
-    return Row(image, ids, labels, branch, tasks, patch_targets(scene, mask, cell_target, layout.token_px), grid)
+    row = Row(image, ids, labels, branch, tasks, patch_targets(scene, mask, cell_target, layout.token_px), grid)
+    if teacher:  # the same scene, moves and texture draws at 336 x 336 (a copy of the stream: `rng` goes on as without)
+        objects = len(scene.things)
+        twin = random.Random()
+        twin.setstate(state)
+        row.teacher_image, teacher_mask = render(scene, twin, with_masks=True)
+        row.owner = token_owner(mask, layout.token_px, objects)
+        row.teacher_owner = token_owner(teacher_mask, PATCH, objects)
+    return row
 
 
 def collate(
@@ -382,6 +411,32 @@ class PatchProbe(torch.nn.Module):
         return out
 
 
+def distill_loss(features: torch.Tensor, teacher: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+    """Feature distillation across architectures and sizes: each of the student's visual tokens
+    ([tokens of all rows, D], image order) is pulled towards the teacher's mean projector output
+    ([rows, 576, D]) over the patches that show the same thing in the same scene at 336 x 336 (the same
+    object, the text, or the background), so that the warm-started decoder reads familiar features
+    from the start. Squared error relative to the teacher's mean square."""
+    targets, start = [], 0
+    for r, own in zip(rows, teacher):
+        target = torch.zeros(len(r.owner), own.shape[-1], device=own.device)
+        keep = torch.zeros(len(r.owner), dtype=torch.bool)
+        for what in np.unique(r.owner):
+            source = torch.as_tensor(r.teacher_owner == what, device=own.device)
+            if source.any():
+                where = torch.as_tensor(r.owner == what)
+                target[where.to(own.device)] = own[source].mean(0)
+                keep |= where
+        targets.append((target, keep, start))
+        start += len(r.owner)
+    total, count = 0.0, 0
+    for target, keep, begin in targets:
+        student = features[begin : begin + len(keep)]
+        total = total + ((student - target) ** 2)[keep.to(student.device)].sum()
+        count += int(keep.sum()) * student.shape[-1]
+    return total / max(1, count) / teacher.pow(2).mean()
+
+
 POSITION_CLASSES = 1 + QWEN_SIDES[1] // (2 * PATCH)  # 0 (none) and 1 + 0..15
 
 
@@ -442,7 +497,7 @@ class PositionProbe(torch.nn.Module):
 
 
 @torch.no_grad()
-def warm_start(model: torch.nn.Module, tokenizer, source_path: str | Path) -> int:
+def warm_start(model: torch.nn.Module, tokenizer, source_path: str | Path, new_tokens: str = "random") -> int:
     """Start `model` from a trained checkpoint (progressive growing, as in Net2Net / Gopher-style depth
     growth): every weight whose name and shape match is copied; rows of the token embedding and the
     output head are matched by token string, so a vocabulary that gained words (hard scenes' "medium")
@@ -463,6 +518,9 @@ def warm_start(model: torch.nn.Module, tokenizer, source_path: str | Path) -> in
     new_vocab = tokenizer.get_vocab()
     shared = [(new_vocab[t], old_vocab[t]) for t in new_vocab if t in old_vocab]
     new_rows, old_rows = (torch.tensor(ids) for ids in zip(*shared))
+    if new_tokens == "zero":  # tokens the source lacks (Qwen's vision tokens) add nothing until trained
+        unseen = torch.tensor([i for t, i in new_vocab.items() if t not in old_vocab], dtype=torch.long)
+        model.get_input_embeddings().weight[unseen] = 0.0
     source_state, copied = source.state_dict(), 0
     for name, tensor in model.state_dict().items():
         old = source_state.get(name)
@@ -504,6 +562,19 @@ def main(argv=None) -> None:
         help="qwen: weight of the position probe on the decoder's hidden states at the cut (PositionProbe)",
     )
     p.add_argument(
+        "--distill-from",
+        default=None,
+        help="qwen: a LLaVA checkpoint whose projector output the tower's output is pulled towards (distill_loss)",
+    )
+    p.add_argument("--distill-weight", type=float, default=1.0)
+    p.add_argument(
+        "--freeze-decoder",
+        type=int,
+        default=0,
+        help="the decoder and its head do not move for this many steps (a warm-started decoder waits "
+        "while a fresh tower learns to give it familiar features)",
+    )
+    p.add_argument(
         "--out",
         default=None,
         help="default: models/carve-tiny, models/carve-tiny-hard for hard scenes, models/carve-tiny-qwen for qwen",
@@ -512,6 +583,12 @@ def main(argv=None) -> None:
         "--init-from",
         default=None,
         help="start from this trained checkpoint (see warm_start; carve-tiny-hard starts from models/carve-tiny)",
+    )
+    p.add_argument(
+        "--new-tokens",
+        choices=("random", "zero"),
+        default="random",
+        help="with --init-from: embeddings of tokens the source lacks (random, or zero: inert until trained)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=2900)
@@ -565,8 +642,15 @@ def main(argv=None) -> None:
         model, processor = build_untrained(seed=args.seed, scenes=args.scenes)
         layout = LLAVA
     if args.init_from:
-        copied = warm_start(model, processor.tokenizer, args.init_from)
+        copied = warm_start(model, processor.tokenizer, args.init_from, args.new_tokens)
         print(f"warm start from {args.init_from}: {copied} tensors copied", flush=True)
+    teacher, taught = None, {}
+    if args.distill_from:
+        from transformers import LlavaForConditionalGeneration
+
+        teacher = LlavaForConditionalGeneration.from_pretrained(args.distill_from).eval().to(args.device)
+        teacher.requires_grad_(False)
+        teacher.model.multi_modal_projector.register_forward_hook(lambda m, i, o: taught.__setitem__("f", o))
     width = model.config.text_config.hidden_size
     probe = PatchProbe(width, args.cell_target, args.scenes, cell=not qwen)
     position_probe = PositionProbe(width) if qwen and args.position_weight > 0 else None
@@ -593,11 +677,15 @@ def main(argv=None) -> None:
     ]
     decay = [q for n, q in named if q.ndim >= 2 and "embed" not in n]
     no_decay = [q for n, q in named if not (q.ndim >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr,
-        betas=(0.9, 0.98),
-    )
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.freeze_decoder:  # the warm-started decoder (and its head) apart, so that its learning rate can wait
+        decoder = {id(q) for n, q in named if n.startswith(("model.language_model.", "lm_head."))}
+        groups = [
+            {**group, "params": [q for q in group["params"] if (id(q) in decoder) == frozen], "frozen": frozen}
+            for group in groups
+            for frozen in (False, True)
+        ]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
     hide_from, hide_until = (float(x) for x in args.hide_background.split(","))
     questions = {t: int(n) for t, n in (item.split("=") for item in args.questions.split(","))}
     encode = Encoder(processor.tokenizer)
@@ -609,7 +697,7 @@ def main(argv=None) -> None:
     )
 
     started, losses, aux_losses, hits, step, stopped_early = time.time(), [], [], {}, 0, False
-    position_losses, probe_hits = [], {}
+    position_losses, probe_hits, distill_losses = [], {}, []
     for step in range(args.steps):
         if time.time() - started > args.max_minutes * 60:
             stopped_early = True
@@ -617,9 +705,13 @@ def main(argv=None) -> None:
             break
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
+            if group.get("frozen") and step < args.freeze_decoder:
+                group["lr"] = 0.0
         max_objects = min(most, 2 + ((most - 2) * step) // max(1, args.curriculum))
         rows = [
-            training_row(encode, rng, max_objects, questions, args.cell_target, args.scenes, layout)
+            training_row(
+                encode, rng, max_objects, questions, args.cell_target, args.scenes, layout, teacher is not None
+            )
             for _ in range(args.batch_size)
         ]
         hide = float(min(1.0, max(0.0, (hide_until - step / args.steps) / max(1e-9, hide_until - hide_from))))
@@ -633,6 +725,16 @@ def main(argv=None) -> None:
             aux = probe.loss(features.float(), targets)
             loss = loss + args.aux_weight * aux
             aux_losses.append(aux.item())
+        if teacher is not None:
+            with torch.no_grad():  # the hook keeps the projector's output, [rows, 576, D]
+                teacher.model.get_image_features(
+                    pixel_values=pixel_values([r.teacher_image for r in rows]).to(args.device),
+                    vision_feature_layer=-1,
+                    vision_feature_select_strategy="default",
+                )
+            distill = distill_loss(captured["f"].float(), taught["f"].float(), rows)
+            loss = loss + args.distill_weight * distill
+            distill_losses.append(distill.item())
         if position_probe is not None:
             hidden = captured["h"].float()
             position_loss = position_probe.loss(hidden, batch["input_ids"], rows, layout)
@@ -652,6 +754,8 @@ def main(argv=None) -> None:
             n = args.log_every
             tasks = " ".join(f"{t} {100 * sum(h) / max(1, len(h)):3.0f}" for t, h in sorted(hits.items()))
             aux_text = f"  aux {sum(aux_losses[-n:]) / len(aux_losses[-n:]):.3f}" if aux_losses else ""
+            if distill_losses:
+                aux_text += f"  distill {sum(distill_losses[-n:]) / len(distill_losses[-n:]):.3f}"
             if position_losses:
                 aux_text += (
                     f"  position {sum(position_losses[-n:]) / len(position_losses[-n:]):.3f} probe %: "
@@ -676,8 +780,12 @@ def main(argv=None) -> None:
         "arch": args.arch,
         "sizes": list(layout.sizes) if qwen else None,
         "position_weight": args.position_weight if qwen else None,
+        "distill_from": args.distill_from,
+        "distill_weight": args.distill_weight if args.distill_from else None,
+        "freeze_decoder": args.freeze_decoder,
         "scenes": args.scenes,
         "init_from": args.init_from,
+        "new_tokens": args.new_tokens if args.init_from else None,
         "decoder_layers": DECODER_LAYERS[args.scenes],
         "seed": args.seed,
         "steps": step,

@@ -189,3 +189,27 @@ def test_warm_start_from_carve_tiny_hard_keeps_the_decoder_on_text():
             atol=1e-4,
             rtol=1e-4,
         )
+
+
+def test_distillation_rows_pair_the_native_image_with_its_336_twin(untrained_qwen):
+    """With a teacher, a row also holds the same scene at 336 x 336 (same objects, moves and texture
+    draws; the rows' stream goes on as without) and what each token shows in both; the distillation
+    loss is zero when every student token equals the teacher's mean over the patches showing the same."""
+    qwen, processor = untrained_qwen
+    layout = train.qwen_layout(qwen, processor)
+    encode = train.Encoder(processor.tokenizer)
+    plain_rng, taught_rng = random.Random(8), random.Random(8)
+    plain = train.training_row(encode, plain_rng, scenes="hard", layout=layout)
+    row = train.training_row(encode, taught_rng, scenes="hard", layout=layout, teacher=True)
+    assert plain_rng.random() == taught_rng.random()  # the twin render draws from a copy
+    assert row.ids == plain.ids and row.image == plain.image and row.teacher_image.size == (336, 336)
+    objects = int(row.teacher_owner.max())
+    assert set(row.owner.tolist()) - {-1} <= set(row.teacher_owner.tolist()) - {-1}
+    assert (row.owner >= 0).tolist() == train.occupied(row.targets).tolist()  # patch_targets' rule
+    assert len(set(row.teacher_owner.tolist()) - {-1}) >= objects  # every object seen at 336
+    teacher = torch.randn(1, 576, 128)
+    student = torch.stack(
+        [teacher[0, torch.as_tensor(row.teacher_owner == what)].mean(0) for what in row.owner.tolist()]
+    )
+    assert float(train.distill_loss(student, teacher, [row])) < 1e-10
+    assert float(train.distill_loss(student + 1.0, teacher, [row])) > 0.5
