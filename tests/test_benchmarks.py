@@ -84,3 +84,21 @@ def test_bench_gpu_tiny_qwen25_vl(tmp_path):
     settings = {(s["decode"], s["visual tokens"]): s for s in record["settings"]}
     assert set(settings) == {(d, n) for d in ("generate", "static") for n in (1296, 128)}
     assert all(s["lengths exact"] is True for (d, _), s in settings.items() if d == "static")
+
+
+def test_adaptive_coverage_counts_picks_until_every_object_is_touched(tmp_path):
+    """adaptive_coverage on a few fresh hard scenes: every image needs at least one pick per object
+    (and at most the picks made), a fixed budget covers exactly the images that need no more than it,
+    and both rules are calibrated to the asked-for mean."""
+    bench = load_bench("adaptive_coverage")
+    record = bench.main(["--images", "12", "--means", "16,32", "--json", str(tmp_path / "c.json")])
+    assert json.loads((tmp_path / "c.json").read_text()) == json.loads(json.dumps(record))
+    needed = record["needed"]
+    assert len(needed) == 12 and all(1 <= n <= 192 for n in needed)
+    judged = needed[6:]
+    for row in record["rows"]:
+        covered = float(row["covered"])
+        if row["rule"] == "fixed":
+            assert covered == pytest.approx(sum(n <= row["mean"] for n in judged) / len(judged), abs=1e-3)
+        else:  # counts are multiples of 8 in [16, 192], their mean near the asked one on 6 judged images
+            assert 16 <= row["count mean"] <= 192 and 0 <= covered <= 1

@@ -8,6 +8,7 @@ buffers keep their addresses across batches."""
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -218,3 +219,24 @@ def test_the_compiled_step_compiles_whole_once_and_keeps_its_buffers(family_dirs
             same_tokens(reference.caption(images_, prompts, keep=16), static.caption(images_, prompts, keep=16))
             assert static.decoder.pool is pool
     assert [t.data_ptr() for t in pool.buffers()] == addresses
+
+
+def test_refill_prefills_a_few_rows_at_a_time(hard, monkeypatch):
+    """An 8-slot pool refills in chunks of at least 4 rows (a prefill call has a fixed cost), and
+    the rows keep generate()'s tokens whichever chunk they entered with."""
+    import tokencarve.engine as engine_module
+
+    reference, static = hard
+    images, prompts = sample_rows(20)
+    expected = reference.caption(images, prompts, max_new_tokens=48)
+    chunks, original = [], engine_module.prefill_rows
+
+    def counted(model, inputs):
+        chunks.append(inputs["input_ids"].shape[0])
+        return original(model, inputs)
+
+    monkeypatch.setattr(engine_module, "prefill_rows", counted)
+    eight = CaptionEngine(replace(static.config, decode_slots=8), model=static.model, processor=static.processor)
+    same_tokens(expected, eight.caption(images, prompts, max_new_tokens=48))
+    assert chunks[0] == 8 and sum(chunks) == 20 and len(chunks) > 3  # refilled, not run as batches of 8
+    assert all(size >= 4 for size in chunks[1:-1]) and chunks[-1] >= min(4, 20 - sum(chunks[:-1]))
