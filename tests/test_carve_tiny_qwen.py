@@ -213,3 +213,36 @@ def test_distillation_rows_pair_the_native_image_with_its_336_twin(untrained_qwe
     )
     assert float(train.distill_loss(student, teacher, [row])) < 1e-10
     assert float(train.distill_loss(student + 1.0, teacher, [row])) > 0.5
+
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+QWEN_MODEL = os.path.join(ROOT, "models", "carve-tiny-qwen")
+QWEN_SAMPLE = os.path.join(ROOT, "data", "sample-qwen")
+
+
+def test_native_size_sample_is_the_documented_command():
+    """data/sample-qwen is `python -m carve_tiny.data --scenes hard --sizes 224-448 --rows 36 --seed 7
+    --shard-rows 18` (the first shard, byte for byte)."""
+    shard = pq.read_table(os.path.join(QWEN_SAMPLE, "shard-00000.parquet")).to_pylist()
+    assert shard == list(data.rows(36, seed=7, scenes="hard", sizes=(224, 448)))[:18]
+
+
+@pytest.mark.slow  # loads the bundled model and answers a few questions
+def test_bundled_qwen_model_loads_offline_and_answers_through_the_engine():
+    from tokencarve import load_llava
+    from tokencarve.engine import CaptionEngine, EngineConfig
+    from tokencarve.processing import ImageTextProcessor
+
+    qwen, processor = load_llava(QWEN_MODEL, device="cpu", dtype="float32")
+    assert type(qwen).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert isinstance(processor, ImageTextProcessor) or type(processor).__name__ == "Qwen2_5_VLProcessor"
+    rows = pq.read_table(os.path.join(QWEN_SAMPLE, "shard-00000.parquet")).to_pylist()[:6]
+    images = [Image.open(io.BytesIO(r["image"])).convert("RGB") for r in rows]
+    engine = CaptionEngine(
+        EngineConfig(model=QWEN_MODEL, keep=0.25, max_new_tokens=64), model=qwen, processor=processor
+    )
+    captions = engine.caption(images, [r["prompt"] for r in rows])
+    assert all(c.caption for c in captions)
+    for caption, image in zip(captions, images):  # native size: 64-256 tokens, a quarter of them kept
+        tokens = (image.width // 28) * (image.height // 28)
+        assert caption.visual_tokens_in == tokens and caption.visual_tokens_kept == -(-tokens // 4)
