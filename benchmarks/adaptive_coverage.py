@@ -98,6 +98,13 @@ def picks_needed(order: torch.Tensor, objects: list[list[set[int]]]) -> torch.Te
     return torch.tensor(needed)
 
 
+def correlation(counts: torch.Tensor, things: torch.Tensor) -> float | str:
+    """Pearson's r of the counts with the objects per image; "-" where every image got the same count."""
+    if bool((counts == counts[0]).all()):
+        return "-"
+    return round(float(np.corrcoef(counts.double().numpy(), things.numpy())[0, 1]), 2)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=384, help="fresh hard scenes (half calibrate, half are judged)")
@@ -133,7 +140,7 @@ def main(argv=None) -> dict:
                     "rule": name,
                     "count mean": round(float(counts.double().mean()), 1),
                     "covered": f"{(counts >= needed[half:]).double().mean():.3f}",
-                    "corr(count, objects)": round(float(np.corrcoef(counts.numpy(), things[half:].numpy())[0, 1]), 2),
+                    "corr(count, objects)": correlation(counts, things[half:]),
                 }
             )
     summary = {
