@@ -25,8 +25,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+# `make demo MODEL=models/carve-tiny-qwen`: the job on another model; a Qwen-VL one reads the native-size
+# sample (data/sample-qwen: 224-448 px a side) and keeps a quarter of each image's tokens
+MODEL ?=
+QWEN_DEMO = $(findstring qwen,$(notdir $(MODEL)))
+DEMO_ARGS = $(if $(MODEL),--model $(MODEL) --output out/captions-$(notdir $(MODEL)) \
+	$(if $(QWEN_DEMO),--input data/sample-qwen --keep 0.25))
 demo: install
-	$(PY) jobs/caption_corpus.py
+	$(PY) jobs/caption_corpus.py $(DEMO_ARGS)
 
 test: install
 	$(PY) -m pytest -q
