@@ -179,19 +179,37 @@ class Row:
     teacher_owner: np.ndarray | None = None
 
 
+# a token shows an object (or the text) when it covers at least 15 % of a 14-px patch's area
+LEAST_COVER = 0.15 * PATCH * PATCH
+
+
+def token_pixels(mask, token_px: int) -> tuple[np.ndarray, int, int]:
+    """The render's mask cut into visual tokens: ([tokens, token_px^2] row-major, rows, columns)."""
+    height, width = np.asarray(mask).shape
+    rows_n, cols_n = height // token_px, width // token_px
+    pixels = np.asarray(mask).reshape(rows_n, token_px, cols_n, token_px).transpose(0, 2, 1, 3)
+    return pixels.reshape(rows_n * cols_n, -1), rows_n, cols_n
+
+
+def object_cover(pixels: np.ndarray, objects: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per token, the object covering most of it and whether that covers LEAST_COVER (objects >= 1)."""
+    counts = np.stack([(pixels == k + 1).sum(1) for k in range(objects)], 1)
+    return counts.argmax(1), counts.max(1) >= LEAST_COVER
+
+
+def text_cover(pixels: np.ndarray) -> np.ndarray:
+    return (pixels == 255).sum(1) >= LEAST_COVER
+
+
 def token_owner(mask, token_px: int, objects: int) -> np.ndarray:
     """Per visual token (row-major), what it shows by the rule of `patch_targets`: the index of the
     object covering most of it (if >= 15 % of a 14-px patch's area), `objects` for the text, -1 for none."""
-    height, width = np.asarray(mask).shape
-    rows_n, cols_n = height // token_px, width // token_px
-    m = np.asarray(mask).reshape(rows_n, token_px, cols_n, token_px).transpose(0, 2, 1, 3).reshape(rows_n * cols_n, -1)
-    least = 0.15 * PATCH * PATCH
-    owner = np.full(rows_n * cols_n, -1, dtype=np.int64)
-    owner[(m == 255).sum(1) >= least] = objects
+    pixels, _, _ = token_pixels(mask, token_px)
+    owner = np.full(len(pixels), -1, dtype=np.int64)
+    owner[text_cover(pixels)] = objects
     if objects:
-        counts = np.stack([(m == k + 1).sum(1) for k in range(objects)], 1)
-        covered = counts.max(1) >= least
-        owner[covered] = counts.argmax(1)[covered]
+        best, covered = object_cover(pixels, objects)
+        owner[covered] = best[covered]
     return owner
 
 
@@ -207,16 +225,13 @@ def patch_targets(scene: Scene, mask, cell_target: str = "every-patch", token_px
     text's box the text; every patch its grid cell, or with `cell_target="objects"` only the patches of
     an object or the text (1 + cell; 0 elsewhere). `token_px`: the pixels a side of one visual token
     (28 for Qwen's merged tokens), on an image of any size that is a multiple of it; row-major."""
-    height, width = np.asarray(mask).shape
-    rows_n, cols_n, px = height // token_px, width // token_px, token_px
-    m = np.asarray(mask).reshape(rows_n, px, cols_n, px).transpose(0, 2, 1, 3).reshape(rows_n * cols_n, px * px)
+    m, rows_n, cols_n = token_pixels(mask, token_px)
     targets = np.zeros((rows_n * cols_n, len(PATCH_HEADS)), dtype=np.int64)
     rows, cols = np.divmod(np.arange(rows_n * cols_n), cols_n)
     cell = COLUMN["cell"]
     targets[:, cell] = (3 * rows // rows_n) * 3 + 3 * cols // cols_n
     if scene.things:
-        counts = np.stack([(m == k + 1).sum(1) for k in range(len(scene.things))], 1)
-        best, covered = counts.argmax(1), counts.max(1) >= 0.15 * PATCH * PATCH
+        best, covered = object_cover(m, len(scene.things))
         for k, thing in enumerate(scene.things):
             where = covered & (best == k)
             targets[where, COLUMN["colour"]] = 1 + list(COLOURS).index(thing.colour)
@@ -225,7 +240,7 @@ def patch_targets(scene: Scene, mask, cell_target: str = "every-patch", token_px
             if where.any():  # one "anchor" patch per object (its first patch in reading order), for counting
                 targets[where.nonzero()[0][0], COLUMN["anchor"]] = 1
     if scene.text is not None:
-        where = (m == 255).sum(1) >= 0.15 * PATCH * PATCH
+        where = text_cover(m)
         if scene.text in WORDS:
             targets[where, COLUMN["word"]] = 1 + WORDS.index(scene.text)
         else:
