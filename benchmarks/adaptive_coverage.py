@@ -38,12 +38,12 @@ from common import environment, header, markdown_table, write_results  # noqa: E
 
 import tokencarve.methods as methods  # noqa: E402
 from carve_tiny.model import PATCH  # noqa: E402
-from carve_tiny.scenes import SIZE, random_scene, render  # noqa: E402
+from carve_tiny.scenes import random_scene, render  # noqa: E402
+from carve_tiny.train import token_pixels  # noqa: E402
 from tokencarve.engine import CaptionEngine, EngineConfig  # noqa: E402
 from tokencarve.selection import Stopping, _pivot_steps, adaptive_counts, calibrate_tau, volume_gram  # noqa: E402
 
 MODEL = str(Path(__file__).resolve().parent.parent / "models" / "carve-tiny-hard")
-GRID = SIZE // PATCH
 
 
 def scenes_and_hidden(count: int, seed: int, batch: int = 32):
@@ -61,7 +61,7 @@ def scenes_and_hidden(count: int, seed: int, batch: int = 32):
     for _ in range(count):
         scene = random_scene(rng, variant="hard")
         image, mask = render(scene, rng, with_masks=True)
-        patches = np.array(mask).reshape(GRID, PATCH, GRID, PATCH).transpose(0, 2, 1, 3).reshape(GRID * GRID, -1)
+        patches, _, _ = token_pixels(mask, PATCH)
         objects.append([set(np.nonzero((patches == k).any(1))[0].tolist()) for k in np.unique(patches) if k])
         scenes.append(scene)
         images.append(image)
