@@ -247,6 +247,7 @@ QWEN_SIDES = (224, 448)  # native sizes: 8-16 tokens a side after the 2 x 2 merg
 # head_dim 32 -> 2-D rotary over 8 frequency pairs per axis. No absolute position anywhere.
 QWEN_VISION = dict(
     depth=4,
+    hidden_act="quick_gelu",  # CLIP's, so that carve-tiny-hard's tower carries over (clip_to_qwen_tower)
     hidden_size=96,
     intermediate_size=384,
     num_heads=3,

@@ -49,6 +49,7 @@ from .model import (
     IMAGE_TOKENS,
     PAD,
     PATCH,
+    QWEN_ROPE,
     QWEN_SIDES,
     QWEN_TOKENS,
     build_untrained,
@@ -521,9 +522,8 @@ def warm_start(model: torch.nn.Module, tokenizer, source_path: str | Path, new_t
     tensors were copied whole.
 
     Across architectures (carve-tiny-qwen from carve-tiny-hard): the decoder's weights have the same
-    names and shapes (Qwen2 layers add q/k/v biases, which start at zero), and the source's CLIP patch
-    embedding becomes the Qwen tower's, split evenly over its two temporal slices (an image is its own
-    two frames, so the features are the same); the rest of the tower starts fresh."""
+    names and shapes (Qwen2 layers add q/k/v biases, which start at zero), and the CLIP tower and
+    projector become the Qwen tower and merger (clip_to_qwen_tower)."""
     from transformers import AutoConfig, PreTrainedTokenizerFast
 
     from tokencarve.families import family_for_config
@@ -546,16 +546,91 @@ def warm_start(model: torch.nn.Module, tokenizer, source_path: str | Path, new_t
             copied += 1
         elif name.endswith(("embed_tokens.weight", "lm_head.weight")) and old.shape[1:] == tensor.shape[1:]:
             tensor[new_rows] = old[old_rows]
-    patch = source_state.get("model.vision_tower.embeddings.patch_embedding.weight")
-    target = getattr(getattr(model.model, "visual", None), "patch_embed", None)
-    if patch is not None and target is not None and target.proj.weight.shape[2:] == (2, *patch.shape[2:]):
-        target.proj.weight.copy_(patch[:, :, None].expand_as(target.proj.weight) / 2)
-        copied += 1
+    if getattr(model.model, "visual", None) is not None and getattr(source.model, "vision_tower", None) is not None:
+        copied += clip_to_qwen_tower(model, source)
     source_layers = source.config.text_config.num_hidden_layers
     for layer in model.model.language_model.layers[source_layers:]:
         layer.self_attn.o_proj.weight.zero_()
         layer.mlp.down_proj.weight.zero_()
     return copied
+
+
+def clip_features(source, images) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the CLIP tower's embeddings after its pre-norm, its last hidden states) for 336-px images."""
+    tower = source.model.vision_tower
+    out = tower(pixel_values(images), output_hidden_states=True)
+    return out.hidden_states[0], out.hidden_states[-1]
+
+
+@torch.no_grad()
+def clip_to_qwen_tower(model, source, calibration_scenes: int = 16) -> int:
+    """Carry a trained LLaVA tower (CLIP ViT + projector) into the Qwen2.5-VL tower and merger where
+    the two architectures compute the same thing, so the fresh tower starts from features the
+    warm-started decoder already reads. Returns how many tensors were set.
+
+    - Patch embedding: split evenly over the two temporal slices (an image is its own two frames).
+      CLIP's pre-LayerNorm is folded in where it is linear (its centring over channels and its gain);
+      its division by each token's spread becomes one scale measured on rendered scenes.
+    - Blocks 0..2 from CLIP's layers: LayerNorm = centring, RMS division, gain, bias; the centring,
+      gain and bias fold into the next linear map (value, MLP input), leaving an RMSNorm of weight 1,
+      which differs from the LayerNorm only when a token's channel mean is not zero. Values, output
+      projection, MLP copied; CLIP's (fc1, quick-GELU, fc2) MLP is the gated MLP with its up
+      projection a constant 1 (weight 0, bias 1): act(gate x) * 1. Queries and keys keep the local
+      rotary init (init_qwen_vision_tower): CLIP's read ~90 % absolute position channels, which this
+      tower does not have. Extra blocks start as identities (output projections zero).
+    - Merger = projector(mean of the 2 x 2 patches): its first layer's first rows are the projector's
+      first layer over the four patches, each / 4, the rest zero; its second layer reads those rows.
+      Its RMSNorm weight is the CLIP output's typical RMS, so the merger sees CLIP-sized features."""
+    visual, clip = model.model.visual, source.model.vision_tower
+    projector = source.model.multi_modal_projector
+    if visual.config.hidden_act != clip.config.hidden_act or visual.config.hidden_size != clip.config.hidden_size:
+        raise ValueError("the Qwen tower needs the CLIP tower's width and activation to be carried over")
+    rng = random.Random(0)
+    images = [render(random_scene(rng, variant="hard"), rng) for _ in range(calibration_scenes)]
+    embedded, last = clip_features(source, images)
+    width = clip.config.hidden_size
+    centre = torch.eye(width) - 1.0 / width  # x -> x - mean(x) over channels
+    # the pre-LayerNorm's per-token spread, measured on CLIP's raw embeddings (patch + position)
+    raw = clip.embeddings(pixel_values(images))
+    spread = raw[:, 1:].std(-1, unbiased=False).median()
+    pre = clip.pre_layrnorm
+    weight = clip.embeddings.patch_embedding.weight  # [width, 3, p, p]
+    folded = torch.einsum("oi,i...->o...", centre, weight) * (pre.weight / spread).view(-1, 1, 1, 1)
+    visual.patch_embed.proj.weight.copy_(folded[:, :, None].expand_as(visual.patch_embed.proj.weight) / 2)
+    count = 1
+    for block, layer in zip(visual.blocks, clip.encoder.layers):
+        attn = layer.self_attn
+        v_weight = attn.v_proj.weight @ torch.diag(layer.layer_norm1.weight) @ centre
+        block.attn.qkv.weight[2 * width :] = v_weight
+        block.attn.qkv.bias[2 * width :] = attn.v_proj.bias + attn.v_proj.weight @ layer.layer_norm1.bias
+        block.attn.proj.weight.copy_(attn.out_proj.weight)
+        block.attn.proj.bias.copy_(attn.out_proj.bias)
+        block.norm1.weight.fill_(1.0)
+        block.norm2.weight.fill_(1.0)
+        fc1, fc2 = layer.mlp.fc1, layer.mlp.fc2
+        block.mlp.gate_proj.weight.copy_(fc1.weight @ torch.diag(layer.layer_norm2.weight) @ centre)
+        block.mlp.gate_proj.bias.copy_(fc1.bias + fc1.weight @ layer.layer_norm2.bias)
+        block.mlp.up_proj.weight.zero_()
+        block.mlp.up_proj.bias.fill_(1.0)
+        block.mlp.down_proj.weight.copy_(fc2.weight)
+        block.mlp.down_proj.bias.copy_(fc2.bias)
+        count += 11
+    for block in visual.blocks[len(clip.encoder.layers) :]:
+        for linear in (block.attn.proj, block.mlp.down_proj):
+            linear.weight.zero_()
+            linear.bias.zero_()
+    merger, units = visual.merger, visual.config.spatial_merge_size**2
+    merger.ln_q.weight.fill_(last[:, 1:].pow(2).mean(-1).sqrt().median())
+    first, second = merger.mlp[0], merger.mlp[2]
+    hidden = projector.linear_1.out_features
+    first.weight.zero_()
+    first.bias.zero_()
+    first.weight[:hidden] = projector.linear_1.weight.repeat(1, units) / units
+    first.bias[:hidden] = projector.linear_1.bias
+    second.weight.zero_()
+    second.weight[:, :hidden] = projector.linear_2.weight
+    second.bias.copy_(projector.linear_2.bias)
+    return count + 5
 
 
 def main(argv=None) -> None:
@@ -569,6 +644,13 @@ def main(argv=None) -> None:
     )
     p.add_argument(
         "--sizes", type=parse_sizes, default=None, help="qwen: image sides drawn from LOW-HIGH px (default 224-448)"
+    )
+    p.add_argument(
+        "--rope-theta",
+        type=float,
+        default=None,
+        help="qwen: the decoder's mRoPE base (default QWEN_ROPE's; 1e6 = carve-tiny-hard's, so a warm-started "
+        "decoder computes on text exactly as before)",
     )
     p.add_argument(
         "--position-weight",
@@ -651,7 +733,8 @@ def main(argv=None) -> None:
     random.seed(args.seed)
     qwen = args.arch == "qwen"
     if qwen:
-        model, processor = build_untrained_qwen(seed=args.seed, scenes=args.scenes)
+        rope = dict(QWEN_ROPE, rope_theta=args.rope_theta) if args.rope_theta else None
+        model, processor = build_untrained_qwen(seed=args.seed, scenes=args.scenes, rope=rope)
         layout = qwen_layout(model, processor, args.sizes or QWEN_SIDES)
     else:
         model, processor = build_untrained(seed=args.seed, scenes=args.scenes)
@@ -795,6 +878,7 @@ def main(argv=None) -> None:
         "arch": args.arch,
         "sizes": list(layout.sizes) if qwen else None,
         "position_weight": args.position_weight if qwen else None,
+        "rope_theta": model.config.text_config.rope_parameters["rope_theta"] if qwen else None,
         "distill_from": args.distill_from,
         "distill_weight": args.distill_weight if args.distill_from else None,
         "freeze_decoder": args.freeze_decoder,

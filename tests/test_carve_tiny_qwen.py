@@ -165,19 +165,21 @@ HARD_MODEL = os.path.join(os.path.dirname(__file__), "..", "models", "carve-tiny
 
 
 @pytest.mark.slow  # loads the bundled carve-tiny-hard
-def test_warm_start_from_carve_tiny_hard_keeps_the_decoder_on_text():
+def test_warm_start_from_carve_tiny_hard_keeps_the_decoder_on_text_and_the_tower_on_its_features():
     """With carve-tiny-hard's rope_theta, the warm-started Qwen decoder computes what carve-tiny-hard
     computes on text (mRoPE with equal t / h / w positions is 1-D RoPE; the new q/k/v biases start at
-    zero); the CLIP patch embedding becomes the tower's, split over the two temporal slices."""
+    zero); the CLIP tower and projector carried into the Qwen tower and merger (clip_to_qwen_tower)
+    give each 2 x 2 group of a 336-px image what the projector gives the mean of those four CLIP
+    features, up to what the Qwen tower lacks (absolute positions, LayerNorm's centring of the stream)."""
     from transformers import LlavaForConditionalGeneration
 
     rope = dict(model.QWEN_ROPE, rope_theta=1e6)
     qwen, processor = model.build_untrained_qwen(seed=0, rope=rope)
     copied = train.warm_start(qwen, processor.tokenizer, HARD_MODEL)
-    assert copied == 8 * 9 + 2  # per layer: 4 attention, 3 MLP, 2 norms; the final norm; the patch embedding
+    # decoder: per layer 4 attention, 3 MLP, 2 norms, and the final norm; tower: the patch embedding,
+    # 11 tensors per CLIP layer (3 of them), the merger's 5
+    assert copied == 8 * 9 + 1 + 1 + 3 * 11 + 5
     source = LlavaForConditionalGeneration.from_pretrained(HARD_MODEL).eval()
-    patch = source.model.vision_tower.embeddings.patch_embedding.weight
-    torch.testing.assert_close(qwen.model.visual.patch_embed.proj.weight.sum(2), patch)
     text = "USER: Where is the blue star? ASSISTANT: top left"
     old = model.build_tokenizer("hard")(text, return_tensors="pt")["input_ids"]
     new = processor.tokenizer(text, return_tensors="pt")["input_ids"]
@@ -189,6 +191,23 @@ def test_warm_start_from_carve_tiny_hard_keeps_the_decoder_on_text():
             atol=1e-4,
             rtol=1e-4,
         )
+    rng = random.Random(3)
+    images = [scenes.render(scenes.random_scene(rng, variant="hard"), rng) for _ in range(2)]
+    with torch.no_grad():
+        _, last = train.clip_features(source, images)  # [2, 1 + 576, 96], the class token first
+        grid = last[:, 1:].reshape(2, 12, 2, 12, 2, -1).mean((2, 4)).reshape(2 * 144, -1)
+        expected = source.model.multi_modal_projector(grid)
+        encoded = processor.image_processor(images=images, return_tensors="pt")
+        merged = qwen.model.visual(encoded["pixel_values"], grid_thw=encoded["image_grid_thw"]).pooler_output
+    assert encoded["image_grid_thw"].tolist() == [[1, 24, 24]] * 2
+    similarity = torch.nn.functional.cosine_similarity(merged, expected, dim=-1)
+    assert similarity.median() > 0.99 and similarity.mean() > 0.95  # a few object tokens lose more
+    untouched = (
+        model.build_untrained_qwen(seed=0, rope=rope)[0]
+        .model.visual(encoded["pixel_values"], grid_thw=encoded["image_grid_thw"])
+        .pooler_output
+    )
+    assert torch.nn.functional.cosine_similarity(untouched, expected, dim=-1).mean() < 0.5
 
 
 def test_distillation_rows_pair_the_native_image_with_its_336_twin(untrained_qwen):

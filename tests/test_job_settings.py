@@ -44,6 +44,7 @@ def test_the_job_and_the_harness_take_every_engine_setting_with_the_engines_defa
         "keep": "0.25",
         "method": "tokencarve",
         "layer": "3",
+        "positions": "1d",
         "max_new_tokens": "7",
         "device": "cpu",
         "dtype": "float32",

@@ -127,6 +127,41 @@ def test_one_dimensional_positions_are_caught(family, carved):
         assert (slipped[row] - expected).abs().max() > 1e-2
 
 
+def test_the_1d_ablation_moves_only_the_positions_after_the_cut(family, carved):
+    """CarveConfig(positions="1d"), the ablation of docs/EVALUATION.md: the same tokens kept, the layers
+    after the cut given each kept token's 1-D sequence index on all three rotary axes (as a carve
+    written for LLaVA would), so the answers move; layers before the cut are untouched."""
+    model, batch = family["sdpa"], family["batch"]
+    seen = {}
+    layer = model.model.language_model.layers[CUT]
+
+    def note(module, args, kwargs):
+        seen["cos"] = kwargs["position_embeddings"][0].clone()
+
+    logits, kept = {}, {}
+    for positions in ("3d", "1d"):
+        carved(keep=6, positions=positions)
+        hook = layer.register_forward_pre_hook(note, with_kwargs=True)  # after the carver's: sees its overrides
+        with torch.no_grad():
+            logits[positions] = model(**batch).logits[:, -1]
+        hook.remove()
+        kept[positions] = [image.index.tolist() for image in model.tokencarve.last_stats.images]
+        seen[positions] = seen.pop("cos")
+        tokencarve.remove(model)
+    assert kept["1d"] == kept["3d"]
+    # 1d: each kept token's rotary is that of its index among the row's real tokens, on every axis
+    text = (batch["attention_mask"].cumsum(-1) - 1).masked_fill(batch["attention_mask"] == 0, 0)
+    rotary = model.model.language_model.rotary_emb
+    for row in range(len(ROWS)):
+        expected = run_reference(family, row, 6).prefill_logits
+        torch.testing.assert_close(logits["3d"][row], expected, rtol=1e-4, atol=1e-4)
+        assert (logits["1d"][row] - expected).abs().max() > 1e-2
+    flat_cos = rotary(seen["1d"], position_ids=text.unsqueeze(0).expand(3, -1, -1))[0]
+    assert not torch.allclose(seen["1d"], seen["3d"])
+    # the last prompt token is kept by every row: its 1-D rotary is the uncompressed prompt length - 1
+    torch.testing.assert_close(seen["1d"][..., -1, :], flat_cos[..., -1, :])
+
+
 @pytest.mark.parametrize("method", [m for m, entry in METHODS.items() if not entry.square_grid])
 def test_every_method_carves_each_row_as_if_it_were_alone(family, carved, method):
     """Every method through the same hooks: a batch of four image sizes gives each row its single-row

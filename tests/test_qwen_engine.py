@@ -37,6 +37,23 @@ def test_engine_carves_each_native_size_image_on_its_own_count(qwen_model_dir):
     assert stock.visual_tokens_kept == stock.visual_tokens_in == counts[0]
 
 
+def test_the_1d_position_ablation_is_an_engine_setting_on_both_decode_paths(qwen_model_dir):
+    """`--positions 1d` (the harness's ablation) reaches the carver, decodes the same on the static
+    path as through generate(), and keeps the tokens the method keeps (only their positions move)."""
+    with pytest.raises(ValueError, match="positions"):
+        EngineConfig(model=qwen_model_dir, positions="2d")
+    images = [picture(200, 140, seed=1), picture(100, 60, seed=2)]
+    prompts = [None, "What is it?"]
+    runs = {}
+    for positions, decode in (("1d", "static"), ("1d", "generate"), ("3d", "static")):
+        config = EngineConfig(model=qwen_model_dir, keep=4, max_new_tokens=6, positions=positions, decode=decode)
+        engine = CaptionEngine(config)
+        assert engine.model.tokencarve.config.positions == positions
+        runs[positions, decode] = [(c.caption, c.visual_tokens_kept) for c in engine.caption(images, prompts)]
+    assert runs["1d", "static"] == runs["1d", "generate"]
+    assert [kept for _, kept in runs["1d", "static"]] == [kept for _, kept in runs["3d", "static"]] == [4, 4]
+
+
 def test_the_cpu_stage_resizes_to_the_processors_own_grid_and_refuses_what_it_cannot_take(qwen_model_dir):
     """The job's CPU stage ships each image at its native size: the processor then sees the same
     pixels as from the original (its resize is the identity), and an image it cannot take is a row error."""

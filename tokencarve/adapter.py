@@ -42,8 +42,10 @@ from . import methods
 from .attention import last_token_attention
 from .budgets import Adaptive
 from .core import CarveResult
-from .families import ImageSpans, family_of, image_spans
+from .families import ImageSpans, family_of, image_spans, text_positions
 from .repack import Repacked, repack
+
+CARVE_POSITIONS = ("3d", "1d")  # CarveConfig.positions: the method's, and the 1-D ablation
 
 
 @dataclass(frozen=True)
@@ -54,13 +56,18 @@ class CarveConfig:
     methods.ADAPTIVE only, tokencarve.budgets) or None for the stock model (nothing carved, the figures
     still measured); layer: K, the cut sits before decoder layer K (after K layers); attention_weight:
     w in the rank fusion; method: a name of tokencarve.methods.REGISTRY, by default "tokencarve" (the
-    paper's method); seed: the random method's."""
+    paper's method); seed: the random method's; positions: what rotary positions the layers after the
+    cut give the kept tokens of an mRoPE model (Qwen-VL): "3d", their own 3-D rows (the method), or
+    "1d", an ablation: each kept token at its 1-D index in the uncompressed sequence on all three axes,
+    as a carve written for LLaVA would place it (the slip a port makes silently; decoding unchanged).
+    1-D families are unaffected."""
 
     keep: int | float | Adaptive | None = 64
     layer: int = 2
     attention_weight: float = 0.5
     method: str = "tokencarve"
     seed: int = 0
+    positions: str = "3d"
 
     def __post_init__(self):
         fraction = isinstance(self.keep, float) and 0.0 < self.keep < 1.0
@@ -85,6 +92,8 @@ class CarveConfig:
             raise ValueError(f"CarveConfig.method must be one of {methods.METHODS}, got {self.method!r}")
         if isinstance(self.keep, Adaptive):
             methods.check_adaptive(self.method)
+        if self.positions not in CARVE_POSITIONS:
+            raise ValueError(f"CarveConfig.positions must be one of {CARVE_POSITIONS}, got {self.positions!r}")
 
     def budget(self, num_tokens: int) -> int:
         """Tokens to keep of an image with `num_tokens` visual tokens (>= num_tokens: left uncarved).
@@ -379,20 +388,23 @@ class TokenCarver:
 
         mRoPE: the rotary tables come from the kept tokens' original 3-D rows (the last three), and the
         layers' `position_ids` is the gathered 1-D text row where the model had one (else None, as stock)."""
-        rotary_positions = text_positions = packed.position_ids
+        rotary_positions = text_row = packed.position_ids
         if self.family.mrope:
             rotary_positions = packed.position_ids[-3:]
-            text_positions = packed.position_ids[0] if packed.position_ids.shape[0] == 4 else None
+            text_row = packed.position_ids[0] if packed.position_ids.shape[0] == 4 else None
+            if self.config.positions == "1d":  # the ablation: each kept token's 1-D sequence index
+                sequence = text_positions(self._prefill.mask_2d).gather(1, packed.order)
+                rotary_positions = sequence.unsqueeze(0).expand(3, -1, -1)
         causal_mask = create_causal_mask(
             config=self.language_model.config,
             inputs_embeds=packed.hidden,
             attention_mask=packed.mask_2d,
-            position_ids=text_positions,
+            position_ids=text_row,
             **{_MASK_CACHE_ARGUMENT: None},  # layers >= K start empty: mask the kept tokens among themselves
         )
         return {
             "attention_mask": causal_mask,
-            "position_ids": text_positions,
+            "position_ids": text_row,
             "position_embeddings": self.language_model.rotary_emb(packed.hidden, position_ids=rotary_positions),
         }
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 import tokencarve
 from tokencarve import CarveConfig, load_llava
-from tokencarve.adapter import CarveStats
+from tokencarve.adapter import CARVE_POSITIONS, CarveStats
 from tokencarve.budgets import Adaptive
 from tokencarve.budgets import parse_budget as parse_budget  # the one parser of a written budget, re-exported
 from tokencarve.decode import Prefill, StaticDecoder, check_greedy, eos_ids
@@ -61,6 +61,12 @@ class EngineConfig:
     )
     method: str = _setting(DEFAULT_METHOD, "token selection (none: the stock model)", choices=METHODS)
     layer: int = _setting(2, "the cut sits before this decoder layer (after that many layers)")
+    # an ablation for mRoPE models (CarveConfig.positions): "1d" places kept tokens as a LLaVA carve would
+    positions: str = _setting(
+        "3d",
+        "mRoPE models: the kept tokens' positions after the cut: 3d (their own), 1d (ablation: 1-D sequence index)",
+        choices=CARVE_POSITIONS,
+    )
     max_new_tokens: int = _setting(64, "the most tokens generated per row")
     device: str = _setting("auto", "auto: cuda if available")
     dtype: str = _setting("auto", "auto: bfloat16 on cuda, float32 on cpu")
@@ -131,7 +137,8 @@ class EngineConfig:
         if self.calibration_rows < 1:
             raise ValueError("calibration_rows must be >= 1")
         if self.method != "none":
-            CarveConfig(keep=self.keep, layer=self.layer, method=self.method)  # validates keep/layer early
+            # validates keep / layer / positions early
+            CarveConfig(keep=self.keep, layer=self.layer, method=self.method, positions=self.positions)
 
     @property
     def model_name(self) -> str:
@@ -151,6 +158,7 @@ class EngineConfig:
             layer=self.layer,
             method="tokencarve" if self.method == "none" else self.method,
             seed=self.seed,
+            positions=self.positions,
         )
 
 

@@ -107,6 +107,7 @@ def main(argv=None) -> dict:
         "data": args.data or args.questions,
         "questions": len(questions),
         "layer": args.layer,
+        "positions": args.positions,
         "calibration_rows": args.calibration_rows,
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
