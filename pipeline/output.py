@@ -203,10 +203,11 @@ class Output:
             self._schema = output_schema(tuple(settings.get("carry", ())))
         return self._schema
 
-    def claim(self, settings: dict) -> None:
+    def claim(self, settings: dict, defaults: dict | None = None) -> None:
         """Make the output this job's, or refuse: an output holds the rows of one setting only
         (a resumed run with another budget would mix two runs in one output and one summary), and of
-        one layout (FORMAT_VERSION)."""
+        one layout (FORMAT_VERSION). `defaults`: what a setting the held claim lacks stands for (one
+        added to the engine since the output was claimed: tokencarve.settings.claim_defaults)."""
         settings = json.loads(json.dumps(settings, default=str))  # as _job.json will hold it
         held = self.settings()
         if held is None:
@@ -220,6 +221,7 @@ class Output:
             return
         held = dict(held)
         _check_format(self.location, held.pop("format_version", None))
+        held |= {k: v for k, v in (defaults or {}).items() if k not in held and k in settings}
         if held != settings:
             raise SettingsMismatch(
                 f"{self.location} already holds rows written with {_headline(held)}; this run is "

@@ -17,7 +17,7 @@ from pipeline.job import CaptionJob
 from pipeline.output import FORMAT_VERSION, JOB_FILE, Output, SettingsMismatch
 from tokencarve.engine import DECODE_PATHS, DEFAULT_METHOD, EngineConfig
 from tokencarve.eval.__main__ import parse_args as eval_args
-from tokencarve.settings import RUNTIME_ONLY, claim_settings, engine_config_from_args
+from tokencarve.settings import RUNTIME_ONLY, claim_defaults, claim_settings, engine_config_from_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,6 +103,26 @@ def test_the_claim_records_the_models_identity_and_the_whole_setting(tmp_path):
     (Path(a) / "model.safetensors").write_bytes(b"\0" * 12)
     with pytest.raises(SettingsMismatch, match="model_fingerprint"):
         out.claim(CaptionJob(inputs=[], output=out.location, engine=EngineConfig(model=a)).settings())
+
+
+def test_an_output_claimed_before_a_setting_existed_resumes_at_its_default(tmp_path):
+    """An upgrade that adds an engine setting (`positions`, say) must not strand a half-written corpus:
+    the older claim lacks the setting and was written as its default writes, so a rerun at the
+    default resumes it, and a rerun that sets it otherwise is still refused."""
+    a = str(tmp_path / "model-a")
+    Path(a).mkdir()
+    (Path(a) / "config.json").write_text('{"model_type": "llava"}')
+    out = Output(str(tmp_path / "out"))
+    settings = CaptionJob(inputs=[], output=out.location, engine=EngineConfig(model=a)).settings()
+    older = {k: v for k, v in settings.items() if k != "positions"}
+    Path(out.location).mkdir()
+    (Path(out.location) / JOB_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, **older}))
+    with pytest.raises(SettingsMismatch, match="positions"):
+        out.claim(settings)  # without the defaults: the missing key is a difference
+    out.claim(settings, claim_defaults())
+    changed = CaptionJob(inputs=[], output=out.location, engine=EngineConfig(model=a, positions="1d"))
+    with pytest.raises(SettingsMismatch, match="positions: '3d' then, '1d' now"):
+        out.claim(changed.settings(), claim_defaults())
 
 
 @pytest.mark.parametrize("version, advice", [(FORMAT_VERSION - 1, "older version"), (FORMAT_VERSION + 1, "upgrade")])

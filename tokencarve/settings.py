@@ -89,6 +89,18 @@ def claim_settings(config: EngineConfig) -> dict:
     }
 
 
+def claim_defaults() -> dict:
+    """Each claimed setting's default, as a claim records it. An output claimed before a setting
+    existed lacks it and was written as that default writes, so a resumed run at the default matches
+    it (`pipeline.output.Output.claim`); a run that sets it otherwise does not."""
+    engine = {
+        f.name: f.default
+        for f in dataclasses.fields(EngineConfig)
+        if f.default is not dataclasses.MISSING and f.name not in RUNTIME_ONLY | {"model", "method", "keep"}
+    }
+    return json.loads(json.dumps(engine, default=str))
+
+
 def model_identity(model: str) -> dict:
     """A local folder: its resolved path and fingerprint. A hub id: the id, and the revision and
     fingerprint of its snapshot in the local Hugging Face cache (None for both when it is not cached:
