@@ -556,10 +556,10 @@ def warm_start(model: torch.nn.Module, tokenizer, source_path: str | Path, new_t
 
 
 def clip_features(source, images) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the CLIP tower's embeddings after its pre-norm, its last hidden states) for 336-px images."""
-    tower = source.model.vision_tower
-    out = tower(pixel_values(images), output_hidden_states=True)
-    return out.hidden_states[0], out.hidden_states[-1]
+    """(the CLIP tower's raw embeddings, patch + position, before its pre-norm; its last hidden
+    states, what the projector reads) for 336-px images."""
+    tower, pixels = source.model.vision_tower, pixel_values(images)
+    return tower.embeddings(pixels), tower(pixels).last_hidden_state
 
 
 @torch.no_grad()
@@ -587,11 +587,10 @@ def clip_to_qwen_tower(model, source, calibration_scenes: int = 16) -> int:
         raise ValueError("the Qwen tower needs the CLIP tower's width and activation to be carried over")
     rng = random.Random(0)
     images = [render(random_scene(rng, variant="hard"), rng) for _ in range(calibration_scenes)]
-    embedded, last = clip_features(source, images)
+    raw, last = clip_features(source, images)
     width = clip.config.hidden_size
     centre = torch.eye(width) - 1.0 / width  # x -> x - mean(x) over channels
     # the pre-LayerNorm's per-token spread, measured on CLIP's raw embeddings (patch + position)
-    raw = clip.embeddings(pixel_values(images))
     spread = raw[:, 1:].std(-1, unbiased=False).median()
     pre = clip.pre_layrnorm
     weight = clip.embeddings.patch_embedding.weight  # [width, 3, p, p]
