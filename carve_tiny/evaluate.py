@@ -24,7 +24,6 @@ from collections import Counter
 import torch
 from PIL import Image
 
-import tokencarve
 from tokencarve import load_llava
 from tokencarve.engine import CaptionEngine, EngineConfig
 from tokencarve.eval.scoring import normalize, summarize
@@ -71,7 +70,7 @@ def generate_answers(model, processor, images, prompts, batch_size: int = 16, ma
             for c in engine.caption(images[start : start + batch_size], prompts[start : start + batch_size])
         ]
     finally:
-        tokencarve.remove(model)  # the caller's model, as it was
+        engine.close()  # the caller's model, as it was
 
 
 def control_images(questions: list[dict], control: str) -> list[Image.Image]:

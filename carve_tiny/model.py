@@ -37,11 +37,10 @@ from transformers import (
 )
 from transformers.models.clip import CLIPImageProcessorPil  # the PIL backend: no torchvision needed
 
-from .scenes import SIZE, words
+from .scenes import PATCH, SIZE, words
 
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 PAD, BOS, EOS, UNK, IMAGE = range(len(SPECIALS))
-PATCH = 14
 IMAGE_TOKENS = (SIZE // PATCH) ** 2  # 576
 TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

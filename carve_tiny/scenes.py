@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 SIZE = 336  # LLaVA-1.5's input size; 336 / 14 = 24 x 24 = 576 patches
+PATCH = 14  # the towers' patch side (CLIP ViT-L/14, Qwen-VL): objects sit on this grid
 CELL = SIZE // 3  # 112 px; cell centres (56, 168, 280) lie on the 14-px patch grid
 SHAPES = ("circle", "square", "triangle", "diamond", "star")
 COLOURS = {
@@ -162,18 +163,22 @@ def render(scene: Scene, rng: random.Random, with_masks: bool = False, size: tup
     """Draw the scene; `rng` only moves objects by whole patches (up to 2) within their cells.
 
     `size` (width, height), default SIZE x SIZE: the scene is rendered natively at that size, not drawn
-    at 336 and resized: cell centres scale with each side, objects, moves and the text scale with the
-    shorter side (so a circle stays a circle at any aspect ratio), texture and sensor noise are drawn
-    per pixel of the output. A resize would blur the noise and squash shapes on non-square images,
-    and scaling the geometry is a few multiplications; at 336 x 336 the arithmetic is exactly the
-    unscaled one (same integers, same draws from `rng`), so default renders are byte-identical.
+    at 336 and resized. The 3 x 3 grid of cells spans the image; objects and the text keep their
+    336-px pixel sizes and stay on the 14-px patch grid (each cell's centre snapped to the nearest
+    patch corner), so a patch shows what it shows at 336 at every size: a larger image is a wider
+    view of the same kind of objects, a smaller one a tighter one. A move that would take an object
+    out of its cell is cut short, and in the smallest cells (224 px images: 75 px) a large object
+    shrinks by the few pixels it needs to fit. A resize instead would blur the noise, squash shapes on
+    non-square images and put objects off the patch grid, where carve-tiny-hard's tower has never
+    seen them (the carried tower then has to relearn shapes, which an hour on a CPU does not allow).
+    At 336 x 336 nothing moves or shrinks (same integers, same draws from `rng`), so default
+    renders are byte-identical.
 
     With `with_masks`, also return an "L" image of the same size where object k (0-based, in
     `scene.things` order) is painted with value k + 1, and the text's bounding box with 255 (the
     training script derives per-patch targets from it). The scene image is the same either way."""
     kind = variant_of(scene.variant)
     width, height = size or (SIZE, SIZE)
-    scale = min(width, height) / SIZE
     if kind.textured:
         image = textured_background(scene.background, rng, (width, height))
     else:
@@ -181,17 +186,14 @@ def render(scene: Scene, rng: random.Random, with_masks: bool = False, size: tup
     draw = ImageDraw.Draw(image)
     mask = Image.new("L", (width, height), 0) if with_masks else None
     for index, thing in enumerate(scene.things):
-        radius = round(kind.radius[thing.size] * scale)
-        cx, cy = cell_centre(thing.cell, (width, height))  # a patch corner at 336 x 336
-        shift = 7 if thing.size == "small" else 0  # small: centre of a patch
         low, high = (-2, 1) if thing.size == "small" else kind.moves
-        dx, dy = shift + 14 * rng.randint(low, high), shift + 14 * rng.randint(low, high)
-        cx, cy = cx + round(dx * scale), cy + round(dy * scale)
+        moves = rng.randint(low, high), rng.randint(low, high)
+        cx, cy, radius = _place(thing, kind.radius[thing.size], moves, (width, height))
         _draw_shape(draw, thing.shape, cx, cy, radius, COLOURS[thing.colour])
         if mask is not None:
             _draw_shape(ImageDraw.Draw(mask), thing.shape, cx, cy, radius, index + 1)
     if scene.text is not None:
-        font, centre = _font(round(FONT_SIZE * scale)), cell_centre(scene.text_cell, (width, height))
+        font, centre = _font(FONT_SIZE), _on_patch_grid(cell_centre(scene.text_cell, (width, height)))
         draw.text(centre, scene.text, fill=TEXT_COLOUR, font=font, anchor="mm")
         if mask is not None:
             box = draw.textbbox(centre, scene.text, font=font, anchor="mm")
@@ -199,6 +201,32 @@ def render(scene: Scene, rng: random.Random, with_masks: bool = False, size: tup
     if kind.textured:  # sensor-like noise over everything, objects included: no two patches are identical
         image = _add_noise(image, rng, sigma=4.0)
     return (image, mask) if with_masks else image
+
+
+def _on_patch_grid(point: tuple[int, int]) -> tuple[int, int]:
+    """The nearest patch corner (at 336 x 336 every cell centre already is one)."""
+    return PATCH * round(point[0] / PATCH), PATCH * round(point[1] / PATCH)
+
+
+def _place(thing: Thing, radius: int, moves: tuple[int, int], size: tuple[int, int]) -> tuple[int, int, int]:
+    """(cx, cy, radius) of an object in an image of `size`: its cell's centre on the patch grid (a
+    small one in the middle of the patch below-right of it), moved by `moves` whole patches as far as
+    the cell allows, the radius cut to what the cell allows around that centre (unchanged at 336)."""
+    width, height = size
+    shift = PATCH // 2 if thing.size == "small" else 0
+    anchor = [c + shift for c in _on_patch_grid(cell_centre(thing.cell, size))]
+    column, row = thing.cell % 3, thing.cell // 3
+    # the cell's first and last pixel on each axis (the image splits into thirds, as the questions do)
+    bounds = [
+        (math.ceil(column * width / 3), math.ceil((column + 1) * width / 3) - 1),
+        (math.ceil(row * height / 3), math.ceil((row + 1) * height / 3) - 1),
+    ]
+    radius = min(radius, *(min(a - lo, hi - a) for a, (lo, hi) in zip(anchor, bounds)))
+    centre = []
+    for a, (lo, hi), k in zip(anchor, bounds, moves):
+        fits = [m for m in range(-abs(k), abs(k) + 1) if lo <= a + PATCH * m - radius and a + PATCH * m + radius <= hi]
+        centre.append(a + PATCH * min(fits, key=lambda m: abs(m - k)))
+    return centre[0], centre[1], radius
 
 
 TEXTURES = ("noise", "stripes", "checker", "blotches")

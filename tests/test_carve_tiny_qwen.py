@@ -49,13 +49,16 @@ def test_native_sizes_keep_answers_and_vary_the_image(tmp_path):
         scenes.parse_sizes("200-448")
 
 
-@pytest.mark.parametrize("size", [(224, 448), (448, 224), (336, 336), (252, 392)])
-def test_native_render_puts_every_object_in_its_cell(size):
-    """Rendered at the size, not resized: objects in their cell of the 3 x 3 grid of that image, in
-    their exact colour (shapes keep their aspect: the radius scales with the shorter side)."""
+@pytest.mark.parametrize("size", [(224, 448), (448, 224), (336, 336), (252, 392), (224, 224)])
+def test_native_render_keeps_objects_in_their_cell_on_the_patch_grid_at_their_size(size):
+    """Rendered at the size, not resized: every object inside its cell of the 3 x 3 grid of that image,
+    in its exact colour, at its 336-px size (a large one at most 2 px smaller in the smallest cells)
+    and on the 14-px patch grid as at 336 (centred on a patch corner, a small one on a patch centre),
+    so that a patch shows what it shows at 336 whatever the image's size."""
     rng = random.Random(4)
     width, height = size
-    for _ in range(6):
+    radius = scenes.VARIANTS["hard"].radius
+    for _ in range(8):
         scene = scenes.random_scene(rng, variant="hard")
         image, mask = scenes.render(scene, rng, with_masks=True, size=size)
         assert image.size == mask.size == size
@@ -67,9 +70,12 @@ def test_native_render_puts_every_object_in_its_cell(size):
             assert cells == {thing.cell}
             colour = pixels[ys, xs].mean(0)  # the sensor noise averages out
             assert np.abs(colour - np.array(scenes.COLOURS[thing.colour])).max() < 4
-            extent = (ys.max() - ys.min() + 1, xs.max() - xs.min() + 1)
-            if thing.shape in ("circle", "square", "diamond"):
-                assert abs(extent[0] - extent[1]) <= 1
+            if thing.shape in ("circle", "diamond"):  # drawn from cx - r to cx + r on both axes
+                shift = scenes.PATCH // 2 if thing.size == "small" else 0
+                for low, high in ((xs.min(), xs.max()), (ys.min(), ys.max())):
+                    assert (low + high) % 2 == 0 and ((low + high) // 2 - shift) % scenes.PATCH == 0
+                    assert radius[thing.size] - (2 if thing.size == "large" else 0) <= (high - low) // 2
+                    assert (high - low) // 2 <= radius[thing.size]
 
 
 # ---------------------------------------------------------------- the model and its training layout

@@ -195,9 +195,34 @@ def test_the_harness_stock_setting_is_the_stock_model(bundled):
     try:
         result = runner.Evaluator(engine, batch_size=3).run(qs, runner.Setting("none", None))
     finally:
-        tokencarve.remove(model)
+        engine.close()
     assert [r["prediction"] for r in result["records"]] == stock
     assert result["summary"]["information"]["visual_tokens"] == 576
+
+
+def test_an_engine_over_a_callers_model_leaves_it_as_given(bundled):
+    """close() takes the engine's timing hooks and its carve off the caller's model (a model outlives
+    the engines made over it: carve_tiny.evaluate makes one per call); a carve the caller put on
+    stays."""
+    from tokencarve.engine import CaptionEngine, EngineConfig
+
+    model, processor = bundled
+    image = question_files.read_parquet(SAMPLE, limit=1)[0].image
+    before = len(model._forward_hooks), len(model._forward_pre_hooks)
+    config = EngineConfig(model="carve-tiny", keep=64, max_new_tokens=4)
+    for _ in range(3):
+        engine = CaptionEngine(config, model=model, processor=processor)
+        assert tokencarve.is_applied(model)
+        assert engine.caption([image], ["Describe the image."])[0].visual_tokens_kept == 64
+        engine.close()
+        assert not tokencarve.is_applied(model)
+        assert (len(model._forward_hooks), len(model._forward_pre_hooks)) == before
+    tokencarve.apply(model, CarveConfig(keep=32))
+    try:
+        CaptionEngine(config, model=model, processor=processor).close()
+        assert tokencarve.is_applied(model) and (len(model._forward_hooks), len(model._forward_pre_hooks)) == before
+    finally:
+        tokencarve.remove(model)
 
 
 @pytest.mark.parametrize("method", ["tokencarve", "pool"])

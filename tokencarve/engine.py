@@ -309,8 +309,13 @@ class _ForwardTimer:
 
     def __init__(self, model):
         self.model, self.durations, self._started = model, [], 0.0
-        model.register_forward_pre_hook(self._start)
-        model.register_forward_hook(self._stop)
+        self._hooks = [model.register_forward_pre_hook(self._start), model.register_forward_hook(self._stop)]
+
+    def remove(self) -> None:
+        """Off the model: a model outlives the engines made over it (an evaluation makes one per call)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     def _sync(self):
         if self.model.device.type == "cuda":
@@ -336,11 +341,13 @@ class CaptionEngine:
             )
         processor.tokenizer.padding_side = "left"  # batched generate() continues every row from its last token
         self.model, self.processor = model, processor
-        if not tokencarve.is_applied(model):
+        already_carved = tokencarve.is_applied(model)
+        if not already_carved:
             tokencarve.apply(model, config.carve_config)
         self.inputs = ModelInputs(config, self.processor, self.model.config)
         self.model_name = config.model_name
         self._timer = _ForwardTimer(self.model)
+        self._applied_carve = not already_carved
         self.decoder = None  # the static path's decode loop (tokencarve.decode); None: generate()
         if config.decode == "static":
             check_greedy(self.model.generation_config)
@@ -398,6 +405,13 @@ class CaptionEngine:
         if not curves:
             raise ValueError(f"nothing to calibrate {budget} on: no image had more than max={budget.max} tokens")
         return budget.calibrated(torch.cat(curves))
+
+    def close(self) -> None:
+        """Leave the caller's model as it was given: the timing hooks off, and the carve off if this
+        engine put it on. An engine that loaded its own model need not be closed."""
+        self._timer.remove()
+        if self._applied_carve and tokencarve.is_applied(self.model):
+            tokencarve.remove(self.model)
 
     def _model_inputs(self, images, prompts) -> dict:
         """The processor's tensors for rows of (image, prompt), on the model's device and dtype."""
