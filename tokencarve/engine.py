@@ -341,13 +341,12 @@ class CaptionEngine:
             )
         processor.tokenizer.padding_side = "left"  # batched generate() continues every row from its last token
         self.model, self.processor = model, processor
-        already_carved = tokencarve.is_applied(model)
-        if not already_carved:
+        self._applied_carve = not tokencarve.is_applied(model)  # close() takes off only a carve of its own
+        if self._applied_carve:
             tokencarve.apply(model, config.carve_config)
         self.inputs = ModelInputs(config, self.processor, self.model.config)
         self.model_name = config.model_name
         self._timer = _ForwardTimer(self.model)
-        self._applied_carve = not already_carved
         self.decoder = None  # the static path's decode loop (tokencarve.decode); None: generate()
         if config.decode == "static":
             check_greedy(self.model.generation_config)
