@@ -15,6 +15,7 @@ time, so the share is if anything overstated.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -70,9 +71,14 @@ def run(batches, repeats: int, device: str, dtype) -> tuple[list[dict], float]:
     rows = []
     for batch in batches:
         hidden, attention = hidden_states(batch, device, dtype)
+        side = math.isqrt(TOKENS)  # LLaVA-1.5's 24 x 24 grid, which volume-spatial reads (the others ignore it)
+        index = torch.arange(TOKENS, device=device)
+        grid = torch.stack([index // side, index % side], -1).expand(batch, -1, -1)
         for keep in BUDGETS:
             for method in tokencarve.METHODS:
-                seconds = median_seconds(lambda: reduce_tokens(hidden, attention, keep, method=method), repeats, device)
+                seconds = median_seconds(
+                    lambda: reduce_tokens(hidden, attention, keep, method=method, grid=grid), repeats, device
+                )
                 rows.append(
                     dict(
                         batch=batch,

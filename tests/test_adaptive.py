@@ -164,7 +164,7 @@ def test_every_other_method_refuses_an_adaptive_budget():
             methods.reduce_tokens(varied_images(1), torch.zeros(1, N), budget, method=method)
         with pytest.raises(ValueError, match="not an adaptive budget"):
             EngineConfig(model="m", method=method, keep=budget)
-    assert methods.ADAPTIVE == ("volume", "volume-merge", "dpp")
+    assert methods.ADAPTIVE == ("volume", "volume-spatial", "volume-merge", "dpp")
     EngineConfig(model="m", method="none", keep=budget)  # the stock model ignores the budget
 
 

@@ -98,7 +98,9 @@ def test_reduce_tokens_dispatches_and_keeps_tokencarve_exact():
         CarveConfig(method="magic")
 
 
-@pytest.mark.parametrize("method", ["fastv", "pool", "volume", "dpp"])  # baselines and the set selections
+@pytest.mark.parametrize(
+    "method", ["fastv", "pool", "volume", "volume-spatial", "dpp"]
+)  # baselines and the set selections
 def test_other_methods_through_the_adapter_are_batch_invariant(sdpa_model, carved, method):
     carved(keep=48, method=method)
     inputs = batch()
@@ -111,6 +113,23 @@ def test_other_methods_through_the_adapter_are_batch_invariant(sdpa_model, carve
         alone_tokens, _ = generate(sdpa_model, single(inputs, row), steps=10)
         assert torch.equal(sdpa_model.tokencarve.last_stats.images[0].index, batched[row].index)
         assert torch.equal(alone_tokens[0], tokens[row])
+
+
+def test_the_adapter_gives_volume_spatial_llava_15s_square_grid(sdpa_model, carved, monkeypatch):
+    """Each token's place is its (row, column) on the 24 x 24 grid, and only the method that reads it
+    gets one."""
+    grids = []
+    reduce_tokens = methods.reduce_tokens
+    monkeypatch.setattr(methods, "reduce_tokens", lambda *a, **k: grids.append(k["grid"]) or reduce_tokens(*a, **k))
+    carved(keep=48, method="volume-spatial")
+    generate(sdpa_model, batch(), steps=1)
+    index = torch.arange(N)
+    assert len(grids) == 1 and torch.equal(
+        grids[0], torch.stack([index // 24, index % 24], -1).expand(len(PROMPTS), -1, -1)
+    )
+    sdpa_model.tokencarve.reconfigure(CarveConfig(layer=CUT, keep=48, method="volume"))
+    generate(sdpa_model, batch(), steps=1)
+    assert grids[1] is None
 
 
 def test_fastv_through_the_adapter_keeps_the_attention_modes_top_tokens(sdpa_model, carved):

@@ -176,6 +176,25 @@ def test_every_method_carves_each_row_as_if_it_were_alone(family, carved, method
         assert tokens[0].tolist() == batched[row].tolist()
 
 
+def test_volume_spatial_gets_each_tokens_place_from_its_3d_position(family, carved, monkeypatch):
+    """The grid the adapter passes is each image's own (row, column) grid, from image_grid_thw, offset
+    by where the image starts (distances do not see it): four image shapes, four grids."""
+    grids = []
+    reduce_tokens = tokencarve.methods.reduce_tokens
+    monkeypatch.setattr(
+        tokencarve.methods, "reduce_tokens", lambda *a, **k: grids.append(k["grid"]) or reduce_tokens(*a, **k)
+    )
+    carved(keep=0.25, method="volume-spatial")
+    generate(family["sdpa"], family["batch"], 1)
+    merge = family["sdpa"].config.vision_config.spatial_merge_size
+    shapes = [(int(h) // merge, int(w) // merge) for _, h, w in family["batch"]["image_grid_thw"]]
+    assert len(grids) == len(ROWS)  # four token counts: one core call each
+    for grid, (height, width) in zip(grids, shapes):
+        index = torch.arange(height * width)
+        expected = torch.stack([index // width, index % width], -1)
+        assert torch.equal(grid[0] - grid[0].amin(0), expected)
+
+
 def test_several_images_in_one_prompt_and_a_text_only_prompt(family, carved):
     model, processor = family["sdpa"], family["processor"]
     two = chat_prompt(processor, "w1 w2").replace(

@@ -51,6 +51,18 @@ def brute_force_pivots(gram, keep):
     return picked
 
 
+def square_grid(batch_size, side=24):
+    """Each token's (row, column) on LLaVA-1.5's 24 x 24 grid, [B, 576, 2]."""
+    index = torch.arange(side * side)
+    return torch.stack([index // side, index % side], -1).expand(batch_size, -1, -1)
+
+
+def adjacent_pairs(kept, side=24):
+    """How many pairs of kept tokens are neighbours (left-right or up-down) on the grid."""
+    kept = set(kept)
+    return sum((i + 1 in kept and (i + 1) % side != 0) + (i + side in kept) for i in kept)
+
+
 def brute_force_maxmin(hidden, keep):
     unit = F.normalize(hidden.float(), dim=-1)
     distance = 1 - unit @ unit.T
@@ -82,6 +94,53 @@ def test_greedy_pivots_past_the_rank_follow_the_fallback_and_never_repeat():
     assert order[4:] == rest[:8]  # rank used up after 4 picks: then the fallback's order
 
 
+def test_volume_spatial_is_greedy_volume_of_features_and_place():
+    """volume-spatial = greedy volume on rows [centred h_i, place feature of i], i.e. on the centred
+    Gram plus SPATIAL_WEIGHT x the mean token energy x the place kernel, built here from its
+    definition; without a grid it is volume, pick for pick."""
+    hidden, _ = scene_rows(batch_size=2)
+    grid = square_grid(2)
+    order = selection.greedy_pivots(selection.volume_spatial_gram(hidden, grid), 40)
+    place = grid[0].double()
+    distance = ((place[:, None] - place[None]) ** 2).sum(-1)
+    kernel = torch.exp(-distance / (2 * selection.SPATIAL_WIDTH**2))
+    for b in range(2):
+        rows = (hidden[b] - hidden[b].mean(0)).double()
+        gram = rows @ rows.T
+        gram = gram + selection.SPATIAL_WEIGHT * gram.diagonal().mean() * kernel
+        assert order[b].tolist() == brute_force_pivots(gram, 40)
+        assert methods.reduce_tokens(hidden, hidden.new_zeros(2, N), 40, method="volume-spatial", grid=grid).index[
+            b
+        ].tolist() == sorted(order[b].tolist())
+    plain = methods.reduce_tokens(hidden, hidden.new_zeros(2, N), 40, method="volume-spatial")
+    assert torch.equal(plain.index, methods.reduce_tokens(hidden, hidden.new_zeros(2, N), 40, method="volume").index)
+
+
+def test_volume_spatial_spreads_its_picks_where_volume_crowds_them():
+    """Three large objects (6 x 6 tokens, near-copies of their own direction): volume spends its
+    budget on neighbouring tokens of the same object, volume-spatial on tokens that are not
+    neighbours (each pick explains part of the tokens around it), so a budget covers more ground."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(32, generator=generator) * 3 + 0.05 * torch.randn(3, N, 32, generator=generator)
+    for b in range(3):
+        for top, left in [(2, 2), (2, 16), (16, 2)]:
+            thing = torch.randn(32, generator=generator) * 2
+            for row in range(top, top + 6):
+                span = slice(row * 24 + left, row * 24 + left + 6)
+                hidden[b, span] += thing + 0.3 * torch.randn(6, 32, generator=generator)
+    attention = hidden.new_zeros(3, N)
+    volume = methods.reduce_tokens(hidden, attention, 32, method="volume")
+    spatial = methods.reduce_tokens(hidden, attention, 32, method="volume-spatial", grid=square_grid(3))
+    for b in range(3):
+        assert adjacent_pairs(spatial.index[b].tolist()) < adjacent_pairs(volume.index[b].tolist()) / 2
+
+
+def test_methods_refuse_a_grid_of_the_wrong_shape():
+    hidden, _ = scene_rows(batch_size=2)
+    with pytest.raises(ValueError, match="grid must be"):
+        methods.reduce_tokens(hidden, hidden.new_zeros(2, N), 16, method="volume-spatial", grid=square_grid(1))
+
+
 def test_divprune_is_max_min_diversity():
     hidden, _ = scene_rows(batch_size=2)
     order = selection.divprune_order(hidden, 24)
@@ -89,14 +148,14 @@ def test_divprune_is_max_min_diversity():
         assert order[b].tolist() == brute_force_maxmin(hidden[b], 24)
 
 
-@pytest.mark.parametrize("method", ["volume", "dpp", "divprune"])
+@pytest.mark.parametrize("method", ["volume", "volume-spatial", "dpp", "divprune"])
 def test_selections_keep_every_object_where_scores_keep_copies(method):
     """Six objects (1-12 tokens each) on a noisy background: with 16 tokens, a set selection keeps
     at least one token of every object; the paper's information ranking spends the budget on the
     copies of the largest objects."""
     hidden, objects = scene_rows(batch_size=3)
     attention = torch.full(hidden.shape[:2], 1.0 / N)
-    result = methods.reduce_tokens(hidden, attention, 16, method=method)
+    result = methods.reduce_tokens(hidden, attention, 16, method=method, grid=square_grid(3))
     for b, spans in enumerate(objects):
         kept = set(result.index[b].tolist())
         assert all(kept & span for span in spans), method
@@ -139,14 +198,15 @@ def test_debiased_attention_removes_the_recency_trend_and_sinks():
 def test_selections_are_valid_and_batch_invariant(method):
     hidden, _ = scene_rows(batch_size=3)
     attention = torch.rand(3, N, generator=torch.Generator().manual_seed(5)).softmax(-1)
+    grid = square_grid(3)  # read by volume-spatial only
     for keep in (192, 64, 1):
-        together = methods.reduce_tokens(hidden, attention, keep, method=method)
+        together = methods.reduce_tokens(hidden, attention, keep, method=method, grid=grid)
         assert together.index.shape == (3, keep) and (together.index.diff(dim=1) > 0).all()
         assert together.hidden.shape == (3, keep, hidden.shape[-1])
         kept_slots = together.assignment.gather(1, together.index)
         assert kept_slots.tolist() == [list(range(keep))] * 3
         for b in range(3):
-            alone = methods.reduce_tokens(hidden[b : b + 1], attention[b : b + 1], keep, method=method)
+            alone = methods.reduce_tokens(hidden[b : b + 1], attention[b : b + 1], keep, method=method, grid=grid[:1])
             assert torch.equal(alone.index[0], together.index[b])
             torch.testing.assert_close(alone.hidden[0], together.hidden[b])
     assert methods.reduce_tokens(hidden, attention, N, method=method).index.shape == (3, N)  # identity

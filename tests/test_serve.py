@@ -63,7 +63,7 @@ def test_health_and_caption(server):
     body = reply.json()
     assert body["text"] and body["visual_tokens_in"] == 576 and body["visual_tokens_kept"] == 64
     assert body["kv_bytes_saved"] == body["kv_bytes_uncompressed"] - body["kv_bytes_held"] > 0
-    assert body["generated_tokens"] == 4 and body["method"] == DEFAULT_METHOD == "volume"
+    assert body["generated_tokens"] == 4 and body["method"] == DEFAULT_METHOD == "volume-spatial"
 
 
 def test_a_non_square_image_is_seen_as_the_batch_job_sees_it(server, tiny_model_dir):

@@ -424,6 +424,7 @@ class TokenCarver:
             rows = torch.tensor([spans.rows[i] for i in images], device=hidden.device).unsqueeze(1)
             positions = torch.stack([spans.positions[i] for i in images])
             n = positions.shape[1]
+            grid = self._token_grid(rows, positions)
             result = methods.reduce_tokens(
                 hidden[rows, positions],
                 attention[rows, positions] if attention is not None else hidden.new_zeros(positions.shape),
@@ -431,6 +432,7 @@ class TokenCarver:
                 method=cfg.method,
                 attention_weight=cfg.attention_weight,
                 seed=cfg.seed,
+                grid=grid,
             )
             if self._calibration is not None and result.shares is not None:
                 self._calibration.append(result.shares.detach().cpu())
@@ -438,6 +440,22 @@ class TokenCarver:
             kept_positions = positions.gather(1, result.index.clamp_min(0))
             groups.append(_Group(rows.expand_as(kept_positions), kept_positions, result, images, positions))
         return groups
+
+    def _token_grid(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """Each token's (row, column) on its image's token grid [B', N, 2], for the methods that read
+        it: on mRoPE models the height and width rows of its own 3-D position (offset by where the
+        image starts, which no distance sees); on LLaVA-1.5 its place in the square grid; None for
+        NeXT / OneVision (a base grid, tiles and newline tokens in one span)."""
+        if not methods.REGISTRY[self.config.method].uses_grid:
+            return None
+        if self.family.mrope:  # [3, B, L] (t, h, w) or [4, B, L] (text, t, h, w): h and w are the last two
+            height_width = self._prefill.position_ids[-2:, rows[:, 0]]  # [2, B', L]
+            return height_width.gather(2, positions.expand(2, -1, -1)).permute(1, 2, 0)
+        side = math.isqrt(positions.shape[1])
+        if self.tokens_per_image is None or side * side != positions.shape[1]:
+            return None
+        index = torch.arange(side * side, device=positions.device)
+        return torch.stack([index // side, index % side], -1).expand(positions.shape[0], -1, -1)
 
     def _record_uncarved(self, hidden: torch.Tensor) -> None:
         """What `_carve` records, for a forward that keeps every visual token (the core's identity)."""

@@ -17,10 +17,12 @@ from . import baselines, selection
 from .budgets import Adaptive
 from .core import CarveResult, carve_tokens, check_inputs
 
-# select(hidden [B, N, D], attention [B, N], keep, attention_weight, seed) for 1 <= keep < N
-Select = Callable[[torch.Tensor, torch.Tensor, int, float, int], CarveResult]
-# adaptive(hidden, attention, rule): a count per image from the energy its picks span (tokencarve.budgets)
-SelectAdaptive = Callable[[torch.Tensor, torch.Tensor, selection.Stopping], CarveResult]
+# select(hidden [B, N, D], attention [B, N], keep, attention_weight, seed, grid) for 1 <= keep < N;
+# grid [B, N, 2]: each token's row and column on its image's token grid, or None where the model's
+# images have no one grid (LLaVA-NeXT / OneVision); only the methods with uses_grid read it
+Select = Callable[[torch.Tensor, torch.Tensor, int, float, int, torch.Tensor | None], CarveResult]
+# adaptive(hidden, attention, rule, grid): a count per image from the energy its picks span (tokencarve.budgets)
+SelectAdaptive = Callable[[torch.Tensor, torch.Tensor, selection.Stopping, torch.Tensor | None], CarveResult]
 
 KINDS = {
     "paper": "the paper's ranking and its single-score ablations",
@@ -38,6 +40,7 @@ class Method:
     needs_attention: bool  # reads the last prompt token's attention row from layer K-1
     square_grid: bool  # needs a square token grid: LLaVA-1.5 only (NeXT / OneVision images are base + tiles)
     select: Select
+    uses_grid: bool = False  # reads each token's place on its image's grid (where a model has none: ignores it)
     # an adaptive budget (auto:64): methods whose greedy pick tracks the energy its picks leave out; None: refused
     adaptive: SelectAdaptive | None = None
 
@@ -52,7 +55,7 @@ REGISTRY: dict[str, Method] = {
             merges=True,
             needs_attention=True,
             square_grid=False,
-            select=lambda h, a, keep, w, seed: carve_tokens(h, a, keep, attention_weight=w),
+            select=lambda h, a, keep, w, seed, grid: carve_tokens(h, a, keep, attention_weight=w),
         ),
         Method(
             "information",
@@ -61,7 +64,7 @@ REGISTRY: dict[str, Method] = {
             merges=True,
             needs_attention=False,
             square_grid=False,
-            select=lambda h, a, keep, w, seed: carve_tokens(h, a, keep, attention_weight=0.0),
+            select=lambda h, a, keep, w, seed, grid: carve_tokens(h, a, keep, attention_weight=0.0),
         ),
         Method(
             "attention",
@@ -70,7 +73,7 @@ REGISTRY: dict[str, Method] = {
             merges=True,
             needs_attention=True,
             square_grid=False,
-            select=lambda h, a, keep, w, seed: carve_tokens(h, a, keep, attention_weight=1.0),
+            select=lambda h, a, keep, w, seed, grid: carve_tokens(h, a, keep, attention_weight=1.0),
         ),
         Method(
             "volume",
@@ -79,8 +82,20 @@ REGISTRY: dict[str, Method] = {
             merges=False,
             needs_attention=False,
             square_grid=False,
-            select=lambda h, a, keep, w, seed: selection.volume_tokens(h, keep),
-            adaptive=lambda h, a, rule: selection.volume_adaptive(h, rule),
+            select=lambda h, a, keep, w, seed, grid: selection.volume_tokens(h, keep),
+            adaptive=lambda h, a, rule, grid: selection.volume_adaptive(h, rule),
+        ),
+        Method(
+            "volume-spatial",
+            "selection",
+            "volume over what a token shows and where it is: picks spread over the image, so empty regions "
+            "keep a token (Qwen-VL and LLaVA-1.5 grids; elsewhere `volume`)",
+            merges=False,
+            needs_attention=False,
+            square_grid=False,
+            select=lambda h, a, keep, w, seed, grid: selection.volume_spatial_tokens(h, grid, keep),
+            adaptive=lambda h, a, rule, grid: selection.volume_spatial_adaptive(h, grid, rule),
+            uses_grid=True,
         ),
         Method(
             "volume-merge",
@@ -89,8 +104,8 @@ REGISTRY: dict[str, Method] = {
             merges=True,
             needs_attention=False,
             square_grid=False,
-            select=lambda h, a, keep, w, seed: selection.volume_merge_tokens(h, keep),
-            adaptive=lambda h, a, rule: selection.volume_merge_adaptive(h, rule),
+            select=lambda h, a, keep, w, seed, grid: selection.volume_merge_tokens(h, keep),
+            adaptive=lambda h, a, rule, grid: selection.volume_merge_adaptive(h, rule),
         ),
         Method(
             "dpp",
@@ -99,8 +114,8 @@ REGISTRY: dict[str, Method] = {
             merges=False,
             needs_attention=True,
             square_grid=False,
-            select=lambda h, a, keep, w, seed: selection.dpp_tokens(h, a, keep),
-            adaptive=selection.dpp_adaptive,
+            select=lambda h, a, keep, w, seed, grid: selection.dpp_tokens(h, a, keep),
+            adaptive=lambda h, a, rule, grid: selection.dpp_adaptive(h, a, rule),
         ),
         Method(
             "divprune",
@@ -109,7 +124,7 @@ REGISTRY: dict[str, Method] = {
             merges=False,
             needs_attention=False,
             square_grid=False,
-            select=lambda h, a, keep, w, seed: selection.divprune_tokens(h, keep),
+            select=lambda h, a, keep, w, seed, grid: selection.divprune_tokens(h, keep),
         ),
         Method(
             "debiased",
@@ -118,7 +133,7 @@ REGISTRY: dict[str, Method] = {
             merges=True,
             needs_attention=True,
             square_grid=False,
-            select=lambda h, a, keep, w, seed: selection.debiased_tokens(h, a, keep, attention_weight=w),
+            select=lambda h, a, keep, w, seed, grid: selection.debiased_tokens(h, a, keep, attention_weight=w),
         ),
         Method(
             "fastv",
@@ -127,7 +142,7 @@ REGISTRY: dict[str, Method] = {
             merges=False,
             needs_attention=True,
             square_grid=False,
-            select=lambda h, a, keep, w, seed: baselines.fastv_tokens(h, a, keep),
+            select=lambda h, a, keep, w, seed, grid: baselines.fastv_tokens(h, a, keep),
         ),
         Method(
             "random",
@@ -136,7 +151,7 @@ REGISTRY: dict[str, Method] = {
             merges=False,
             needs_attention=False,
             square_grid=False,
-            select=lambda h, a, keep, w, seed: baselines.random_tokens(h, keep, seed),
+            select=lambda h, a, keep, w, seed, grid: baselines.random_tokens(h, keep, seed),
         ),
         Method(
             "pool",
@@ -145,7 +160,7 @@ REGISTRY: dict[str, Method] = {
             merges=True,
             needs_attention=False,
             square_grid=True,
-            select=lambda h, a, keep, w, seed: baselines.pooled_tokens(h, keep),
+            select=lambda h, a, keep, w, seed, grid: baselines.pooled_tokens(h, keep),
         ),
     )
 }
@@ -188,23 +203,27 @@ def reduce_tokens(
     method: str = "tokencarve",
     attention_weight: float = 0.5,
     seed: int = 0,
+    grid: torch.Tensor | None = None,
 ) -> CarveResult:
     """Any method on a batch of images: hidden [B, N, D] and attention [B, N] in, `keep` tokens per
     image out (a `CarveResult`, as `core.carve_tokens` returns). keep >= N is the identity for every
     method. An adaptive budget (`Adaptive`, for the methods in ADAPTIVE) gives each image its own
     count: the result is padded to the largest, with `counts` and `shares` (CarveResult); max >= N is
-    the identity."""
+    the identity. grid [B, N, 2]: each token's row and column on its image's token grid, for the
+    methods that use it (`uses_grid`; the adapter passes it where the model has one)."""
     chosen = get(method)
+    if grid is not None and grid.shape != (*hidden.shape[:2], 2):
+        raise ValueError(f"grid must be [B, N, 2] (a row and a column per token), got {tuple(grid.shape)}")
     if isinstance(keep, Adaptive):
         check_adaptive(method)
         check_inputs(hidden, attention, keep.min)
         if keep.max >= hidden.shape[1]:
             return carve_tokens(hidden, attention, keep.max)
-        return chosen.adaptive(hidden, attention, keep.rule)
+        return chosen.adaptive(hidden, attention, keep.rule, grid)
     check_inputs(hidden, attention, keep)
     if keep >= hidden.shape[1]:
         return carve_tokens(hidden, attention, keep)
-    return chosen.select(hidden, attention, keep, attention_weight, seed)
+    return chosen.select(hidden, attention, keep, attention_weight, seed, grid)
 
 
 def markdown_table() -> str:

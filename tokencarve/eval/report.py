@@ -16,6 +16,7 @@ COLOURS = {
     "pool": "tab:brown",
     "volume": "tab:cyan",
     "volume-merge": "darkcyan",
+    "volume-spatial": "navy",
     "dpp": "tab:olive",
     "divprune": "tab:pink",
     "debiased": "tab:gray",
@@ -29,6 +30,7 @@ LINE_STYLES = {
     "pool": "d-.",
     "volume": "P-",
     "volume-merge": "P--",
+    "volume-spatial": "D-",
     "dpp": "*-",
     "divprune": "h--",
     "debiased": "o:",
@@ -187,7 +189,8 @@ def accuracy_plot(results: list[dict], path: str | Path, title: str = "") -> Non
         if method == "none":
             ax.axhline(100 * summary["overall"], color="black", linestyle="--", linewidth=1, label="none (every token)")
     ax.set_xscale("log", base=2)
-    budgets = sorted({k for m, k in table if m != "none" and not _adaptive(k)})
+    # ticks at the counts; fractions and adaptive budgets sit at the mean count they kept
+    budgets = sorted({k for m, k in table if m != "none" and isinstance(k, int)})
     ax.set_xticks(budgets, [str(b) for b in budgets])
     _finish(plt, fig, ax, path, "visual tokens kept per image (mean)", title or "Accuracy vs visual tokens kept")
 
