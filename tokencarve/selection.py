@@ -54,8 +54,9 @@ the picks its count needs), `adaptive_counts` turns the shares into counts (the 
 clamped, rounded up to a multiple), `calibrate_tau` finds the tau whose mean count over a sample is a
 given mean. The batch stays one call: images keep different counts, so results are padded to the
 largest (`kept_by_count`, `merged_by_count`) and carry their `counts`; the adapter places only each
-image's own tokens. `volume`, `volume-merge` (volume's count, then stage II within it) and `dpp` (the
-share of its kernel's trace) have one (`*_adaptive`).
+image's own tokens. `volume`, `volume-spatial` (the share of its Gram-plus-place trace),
+`volume-merge` (volume's count, then stage II within it) and `dpp` (the share of its kernel's trace)
+have one (`*_adaptive`).
 """
 
 from __future__ import annotations
