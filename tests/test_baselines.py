@@ -98,9 +98,8 @@ def test_reduce_tokens_dispatches_and_keeps_tokencarve_exact():
         CarveConfig(method="magic")
 
 
-@pytest.mark.parametrize(
-    "method", ["fastv", "pool", "volume", "volume-spatial", "dpp"]
-)  # baselines and the set selections
+# the baselines and the set selections
+@pytest.mark.parametrize("method", ["fastv", "pool", "volume", "volume-spatial", "dpp"])
 def test_other_methods_through_the_adapter_are_batch_invariant(sdpa_model, carved, method):
     carved(keep=48, method=method)
     inputs = batch()
