@@ -100,7 +100,7 @@ def test_volume_spatial_is_greedy_volume_of_features_and_place():
     definition; without a grid it is volume, pick for pick."""
     hidden, _ = scene_rows(batch_size=2)
     grid = square_grid(2)
-    order = selection.greedy_pivots(selection.volume_spatial_gram(hidden, grid), 40)
+    order = selection.volume_order(hidden, 40, grid)
     place = grid[0].double()
     distance = ((place[:, None] - place[None]) ** 2).sum(-1)
     kernel = torch.exp(-distance / (2 * selection.SPATIAL_WIDTH**2))

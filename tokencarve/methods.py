@@ -93,8 +93,8 @@ REGISTRY: dict[str, Method] = {
             merges=False,
             needs_attention=False,
             square_grid=False,
-            select=lambda h, a, keep, w, seed, grid: selection.volume_spatial_tokens(h, grid, keep),
-            adaptive=lambda h, a, rule, grid: selection.volume_spatial_adaptive(h, grid, rule),
+            select=lambda h, a, keep, w, seed, grid: selection.volume_tokens(h, keep, grid),
+            adaptive=lambda h, a, rule, grid: selection.volume_adaptive(h, rule, grid),
             uses_grid=True,
         ),
         Method(

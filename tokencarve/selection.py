@@ -212,9 +212,10 @@ def centred_rows(hidden: torch.Tensor) -> torch.Tensor:
     return values - values.mean(dim=1, keepdim=True)
 
 
-def volume_order(hidden: torch.Tensor, keep: int) -> torch.Tensor:
-    """`keep` tokens [B, keep] by greedy volume (pivoted QR) on the centred rows, in pick order."""
-    return greedy_pivots(volume_gram(hidden), keep)
+def volume_order(hidden: torch.Tensor, keep: int, grid: torch.Tensor | None = None) -> torch.Tensor:
+    """`keep` tokens [B, keep] by greedy volume (pivoted QR) on the centred rows, in pick order (with a
+    grid: volume-spatial's, on the rows with their place appended; `volume_gram`)."""
+    return greedy_pivots(volume_gram(hidden, grid), keep)
 
 
 def relevance(attention: torch.Tensor) -> torch.Tensor:
@@ -305,10 +306,18 @@ def merged_by_count(hidden: torch.Tensor, order: torch.Tensor, counts: torch.Ten
     return CarveResult(rows, index, assignment, merged, counts=counts)
 
 
-def volume_gram(hidden: torch.Tensor) -> torch.Tensor:
-    """The Gram matrix of the centred rows [B, N, N]: its trace is the image's centred energy."""
+def volume_gram(hidden: torch.Tensor, grid: torch.Tensor | None = None) -> torch.Tensor:
+    """The Gram matrix of the centred rows [B, N, N]: its trace is the image's centred energy. With a
+    grid ([B, N, 2], each token's row and column: volume-spatial), plus the place kernel at
+    SPATIAL_WEIGHT of the mean token energy, in float64 (a sum of PSD matrices: the Gram of each row
+    with a place feature appended)."""
     rows = centred_rows(hidden)
-    return rows @ rows.mT
+    gram = rows @ rows.mT
+    if grid is None:
+        return gram
+    gram = gram.to(torch.float64)
+    energy = gram.diagonal(dim1=-2, dim2=-1).mean(-1)
+    return gram + SPATIAL_WEIGHT * energy[:, None, None] * place_kernel(grid)
 
 
 def place_kernel(grid: torch.Tensor) -> torch.Tensor:
@@ -316,16 +325,6 @@ def place_kernel(grid: torch.Tensor) -> torch.Tensor:
     token grid (`grid` [B, N, 2]: each token's row and column)."""
     grid = grid.to(torch.float64)
     return torch.exp(-torch.cdist(grid, grid).square() / (2 * SPATIAL_WIDTH**2))
-
-
-def volume_spatial_gram(hidden: torch.Tensor, grid: torch.Tensor | None) -> torch.Tensor:
-    """The centred Gram plus the place kernel at SPATIAL_WEIGHT of the mean token energy [B, N, N]
-    (a sum of PSD matrices: the Gram of each row with a place feature appended). grid None: volume's."""
-    gram = volume_gram(hidden).to(torch.float64)
-    if grid is None:
-        return gram
-    energy = gram.diagonal(dim1=-2, dim2=-1).mean(-1)
-    return gram + SPATIAL_WEIGHT * energy[:, None, None] * place_kernel(grid)
 
 
 def dpp_kernel(
@@ -342,15 +341,10 @@ def with_shares(result: CarveResult, shares: torch.Tensor) -> CarveResult:
     return result
 
 
-def volume_adaptive(hidden: torch.Tensor, rule: Stopping) -> CarveResult:
-    """Volume with a count per image: the first k picks that span a share tau of the centred energy."""
-    order, shares, counts = adaptive_pivots(volume_gram(hidden), rule)
-    return with_shares(kept_by_count(hidden, order, counts), shares)
-
-
-def volume_spatial_adaptive(hidden: torch.Tensor, grid: torch.Tensor | None, rule: Stopping) -> CarveResult:
-    """Volume-spatial with a count per image: the first k picks that span a share tau of its kernel's trace."""
-    order, shares, counts = adaptive_pivots(volume_spatial_gram(hidden, grid), rule)
+def volume_adaptive(hidden: torch.Tensor, rule: Stopping, grid: torch.Tensor | None = None) -> CarveResult:
+    """Volume with a count per image: the first k picks that span a share tau of the centred energy
+    (with a grid, volume-spatial's: of its Gram's trace, place included)."""
+    order, shares, counts = adaptive_pivots(volume_gram(hidden, grid), rule)
     return with_shares(kept_by_count(hidden, order, counts), shares)
 
 
@@ -369,12 +363,9 @@ def dpp_adaptive(hidden: torch.Tensor, attention: torch.Tensor, rule: Stopping) 
     return with_shares(kept_by_count(hidden, order, counts), shares)
 
 
-def volume_tokens(hidden: torch.Tensor, keep: int) -> CarveResult:
-    return kept_only(hidden, volume_order(hidden, keep))
-
-
-def volume_spatial_tokens(hidden: torch.Tensor, grid: torch.Tensor | None, keep: int) -> CarveResult:
-    return kept_only(hidden, greedy_pivots(volume_spatial_gram(hidden, grid), keep))
+def volume_tokens(hidden: torch.Tensor, keep: int, grid: torch.Tensor | None = None) -> CarveResult:
+    """Volume's picks, pruned (with a grid: volume-spatial's)."""
+    return kept_only(hidden, volume_order(hidden, keep, grid))
 
 
 def volume_merge_tokens(hidden: torch.Tensor, keep: int) -> CarveResult:
