@@ -34,7 +34,12 @@ from pipeline import calibration  # noqa: E402
 from pipeline.batch import CaptionJob, run  # noqa: E402
 from pipeline.output import Output, SettingsMismatch  # noqa: E402
 from pipeline.sources import FORMATS  # noqa: E402
-from tokencarve.settings import add_engine_arguments, claim_defaults, engine_config_from_args  # noqa: E402
+from tokencarve.settings import (  # noqa: E402
+    add_engine_arguments,
+    claim_defaults,
+    engine_config_from_args,
+    upgrade_claim,
+)
 
 DEFAULT_MODEL = ROOT / "models" / "carve-tiny"
 DEFAULT_INPUT = ROOT / "data" / "sample"
@@ -128,7 +133,7 @@ def main(argv=None) -> int:
         # before starting Ray: a mismatched output is refused at once (a new output whose adaptive budget
         # still needs its tau is claimed by run(), once calibrated)
         if not calibration.pending(job) or output.settings() is not None:
-            output.claim(job.settings(), claim_defaults())
+            output.claim(job.settings(), claim_defaults(), upgrade_claim)
     except SettingsMismatch as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

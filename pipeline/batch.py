@@ -30,7 +30,7 @@ import pyarrow as pa
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from tokencarve.settings import claim_defaults
+from tokencarve.settings import claim_defaults, upgrade_claim
 
 from . import calibration
 from .books import Progress, UnitTracker
@@ -56,7 +56,7 @@ def run(job: CaptionJob) -> dict:
     first rows (pipeline.calibration) before the output is claimed: the claim holds the tau."""
     output = Output(job.output)
     job = calibration.calibrated(calibration.recorded_tau(job, output))
-    output.claim(job.settings(), claim_defaults())
+    output.claim(job.settings(), claim_defaults(), upgrade_claim)
     started = time.perf_counter()
     job = replace(job, run_id=time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"{time.time_ns() % 10**6:06d}")
     units = plan_units(job.inputs, job.input_format)

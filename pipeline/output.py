@@ -203,11 +203,13 @@ class Output:
             self._schema = output_schema(tuple(settings.get("carry", ())))
         return self._schema
 
-    def claim(self, settings: dict, defaults: dict | None = None) -> None:
+    def claim(self, settings: dict, defaults: dict | None = None, upgrade=None) -> None:
         """Make the output this job's, or refuse: an output holds the rows of one setting only
         (a resumed run with another budget would mix two runs in one output and one summary), and of
         one layout (FORMAT_VERSION). `defaults`: what a setting the held claim lacks stands for (one
-        added to the engine since the output was claimed: tokencarve.settings.claim_defaults)."""
+        added to the engine since the output was claimed: tokencarve.settings.claim_defaults).
+        `upgrade`: held claim -> the same claim in today's form, where a setting's recorded form
+        changed (tokencarve.settings.upgrade_claim: the model fingerprint)."""
         settings = json.loads(json.dumps(settings, default=str))  # as _job.json will hold it
         held = self.settings()
         if held is None:
@@ -219,8 +221,9 @@ class Output:
             self.fs.create_dir(self.root, recursive=True)
             self._write_json(JOB_FILE, {"format_version": FORMAT_VERSION, **settings})
             return
-        held = dict(held)
-        _check_format(self.location, held.pop("format_version", None))
+        recorded = dict(held)
+        _check_format(self.location, recorded.pop("format_version", None))
+        held = upgrade(recorded) if upgrade is not None else recorded
         held |= {k: v for k, v in (defaults or {}).items() if k not in held and k in settings}
         if held != settings:
             raise SettingsMismatch(
@@ -228,6 +231,8 @@ class Output:
                 f"{_headline(settings)} ({_differences(held, settings)}). "
                 "Write to a new --output (or remove that one) rather than mix settings in one output"
             )
+        if recorded != settings:  # an older form that matched: record today's, so the next run compares it
+            self._write_json(JOB_FILE, {"format_version": FORMAT_VERSION, **settings})
 
     def _has_rows(self) -> bool:
         if self.fs.get_file_info(self.root).type == pafs.FileType.NotFound:

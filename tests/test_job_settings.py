@@ -4,6 +4,7 @@ output's claim records, its format version, and the failure-policy hook's parsin
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -15,9 +16,17 @@ import yaml
 from pipeline.faults import Fault, is_worker_fault, parse_faults
 from pipeline.job import CaptionJob
 from pipeline.output import FORMAT_VERSION, JOB_FILE, Output, SettingsMismatch
+from tokencarve import settings as engine_settings
 from tokencarve.engine import DECODE_PATHS, DEFAULT_METHOD, EngineConfig
 from tokencarve.eval.__main__ import parse_args as eval_args
-from tokencarve.settings import RUNTIME_ONLY, claim_defaults, claim_settings, engine_config_from_args
+from tokencarve.settings import (
+    RUNTIME_ONLY,
+    claim_defaults,
+    claim_settings,
+    engine_config_from_args,
+    fingerprint_sizes_only,
+    upgrade_claim,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,6 +79,14 @@ def test_the_job_and_the_harness_take_every_engine_setting_with_the_engines_defa
         job.parse_args(["--method", "no-such-method"])  # the field's choices
 
 
+@pytest.fixture(autouse=True)
+def digest_cache(tmp_path, monkeypatch):
+    """Weight digests are remembered in the user's cache; each test here has its own."""
+    cache = tmp_path / "cache" / "weight-digests.json"
+    monkeypatch.setattr(engine_settings, "DIGEST_CACHE", cache)
+    return cache
+
+
 def test_the_claim_records_the_models_identity_and_the_whole_setting(tmp_path):
     def checkpoint(folder: Path, config: dict, weights: int) -> str:
         folder.mkdir(parents=True)
@@ -80,7 +97,9 @@ def test_the_claim_records_the_models_identity_and_the_whole_setting(tmp_path):
     a = checkpoint(tmp_path / "a" / "llava-1.5-7b-hf", {"layers": 32}, 10)
     b = checkpoint(tmp_path / "b" / "llava-1.5-7b-hf", {"layers": 32}, 11)  # a fine-tune, same name
     claim = claim_settings(EngineConfig(model=a))
-    assert claim["model"] == str(Path(a).resolve()) and claim["model_fingerprint"].startswith("sha256:")
+    assert claim["model"] == str(Path(a).resolve()) and claim["model_fingerprint"].startswith(
+        engine_settings.FINGERPRINT_PREFIX
+    )
     assert not RUNTIME_ONLY & claim.keys() and {"layer", "max_new_tokens", "prompt_template", "image_policy"} <= (
         claim.keys()
     )
@@ -99,10 +118,72 @@ def test_the_claim_records_the_models_identity_and_the_whole_setting(tmp_path):
         with pytest.raises(SettingsMismatch, match="differs in"):
             out.claim(CaptionJob(inputs=[], output=out.location, engine=other).settings())
 
-    # the same folder rewritten with other weights is another model too
-    (Path(a) / "model.safetensors").write_bytes(b"\0" * 12)
+    # the same folder rewritten with other weights is another model too, also at the same size (a
+    # retrained checkpoint): written as savers and copies do, to a new file renamed over the old one
+    retrained = Path(a) / "model.safetensors.partial"
+    retrained.write_bytes(b"\1" * 10)
+    retrained.replace(Path(a) / "model.safetensors")
     with pytest.raises(SettingsMismatch, match="model_fingerprint"):
         out.claim(CaptionJob(inputs=[], output=out.location, engine=EngineConfig(model=a)).settings())
+
+
+def test_weight_digests_are_of_the_contents_remembered_and_free_for_hub_blobs(tmp_path, digest_cache):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(b"weights" * 1000)
+    first = engine_settings.fingerprint(folder)
+    assert engine_settings.content_digest(weights) == "sha256:" + hashlib.sha256(b"weights" * 1000).hexdigest()
+    assert len(json.loads(digest_cache.read_text())) == 1  # remembered by path, size, inode and mtime
+
+    # a remembered digest is used as long as the file is the one it was taken of
+    key = next(iter(json.loads(digest_cache.read_text())))
+    digest_cache.write_text(json.dumps({key: "sha256:remembered"}))
+    assert engine_settings.content_digest(weights) == "sha256:remembered"
+    digest_cache.write_text("not json")  # an unreadable cache is read again from the file, never fatal
+    assert engine_settings.fingerprint(folder) == first
+
+    # a Hugging Face cache snapshot links each file to a blob named by its content: no read at all
+    blob = tmp_path / "hub" / "blobs" / ("ab" * 32)
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(b"anything")
+    snapshot = tmp_path / "hub" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").symlink_to(blob)
+    assert engine_settings.content_digest(snapshot / "model.safetensors") == "blob:" + "ab" * 32
+
+
+def test_an_output_claimed_with_a_sizes_only_fingerprint_resumes_while_the_weights_match_it(tmp_path):
+    """Claims written before weight contents were digested hold a fingerprint of file sizes: such an
+    output still resumes on the folder that fingerprint describes, and is refused once it does not."""
+    a = tmp_path / "model-a"
+    a.mkdir()
+    (a / "config.json").write_text('{"model_type": "llava"}')
+    (a / "model.safetensors").write_bytes(b"\0" * 10)
+    out = Output(str(tmp_path / "out"))
+    settings = CaptionJob(inputs=[], output=out.location, engine=EngineConfig(model=str(a))).settings()
+    older = settings | {"model_fingerprint": fingerprint_sizes_only(a)}
+    assert older["model_fingerprint"].startswith("sha256:") and older != settings
+    Path(out.location).mkdir()
+    (Path(out.location) / JOB_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, **older}))
+    assert upgrade_claim(older) == settings
+    with pytest.raises(SettingsMismatch, match="model_fingerprint"):
+        out.claim(settings, claim_defaults())  # without the upgrade the two forms differ
+    out.claim(settings, claim_defaults(), upgrade_claim)
+    # the resumed output now records the contents, so weights retrained at the same sizes are refused
+    assert out.settings()["model_fingerprint"] == settings["model_fingerprint"]
+    retrained = a / "model.safetensors.partial"
+    retrained.write_bytes(b"\1" * 10)
+    retrained.replace(a / "model.safetensors")
+    assert fingerprint_sizes_only(a) == older["model_fingerprint"]  # the old form cannot tell them apart
+    changed = CaptionJob(inputs=[], output=out.location, engine=EngineConfig(model=str(a))).settings()
+    with pytest.raises(SettingsMismatch, match="model_fingerprint"):
+        out.claim(changed, claim_defaults(), upgrade_claim)
+
+    # a sizes-only claim the folder no longer matches is left as it is, and refused
+    (a / "model.safetensors").write_bytes(b"\0" * 12)
+    assert upgrade_claim(older) == older
 
 
 def test_an_output_claimed_before_a_setting_existed_resumes_at_its_default(tmp_path):

@@ -16,6 +16,8 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -115,19 +117,109 @@ def model_identity(model: str) -> dict:
 
 
 def fingerprint(folder: Path) -> str:
-    """A digest of a checkpoint folder's config.json, weight indexes and weight files' sizes: another
-    fine-tune saved under the same name differs, and no weight is read."""
+    """A digest of a checkpoint folder's config.json, weight indexes and weight files' contents: a
+    fine-tune or a retrained checkpoint saved over the same folder is another model. Each weight file
+    is read once and its digest remembered by path, size, inode and mtime (`content_digest`); a Hugging
+    Face cache snapshot is free, its files are links to blobs named by their content."""
+    described = _described(folder) | {"weights": {p.name: content_digest(p) for p in _weight_files(folder)}}
+    return FINGERPRINT_PREFIX + _digest_json(described)
+
+
+def fingerprint_sizes_only(folder: Path) -> str:
+    """The fingerprint outputs claimed before 2026-12-06 hold (weight file sizes, not contents): a
+    claim holding one is compared in this form (`upgrade_claim`), so such an output still resumes."""
+    described = _described(folder) | {"weights": {p.name: p.stat().st_size for p in _weight_files(folder)}}
+    return "sha256:" + _digest_json(described)
+
+
+def upgrade_claim(held: dict) -> dict:
+    """An output's claim in today's form, where that can be told: a sizes-only fingerprint that still
+    describes the model folder is replaced by the folder's content fingerprint (the old claim cannot
+    say more about the weights it was written with), anything else is left as it is and compared."""
+    recorded = held.get("model_fingerprint")
+    if not isinstance(recorded, str) or recorded.startswith(FINGERPRINT_PREFIX):
+        return held
+    folder = _model_folder(str(held.get("model")), held.get("model_revision"))
+    if folder is not None and fingerprint_sizes_only(folder) == recorded:
+        return held | {"model_fingerprint": fingerprint(folder)}
+    return held
+
+
+def content_digest(path: Path) -> str:
+    """The sha256 of a weight file's bytes, read in 16 MiB pieces and kept in DIGEST_CACHE (by resolved
+    path, size, inode and mtime: a file written again gets a new inode or mtime) so a rerun or the next
+    job on the same checkpoint does not read it again. A file in a Hugging Face cache is a link to a
+    blob named by its content (sha256 for LFS files, the git blob id for others): that name is used."""
+    target = path.resolve()
+    if target.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", target.name):
+        return "blob:" + target.name
+    stat = target.stat()
+    key = f"{target}|{stat.st_size}|{stat.st_ino}|{stat.st_mtime_ns}"
+    cache = _read_digest_cache()
+    if key not in cache:
+        hasher = hashlib.sha256()
+        with open(target, "rb") as stream:
+            while piece := stream.read(16 << 20):
+                hasher.update(piece)
+        cache[key] = "sha256:" + hasher.hexdigest()
+        _write_digest_cache(cache)
+    return cache[key]
+
+
+FINGERPRINT_PREFIX = "sha256-content:"
+DIGEST_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tokencarve" / "weight-digests.json"
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+
+
+def _described(folder: Path) -> dict:
     files = sorted(p for p in folder.iterdir() if p.is_file())
 
     def digest(path: Path) -> str:
         return hashlib.sha256(path.read_bytes()).hexdigest()
 
-    described = {
+    return {
         "config": [digest(p) for p in files if p.name == "config.json"],
         "indexes": {p.name: digest(p) for p in files if p.name.endswith(".index.json")},
-        "weights": {p.name: p.stat().st_size for p in files if p.name.endswith(WEIGHT_SUFFIXES)},
     }
-    return "sha256:" + hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _digest_json(described: dict) -> str:
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _model_folder(model: str, revision: str | None) -> Path | None:
+    """The folder a claim's model names on this machine: a local path, or the cached hub snapshot of
+    the recorded revision (None when neither is here)."""
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        return folder
+    snapshot = _cached_snapshot(model)
+    if snapshot is None or revision is None:
+        return snapshot
+    pinned = snapshot.parent / revision
+    return pinned if pinned.is_dir() else None
+
+
+def _read_digest_cache() -> dict:
+    try:
+        return json.loads(DIGEST_CACHE.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: digests are recomputed, never trusted blindly
+        return {}
+
+
+def _write_digest_cache(cache: dict) -> None:
+    """Best effort and atomic (a rename): a process racing this one loses at most its own new entry;
+    a read-only home only costs reading the weights again next time."""
+    try:
+        DIGEST_CACHE.parent.mkdir(parents=True, exist_ok=True)
+        scratch = DIGEST_CACHE.with_name(f"{DIGEST_CACHE.name}.{os.getpid()}.tmp")
+        scratch.write_text(json.dumps(cache, sort_keys=True))
+        os.replace(scratch, DIGEST_CACHE)
+    except OSError:
+        pass
 
 
 def _cached_snapshot(repo_id: str) -> Path | None:
