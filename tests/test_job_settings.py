@@ -141,8 +141,9 @@ def test_weight_digests_are_of_the_contents_remembered_and_free_for_hub_blobs(tm
     key = next(iter(json.loads(digest_cache.read_text())))
     digest_cache.write_text(json.dumps({key: "sha256:remembered"}))
     assert engine_settings.content_digest(weights) == "sha256:remembered"
-    digest_cache.write_text("not json")  # an unreadable cache is read again from the file, never fatal
-    assert engine_settings.fingerprint(folder) == first
+    for unreadable in ("not json", "[]"):  # a damaged cache costs a read of the file, never the run
+        digest_cache.write_text(unreadable)
+        assert engine_settings.fingerprint(folder) == first
 
     # a Hugging Face cache snapshot links each file to a blob named by its content: no read at all
     blob = tmp_path / "hub" / "blobs" / ("ab" * 32)

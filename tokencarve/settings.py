@@ -28,6 +28,9 @@ from .engine import EngineConfig, parse_budget
 # Fields that change how a run goes but not what it writes: left out of an output's claim.
 RUNTIME_ONLY = frozenset({"device", "decode_slots"})
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+FINGERPRINT_PREFIX = "sha256-content:"  # a fingerprint of the weights' contents; "sha256:" held their sizes
+# weight file -> digest, so a checkpoint is read once per machine (content_digest)
+DIGEST_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tokencarve" / "weight-digests.json"
 
 
 def _parse(hint) -> tuple[typing.Callable | None, dict]:
@@ -166,10 +169,6 @@ def content_digest(path: Path) -> str:
     return cache[key]
 
 
-FINGERPRINT_PREFIX = "sha256-content:"
-DIGEST_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tokencarve" / "weight-digests.json"
-
-
 def _weight_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
 
@@ -205,9 +204,10 @@ def _model_folder(model: str, revision: str | None) -> Path | None:
 
 def _read_digest_cache() -> dict:
     try:
-        return json.loads(DIGEST_CACHE.read_text())
-    except (OSError, ValueError):  # none yet, or unreadable: digests are recomputed, never trusted blindly
+        cache = json.loads(DIGEST_CACHE.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: the digests are taken again
         return {}
+    return cache if isinstance(cache, dict) else {}
 
 
 def _write_digest_cache(cache: dict) -> None:
