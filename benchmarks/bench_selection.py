@@ -27,6 +27,7 @@ from common import environment, header, median_seconds, write_results  # noqa: E
 
 import tokencarve  # noqa: E402
 from tokencarve import reduce_tokens  # noqa: E402
+from tokencarve.selection import square_grid  # noqa: E402
 from tokencarve.testing import llava15_config  # noqa: E402
 
 SEVEN_B = llava15_config("7b")
@@ -71,9 +72,8 @@ def run(batches, repeats: int, device: str, dtype) -> tuple[list[dict], float]:
     rows = []
     for batch in batches:
         hidden, attention = hidden_states(batch, device, dtype)
-        side = math.isqrt(TOKENS)  # LLaVA-1.5's 24 x 24 grid, which volume-spatial reads (the others ignore it)
-        index = torch.arange(TOKENS, device=device)
-        grid = torch.stack([index // side, index % side], -1).expand(batch, -1, -1)
+        # LLaVA-1.5's 24 x 24 grid, which volume-spatial reads (the others ignore it)
+        grid = square_grid(math.isqrt(TOKENS), batch, device)
         for keep in BUDGETS:
             for method in tokencarve.METHODS:
                 seconds = median_seconds(

@@ -53,8 +53,7 @@ def brute_force_pivots(gram, keep):
 
 def square_grid(batch_size, side=24):
     """Each token's (row, column) on LLaVA-1.5's 24 x 24 grid, [B, 576, 2]."""
-    index = torch.arange(side * side)
-    return torch.stack([index // side, index % side], -1).expand(batch_size, -1, -1)
+    return selection.square_grid(side, batch_size)
 
 
 def adjacent_pairs(kept, side=24):

@@ -38,7 +38,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.masking_utils import create_causal_mask
 
-from . import methods
+from . import methods, selection
 from .attention import last_token_attention
 from .budgets import Adaptive
 from .core import CarveResult
@@ -454,8 +454,7 @@ class TokenCarver:
         side = math.isqrt(positions.shape[1])
         if self.tokens_per_image is None or side * side != positions.shape[1]:
             return None
-        index = torch.arange(side * side, device=positions.device)
-        return torch.stack([index // side, index % side], -1).expand(positions.shape[0], -1, -1)
+        return selection.square_grid(side, positions.shape[0], positions.device)
 
     def _record_uncarved(self, hidden: torch.Tensor) -> None:
         """What `_carve` records, for a forward that keeps every visual token (the core's identity)."""

@@ -320,6 +320,13 @@ def volume_gram(hidden: torch.Tensor, grid: torch.Tensor | None = None) -> torch
     return gram + SPATIAL_WEIGHT * energy[:, None, None] * place_kernel(grid)
 
 
+def square_grid(side: int, batch: int, device=None) -> torch.Tensor:
+    """Each token's (row, column) on a side x side token grid in raster order (LLaVA-1.5's 24 x 24),
+    [batch, side^2, 2]: the `grid` volume-spatial reads."""
+    index = torch.arange(side * side, device=device)
+    return torch.stack([index // side, index % side], -1).expand(batch, -1, -1)
+
+
 def place_kernel(grid: torch.Tensor) -> torch.Tensor:
     """exp(-d^2 / 2 SPATIAL_WIDTH^2) [B, N, N] (float64) of the tokens' distances d on their image's
     token grid (`grid` [B, N, 2]: each token's row and column)."""
