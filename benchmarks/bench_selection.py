@@ -72,7 +72,7 @@ def run(batches, repeats: int, device: str, dtype) -> tuple[list[dict], float]:
     rows = []
     for batch in batches:
         hidden, attention = hidden_states(batch, device, dtype)
-        # LLaVA-1.5's 24 x 24 grid, which volume-spatial reads (the others ignore it)
+        # LLaVA-1.5's 24 x 24 grid, which volume-spatial and pool read (the others ignore it)
         grid = square_grid(math.isqrt(TOKENS), batch, device)
         for keep in BUDGETS:
             for method in tokencarve.METHODS:

@@ -42,11 +42,19 @@ def test_random_is_seeded_distinct_and_sorted():
 
 
 @pytest.mark.parametrize(
-    "keep,grid",
-    [(576, (24, 24)), (192, (16, 12)), (128, (16, 8)), (64, (8, 8)), (32, (8, 4)), (16, (4, 4)), (7, (7, 1))],
+    "keep,height,width,per_band",
+    [
+        (64, 24, 24, [8] * 8),  # 3 x 3 windows
+        (16, 24, 24, [4] * 4),
+        (13, 24, 24, [3, 3, 3, 4]),  # no factor pair but 13 x 1: 6 x 8 / 6 x 6 windows instead of strips
+        (128, 24, 24, [11, 12, 11, 12, 12, 11, 12, 12, 11, 12, 12]),
+        (15, 9, 16, [5, 5, 5]),  # a wide image: windows of 3 x 3.2 tokens
+        (15, 16, 9, [3, 3, 3, 3, 3]),  # the same image on its side
+        (7, 1, 40, [7]),  # one row: one band
+    ],
 )
-def test_pool_grid_is_the_factor_pair_closest_to_square(keep, grid):
-    assert baselines.pool_grid(keep) == grid
+def test_pool_layout_has_near_square_windows_for_any_count(keep, height, width, per_band):
+    assert baselines.pool_layout(keep, height, width) == per_band
 
 
 def test_pool_averages_whole_windows_at_their_centre():
@@ -64,15 +72,45 @@ def test_pool_averages_whole_windows_at_their_centre():
     assert (result.index.diff(dim=1) > 0).all()
 
 
+def _covers_every_token_once(result, keep):
+    for b in range(result.index.shape[0]):
+        assert (result.index[b].diff() > 0).all()
+        assert sorted(set(result.assignment[b].tolist())) == list(range(keep))
+        assert result.assignment[b, result.index[b]].tolist() == list(range(keep))  # each centre in its window
+        assert int((~result.merged[b]).sum()) == keep
+
+
 def test_pool_with_uneven_windows_covers_every_token_once():
     hidden, _ = _tensors(batch_size=1)
-    for keep in (192, 128, 32, 16, 7):
+    for keep in (575, 192, 128, 32, 16, 13, 7, 1):
         result = baselines.pooled_tokens(hidden, keep)
-        assert result.hidden.shape == (1, keep, 16) and (result.index.diff(dim=1) > 0).all()
-        assert sorted(set(result.assignment[0].tolist())) == list(range(keep))
-        assert result.assignment[0, result.index[0]].tolist() == list(range(keep))
+        assert result.hidden.shape == (1, keep, 16)
+        _covers_every_token_once(result, keep)
     with pytest.raises(ValueError, match="square grid"):
         baselines.pooled_tokens(torch.zeros(1, 575, 4), 64)
+
+
+def test_pool_reads_each_images_own_grid_in_any_order():
+    """Qwen-VL grids are as wide and high as each image, offset by where the image starts: pooling by
+    each token's place gives the windows of that image's grid, whatever order the tokens come in."""
+    hidden, _ = _tensors(batch_size=2, tokens=144)
+    index = torch.arange(144)
+    wide = torch.stack([index // 16, index % 16], -1)  # 9 x 16
+    tall = torch.stack([index // 9, index % 9], -1)  # 16 x 9
+    result = baselines.pooled_tokens(hidden, 15, torch.stack([wide + 40, tall + 3]))
+    _covers_every_token_once(result, 15)
+    # the wide image: 3 bands of 3 rows, 5 windows of 4 or 3 columns; window (1, 2) holds rows 3-5,
+    # columns 7-9 and sits at its centre cell, row 4, column 8
+    window = hidden[0].view(9, 16, 16)[3:6, 7:10].reshape(9, 16)
+    slot = int(result.assignment[0, 4 * 16 + 8])
+    assert result.index[0, slot] == 4 * 16 + 8
+    torch.testing.assert_close(result.hidden[0, slot], window.mean(0))
+    shuffled = torch.randperm(144, generator=torch.Generator().manual_seed(0))
+    again = baselines.pooled_tokens(hidden[:1, shuffled], 15, (wide + 40)[shuffled].unsqueeze(0))
+    # the same windows at the same centre tokens (slots follow the tokens' order, so they are permuted)
+    centres, slots = shuffled[again.index[0]].sort()
+    assert torch.equal(centres, result.index[0])
+    torch.testing.assert_close(again.hidden[0, slots], result.hidden[0])
 
 
 def test_reduce_tokens_dispatches_and_keeps_tokencarve_exact():

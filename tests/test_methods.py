@@ -32,9 +32,12 @@ def test_each_methods_properties_are_what_it_does(name):
     moved = methods.reduce_tokens(hidden, other_attention, 48, method=name)
     assert torch.equal(moved.index, result.index) == (not method.needs_attention)
     not_square = hidden[:, : N - 1], attention[:, : N - 1]
-    if method.square_grid:
+    if method.needs_grid:  # N - 1 tokens are no square: only each token's place says where it is
         with pytest.raises(ValueError, match="square grid"):
             methods.reduce_tokens(*not_square, 48, method=name)
+        index = torch.arange(N - 1)
+        places = torch.stack([index // 25, index % 25], -1).expand(2, -1, -1)  # a 23 x 25 grid
+        assert methods.reduce_tokens(*not_square, 48, method=name, grid=places).index.shape == (2, 48)
     else:
         assert methods.reduce_tokens(*not_square, 48, method=name).index.shape == (2, 48)
 

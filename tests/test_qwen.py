@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tokencarve
-from tokencarve import CarveConfig
+from tokencarve import CarveConfig, baselines
 from tokencarve.decode import StaticDecoder, eos_ids, prefill
 from tokencarve.families import family_for_config, family_of
 from tokencarve.loading import chat_prompt, load_processor
@@ -162,7 +162,7 @@ def test_the_1d_ablation_moves_only_the_positions_after_the_cut(family, carved):
     torch.testing.assert_close(seen["1d"][..., -1, :], flat_cos[..., -1, :])
 
 
-@pytest.mark.parametrize("method", [m for m, entry in METHODS.items() if not entry.square_grid])
+@pytest.mark.parametrize("method", METHODS)
 def test_every_method_carves_each_row_as_if_it_were_alone(family, carved, method):
     """Every method through the same hooks: a batch of four image sizes gives each row its single-row
     tokens and each image its budget (the paper's methods are checked against the reference above)."""
@@ -254,11 +254,21 @@ def test_static_decode_continues_from_rope_deltas(family, carved, keep):
     assert all(p < n for p, n in zip(seen, lengths))  # an image's tokens take fewer positions than tokens
 
 
-def test_pool_is_refused_and_so_are_decoders_the_cut_does_not_fit(family):
-    with pytest.raises(ValueError, match="square token grid"):
-        tokencarve.apply(family["sdpa"], CarveConfig(keep=4, method="pool"))
-    assert not tokencarve.is_applied(family["sdpa"])
-    assert family_of(family["sdpa"]).mrope
+def test_pool_averages_each_image_on_its_own_grid(family, carved):
+    """Four image shapes, four grids: each image's windows are those of its own (height, width) token
+    grid from image_grid_thw, and pooling prunes nothing (every token is in a window)."""
+    model = family["sdpa"]
+    carved(keep=0.25, method="pool")
+    generate(model, family["batch"], 1)
+    merge = model.config.vision_config.spatial_merge_size
+    shapes = [(int(h) // merge, int(w) // merge) for _, h, w in family["batch"]["image_grid_thw"]]
+    assert len(set(shapes)) == len(shapes) == len(model.tokencarve.last_stats.images)
+    for carve, (height, width) in zip(model.tokencarve.last_stats.images, shapes):
+        index = torch.arange(height * width)
+        place = torch.stack([index // width, index % width], -1).unsqueeze(0)
+        expected = baselines.pooled_tokens(torch.zeros(1, height * width, 1), -(-height * width // 4), place)
+        assert torch.equal(carve.index, expected.index[0]) and torch.equal(carve.assignment, expected.assignment[0])
+    assert family_of(model).mrope
 
 
 @pytest.mark.parametrize("name, reason", [("Qwen3_5Config", "linear-attention"), ("Gemma3Config", "sliding")])

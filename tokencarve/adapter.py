@@ -250,13 +250,12 @@ class TokenCarver:
             self._calibration = previous
 
     def _check_method(self, config: CarveConfig) -> None:
-        # NeXT / OneVision images are a base grid, tiles and newline tokens in one span, and Qwen-VL
-        # grids are as wide and high as each image: no one square grid describes them
-        if methods.REGISTRY[config.method].square_grid and self.tokens_per_image is None:
-            shape = "native-resolution grids of every shape" if self.family.native_resolution else "base + tiles"
+        # NeXT / OneVision images are a base grid, tiles and newline tokens in one span: no one grid
+        # describes them (LLaVA-1.5's square grid and Qwen-VL's mRoPE rows do)
+        if methods.REGISTRY[config.method].needs_grid and not (self.family.mrope or self.tokens_per_image):
             raise ValueError(
-                f"method={config.method!r} needs LLaVA-1.5's square token grid; {self.family.name} images are "
-                f"{shape} (+ newline tokens for the LLaVA ones)"
+                f"method={config.method!r} needs each image's token grid; {self.family.name} images are a base "
+                "grid, tiles and newline tokens in one span"
             )
 
     def remove(self) -> None:

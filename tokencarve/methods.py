@@ -38,9 +38,12 @@ class Method:
     summary: str  # one line, for the docs' table (markdown_table)
     merges: bool  # some kept tokens carry the mean of several (stage II's merge, or pooling); else it only prunes
     needs_attention: bool  # reads the last prompt token's attention row from layer K-1
-    square_grid: bool  # needs a square token grid: LLaVA-1.5 only (NeXT / OneVision images are base + tiles)
+    # needs each token's place on one grid per image: LLaVA-1.5's square grid, Qwen-VL's native ones;
+    # refused on NeXT / OneVision, whose images are a base grid, tiles and newline tokens in one span
+    needs_grid: bool
     select: Select
-    uses_grid: bool = False  # reads each token's place on its image's grid (where a model has none: ignores it)
+    uses_grid: bool = False  # reads each token's place on its image's grid (where a model has none: ignores it,
+    # unless it needs_grid)
     # an adaptive budget (auto:64): methods whose greedy pick tracks the energy its picks leave out; None: refused
     adaptive: SelectAdaptive | None = None
 
@@ -54,7 +57,7 @@ REGISTRY: dict[str, Method] = {
             "the paper (arXiv 2503.10501): Borda fusion of the information and attention ranks, prune, merge",
             merges=True,
             needs_attention=True,
-            square_grid=False,
+            needs_grid=False,
             select=lambda h, a, keep, w, seed, grid: carve_tokens(h, a, keep, attention_weight=w),
         ),
         Method(
@@ -63,7 +66,7 @@ REGISTRY: dict[str, Method] = {
             "the paper's prune and merge on the information (SVD) rank alone",
             merges=True,
             needs_attention=False,
-            square_grid=False,
+            needs_grid=False,
             select=lambda h, a, keep, w, seed, grid: carve_tokens(h, a, keep, attention_weight=0.0),
         ),
         Method(
@@ -72,7 +75,7 @@ REGISTRY: dict[str, Method] = {
             "the paper's prune and merge on the attention rank alone",
             merges=True,
             needs_attention=True,
-            square_grid=False,
+            needs_grid=False,
             select=lambda h, a, keep, w, seed, grid: carve_tokens(h, a, keep, attention_weight=1.0),
         ),
         Method(
@@ -81,7 +84,7 @@ REGISTRY: dict[str, Method] = {
             "greedy volume: pivoted QR of the centred hidden states, each pick what the others do not carry",
             merges=False,
             needs_attention=False,
-            square_grid=False,
+            needs_grid=False,
             select=lambda h, a, keep, w, seed, grid: selection.volume_tokens(h, keep),
             adaptive=lambda h, a, rule, grid: selection.volume_adaptive(h, rule),
         ),
@@ -92,7 +95,7 @@ REGISTRY: dict[str, Method] = {
             "keep a token (Qwen-VL and LLaVA-1.5 grids; elsewhere `volume`)",
             merges=False,
             needs_attention=False,
-            square_grid=False,
+            needs_grid=False,
             select=lambda h, a, keep, w, seed, grid: selection.volume_tokens(h, keep, grid),
             adaptive=lambda h, a, rule, grid: selection.volume_adaptive(h, rule, grid),
             uses_grid=True,
@@ -103,7 +106,7 @@ REGISTRY: dict[str, Method] = {
             "volume's pick order as the paper's stage I ranking, then the paper's merge",
             merges=True,
             needs_attention=False,
-            square_grid=False,
+            needs_grid=False,
             select=lambda h, a, keep, w, seed, grid: selection.volume_merge_tokens(h, keep),
             adaptive=lambda h, a, rule, grid: selection.volume_merge_adaptive(h, rule),
         ),
@@ -113,7 +116,7 @@ REGISTRY: dict[str, Method] = {
             "CDPruner-style conditional DPP: diversity weighted by the attention row",
             merges=False,
             needs_attention=True,
-            square_grid=False,
+            needs_grid=False,
             select=lambda h, a, keep, w, seed, grid: selection.dpp_tokens(h, a, keep),
             adaptive=lambda h, a, rule, grid: selection.dpp_adaptive(h, a, rule),
         ),
@@ -123,7 +126,7 @@ REGISTRY: dict[str, Method] = {
             "DivPrune's max-min diversity on cosine distance",
             merges=False,
             needs_attention=False,
-            square_grid=False,
+            needs_grid=False,
             select=lambda h, a, keep, w, seed, grid: selection.divprune_tokens(h, keep),
         ),
         Method(
@@ -132,7 +135,7 @@ REGISTRY: dict[str, Method] = {
             "the paper's method on an attention row with its recency trend and sinks removed",
             merges=True,
             needs_attention=True,
-            square_grid=False,
+            needs_grid=False,
             select=lambda h, a, keep, w, seed, grid: selection.debiased_tokens(h, a, keep, attention_weight=w),
         ),
         Method(
@@ -141,7 +144,7 @@ REGISTRY: dict[str, Method] = {
             "FastV-style: the most attended tokens, pruned, nothing merged",
             merges=False,
             needs_attention=True,
-            square_grid=False,
+            needs_grid=False,
             select=lambda h, a, keep, w, seed, grid: baselines.fastv_tokens(h, a, keep),
         ),
         Method(
@@ -150,17 +153,18 @@ REGISTRY: dict[str, Method] = {
             "a seeded uniform subset",
             merges=False,
             needs_attention=False,
-            square_grid=False,
+            needs_grid=False,
             select=lambda h, a, keep, w, seed, grid: baselines.random_tokens(h, keep, seed),
         ),
         Method(
             "pool",
             "baseline",
-            "average pooling of the square token grid (24 x 24 on LLaVA-1.5)",
+            "average pooling of each image's token grid to near-square windows",
             merges=True,
             needs_attention=False,
-            square_grid=True,
-            select=lambda h, a, keep, w, seed, grid: baselines.pooled_tokens(h, keep),
+            needs_grid=True,
+            select=lambda h, a, keep, w, seed, grid: baselines.pooled_tokens(h, keep, grid),
+            uses_grid=True,
         ),
     )
 }
@@ -230,10 +234,10 @@ def markdown_table() -> str:
     """The methods as a Markdown table (the README holds this; a test keeps the two equal)."""
     yes = {True: "yes", False: ""}
     lines = [
-        "| method | kind | what it keeps | merges | attention row | square grid only |",
+        "| method | kind | what it keeps | merges | attention row | needs a token grid |",
         "|---|---|---|---|---|---|",
     ]
     for m in REGISTRY.values():
-        cells = [f"`{m.name}`", m.kind, m.summary, yes[m.merges], yes[m.needs_attention], yes[m.square_grid]]
+        cells = [f"`{m.name}`", m.kind, m.summary, yes[m.merges], yes[m.needs_attention], yes[m.needs_grid]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
