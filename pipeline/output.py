@@ -224,14 +224,15 @@ class Output:
         recorded = dict(held)
         _check_format(self.location, recorded.pop("format_version", None))
         held = upgrade(recorded) if upgrade is not None else recorded
-        held |= {k: v for k, v in (defaults or {}).items() if k not in held and k in settings}
+        upgraded = held != recorded
+        held = held | {k: v for k, v in (defaults or {}).items() if k not in held and k in settings}
         if held != settings:
             raise SettingsMismatch(
                 f"{self.location} already holds rows written with {_headline(held)}; this run is "
                 f"{_headline(settings)} ({_differences(held, settings)}). "
                 "Write to a new --output (or remove that one) rather than mix settings in one output"
             )
-        if recorded != settings:  # an older form that matched: record today's, so the next run compares it
+        if upgraded:  # an older form that matched: record today's, so the next run compares it
             self._write_json(JOB_FILE, {"format_version": FORMAT_VERSION, **settings})
 
     def _has_rows(self) -> bool:

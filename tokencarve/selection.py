@@ -322,7 +322,7 @@ def volume_gram(hidden: torch.Tensor, grid: torch.Tensor | None = None) -> torch
 
 def square_grid(side: int, batch: int, device=None) -> torch.Tensor:
     """Each token's (row, column) on a side x side token grid in raster order (LLaVA-1.5's 24 x 24),
-    [batch, side^2, 2]: the `grid` volume-spatial reads."""
+    [batch, side^2, 2]: the `grid` volume-spatial and pool read."""
     index = torch.arange(side * side, device=device)
     return torch.stack([index // side, index % side], -1).expand(batch, -1, -1)
 
