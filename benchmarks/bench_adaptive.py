@@ -124,7 +124,7 @@ def timed(engine: CaptionEngine, images, prompts, keep, block: int, padding: Pre
         prefill += engine.last_timing.prefill_seconds
         carve += engine.last_timing.carve_seconds
         decode += engine.last_timing.decode_seconds
-        steps += engine.decoder.steps
+        steps += engine.decoder.stats.steps
     seconds = time.perf_counter() - started
     kept = [c.visual_tokens_kept for c in captions]
     return {

@@ -240,7 +240,7 @@ def run_setting(work: Workload, engines: dict, path: str, budget: str, batch: in
         captions += out
         decode_seconds += engine.last_timing.decode_seconds
         # generate() runs every row of a batch until its longest caption ends (the first token comes from prefill)
-        steps += engine.decoder.steps if engine.decoder else max(c.generated_tokens for c in out) - 1
+        steps += engine.decoder.stats.steps if engine.decoder else max(c.generated_tokens for c in out) - 1
     return {"seconds": time.perf_counter() - started, "decode": decode_seconds, "steps": steps, "captions": captions}
 
 

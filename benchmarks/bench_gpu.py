@@ -68,7 +68,7 @@ from gpu_models import ARCHITECTURES, TEXT_TOKENS, Prompts  # noqa: E402
 import tokencarve  # noqa: E402
 from tokencarve import CarveConfig, carve_tokens, eigh, information_scores  # noqa: E402
 from tokencarve.decode import StaticDecoder, prefill  # noqa: E402
-from tokencarve.engine import DEFAULT_METHOD  # noqa: E402
+from tokencarve.engine import DEFAULT_METHOD, kv_cache_bytes  # noqa: E402
 
 DECODES = ("generate", "static", "static-refill")
 
@@ -138,8 +138,8 @@ def run_static(model, decoder, prompts: Prompts, lengths: list[int], slots: int,
             figures["carve"] += model.tokencarve.last_stats.carve_seconds
             return filled
 
-        decoded = decoder.run(len(group), slots, [lengths[row] for row in group], prefill_rows)
-        figures["steps"] += decoder.steps
+        decoded = decoder.run(len(group), [lengths[row] for row in group], prefill_rows)
+        figures["steps"] += decoder.stats.steps
         figures["tokens"] += sum(len(row.tokens) for row in decoded)
         figures["lengths_exact"] &= [len(row.tokens) for row in decoded] == [lengths[row] for row in group]
     sync(device)
@@ -174,7 +174,7 @@ def throughput(model, args, prompts, lengths_for, device: str) -> list[dict]:
         methods = [None] if keep is None else args.methods
         for batch in args.stock_batches if keep is None else args.batches:
             # one decoder (one pool shape: slots x this budget's cache length) per budget and batch
-            decoder = StaticDecoder(model, model.tokencarve.language_model, [], compile=args.compile)
+            decoder = static_decoder(model, batch, args.compile, device)
             for method in methods:
                 config = CarveConfig(keep=keep, method=method or DEFAULT_METHOD)
                 for decode in args.decodes:
@@ -188,8 +188,9 @@ def throughput(model, args, prompts, lengths_for, device: str) -> list[dict]:
                     except torch.OutOfMemoryError:
                         best["out_of_memory"] = True
                         best["tried"].append(f"{batch}: out of memory")
-                        decoder = StaticDecoder(model, model.tokencarve.language_model, [], compile=args.compile)
+                        del decoder
                         free_memory(device)
+                        decoder = static_decoder(model, batch, args.compile, device)
                         continue
                     best["tried"].append(f"{batch}: {run['captions_per_s']:.1f}/s")
                     if run["captions_per_s"] > best.get("captions_per_s", 0.0):
@@ -204,6 +205,17 @@ def throughput(model, args, prompts, lengths_for, device: str) -> list[dict]:
             del decoder
             free_memory(device)
     return rows_of(results, args.arch.visual_tokens)
+
+
+def static_decoder(model, slots: int, compile: bool, device: str) -> StaticDecoder:
+    """A decoder of `slots` slots in the engine's default KV-cache budget (eos ignored: rows run to their
+    lengths), warmed up: its pool allocated and, compiled, every read bucket compiled."""
+    budget = kv_cache_bytes(None, torch.device(device))
+    decoder = StaticDecoder(
+        model, model.tokencarve.language_model, [], slots=slots, kv_cache_bytes=budget, compile=compile
+    )
+    decoder.warm_up()
+    return decoder
 
 
 def free_memory(device: str) -> None:

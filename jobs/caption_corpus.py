@@ -8,10 +8,21 @@ Inputs: Parquet shards (id or key; image bytes, jpg, or image_path; optional pro
 img2dataset's layout works as it is), folders of images, WebDataset .tar shards. Output: one Parquet row per
 input row (caption, or error_code + error_message; source_file + source_row; carried columns as source_<name>)
 plus _summary.json. A rerun into the same output resumes: finished shards are skipped, unfinished ones
-re-checked. A rerun with another setting (model, method, budget, generation, --carry, ...) is refused
-(exit status 2). A row whose generation fails gets an error row; a block whose worker keeps faulting is
-retried --block-attempts times, then its rows get worker_failed error rows (exit status 0). Shards that
-cannot be read are skipped and listed in the summary (exit status 0, or 3 with --strict); a rerun retries them.
+re-checked. A hub id is pinned to one revision (the output's, else the hub's current commit) for every load.
+
+Exit status:
+  0  done (rows whose generation failed are error rows; a block whose worker keeps faulting is retried
+     --block-attempts times, then its rows are worker_failed error rows; unreadable shards are skipped
+     and listed in the summary, and a rerun retries them)
+  2  refused before anything is claimed or captioned: the output holds another setting (model, method,
+     budget, generation, --carry, ...; runtime-only ones such as --decode, --decode-slots or
+     --compile-decode never refuse a resume), or the engine refuses the setting (generation settings,
+     model family, method, budget): `error: <why>` on stderr
+  3  with --strict: some shard could not be read (the rest is written)
+  4  stopped by a systemic failure: more than --max-failure-share of the last --failure-window rows an
+     actor captioned failed generation (a broken compile, a bad setting, not the rows); the first error
+     and the count on stderr. The units of those rows are not recorded done: fix the cause and submit the
+     same command again, and their rows are captioned (one row per input row, as ever)
 """
 
 from __future__ import annotations
@@ -31,7 +42,8 @@ import ray  # noqa: E402
 
 from monitoring.push import push_summary  # noqa: E402
 from pipeline import calibration  # noqa: E402
-from pipeline.batch import CaptionJob, run  # noqa: E402
+from pipeline.batch import CaptionJob, pin_revision, preflight, run  # noqa: E402
+from pipeline.faults import SystemicFailure  # noqa: E402
 from pipeline.output import Output, SettingsMismatch  # noqa: E402
 from pipeline.sources import FORMATS  # noqa: E402
 from tokencarve.settings import (  # noqa: E402
@@ -58,7 +70,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", default="out/captions", help="output folder or URI (default: %(default)s)")
     add_engine_arguments(p, model_default=str(DEFAULT_MODEL))  # --model, --keep, --method, --max-new-tokens, ...
     p.add_argument("--no-carve", action="store_true", help="run the stock model (same as --method none)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per generate() call")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="rows per engine call (a block); default: 4 x the decode slots (64 on a CPU, 256 on a GPU), "
+        "so that finished rows' slots refill",
+    )
     p.add_argument("--min-actors", type=int, default=1)
     p.add_argument("--max-actors", type=int, default=1)
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor (0 on CPU machines)")
@@ -75,6 +93,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=CaptionJob.block_attempts,
         help="attempts at a block whose actor faults (out of memory, lost device, died) before its rows "
         "become worker_failed error rows (default: %(default)s)",
+    )
+    p.add_argument(
+        "--failure-window",
+        type=int,
+        default=CaptionJob.failure_window,
+        help="rows per actor the systemic-failure stop looks back over (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-failure-share",
+        type=float,
+        default=CaptionJob.failure_share,
+        help="stop the job (exit status 4) when more than this share of an actor's last --failure-window rows "
+        "failed generation; 1: never (default: %(default)s)",
     )
     p.add_argument("--max-image-bytes", type=int, default=CaptionJob.max_image_bytes)
     p.add_argument("--max-image-pixels", type=int, default=CaptionJob.max_image_pixels)
@@ -113,6 +144,8 @@ def build_job(args: argparse.Namespace) -> CaptionJob:
         actor_cpus=args.actor_cpus,
         rows_per_file=args.rows_per_file,
         block_attempts=args.block_attempts,
+        failure_window=args.failure_window,
+        failure_share=args.max_failure_share,
         max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels,
         progress_every_s=args.progress_every,
@@ -128,17 +161,26 @@ def ray_address(requested: str | None) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     output = Output(args.output)
-    job = calibration.recorded_tau(build_job(args), output)
+    job = pin_revision(calibration.recorded_tau(build_job(args), output), output)
     try:
-        # before starting Ray: a mismatched output is refused at once (a new output whose adaptive budget
-        # still needs its tau is claimed by run(), once calibrated)
+        # before starting Ray: a setting the engine refuses, or a mismatched output, is refused at once
+        # (a new output whose adaptive budget still needs its tau is claimed by run(), once calibrated)
+        preflight(job.engine)
         if not calibration.pending(job) or output.settings() is not None:
             output.claim(job.settings(), claim_defaults(), upgrade_claim)
-    except SettingsMismatch as error:
+    except (SettingsMismatch, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     ray.init(address=ray_address(args.address), log_to_driver=False)
-    summary = run(job)
+    try:
+        summary = run(job)
+    except SystemicFailure as stop:
+        print(
+            f"error: the job stopped: {stop}\nThe shards holding those rows are not recorded done: fix the cause "
+            "and submit the same command again; their rows are captioned then",
+            file=sys.stderr,
+        )
+        return 4
     summary.pop("ray_data_stats")  # it is in the summary file; the console gets the figures
     if args.pushgateway:
         push_summary(summary, args.pushgateway)

@@ -22,7 +22,7 @@ KEPT_TOKENS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 576, 1024, 2048, 4
 @dataclass(frozen=True)
 class MetricSpec:
     name: str
-    kind: str  # "counter" | "histogram"
+    kind: str  # "counter" | "histogram" | "gauge"
     description: str
     labels: tuple[str, ...] = LABELS
     buckets: tuple[float, ...] = ()
@@ -86,6 +86,24 @@ METRICS = {
             "Time of the carve step itself per batch.",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
         ),
+        # the static decode path's pool, per engine (tokencarve.decode.DecodeStats)
+        MetricSpec(
+            "tokencarve_decode_warmup_seconds",
+            "gauge",
+            "Seconds the engine's warm-up took before it took work (pool allocation, every compiled shape).",
+        ),
+        MetricSpec("tokencarve_decode_shapes_compiled", "gauge", "Decode-step shapes compiled by the engine."),
+        MetricSpec(
+            "tokencarve_decode_eager_fallbacks",
+            "gauge",
+            "Decode-step shapes that failed to compile (or hit a recompile limit) and run eagerly.",
+        ),
+        MetricSpec(
+            "tokencarve_decode_pool_bytes", "gauge", "Bytes the engine's decode pool holds (KV cache and books)."
+        ),
+        MetricSpec(
+            "tokencarve_decode_pool_budget_bytes", "gauge", "The KV-cache budget the decode pool is sized within."
+        ),
     ]
 }
 
@@ -95,6 +113,8 @@ def _ray_metric(spec: MetricSpec):
 
     if spec.kind == "counter":
         return metrics.Counter(spec.name, spec.description, tag_keys=spec.labels)
+    if spec.kind == "gauge":
+        return metrics.Gauge(spec.name, spec.description, tag_keys=spec.labels)
     return metrics.Histogram(spec.name, spec.description, boundaries=list(spec.buckets), tag_keys=spec.labels)
 
 
@@ -103,6 +123,8 @@ def _prometheus_metric(spec: MetricSpec, registry):
 
     if spec.kind == "counter":
         return prometheus_client.Counter(spec.name, spec.description, spec.labels, registry=registry)
+    if spec.kind == "gauge":
+        return prometheus_client.Gauge(spec.name, spec.description, spec.labels, registry=registry)
     return prometheus_client.Histogram(
         spec.name, spec.description, spec.labels, buckets=spec.buckets, registry=registry
     )
@@ -125,6 +147,12 @@ class _Emitter:
             self.metric.observe(value, tags=tags)
         else:
             self.metric.labels(**tags).observe(value)
+
+    def set(self, value: float, tags: dict) -> None:
+        if self.backend == "ray":
+            self.metric.set(value, tags=tags)
+        else:
+            self.metric.labels(**tags).set(value)
 
 
 class MetricsRecorder:
@@ -166,6 +194,17 @@ class MetricsRecorder:
         m["tokencarve_prefill_seconds"].observe(timing.prefill_seconds, tags)
         m["tokencarve_decode_seconds"].observe(timing.decode_seconds, tags)
         m["tokencarve_carve_seconds"].observe(timing.carve_seconds, tags)
+
+    def decoder(self, stats) -> None:
+        """The static decode path's pool (a tokencarve.decode.DecodeStats): after warm-up and each batch."""
+        for name, value in [
+            ("tokencarve_decode_warmup_seconds", stats.warmup_seconds),
+            ("tokencarve_decode_shapes_compiled", stats.shapes_compiled),
+            ("tokencarve_decode_eager_fallbacks", stats.eager_fallbacks),
+            ("tokencarve_decode_pool_bytes", stats.pool_bytes),
+            ("tokencarve_decode_pool_budget_bytes", stats.budget_bytes),
+        ]:
+            self._metrics[name].set(value, self.tags)
 
     def failed(self, reason: str, count: int = 1) -> None:
         self._metrics["tokencarve_images_failed"].add(count, {**self.tags, "reason": reason})

@@ -30,11 +30,14 @@ import pyarrow as pa
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from tokencarve.settings import claim_defaults, upgrade_claim
+from tokencarve import engine as tokencarve_engine
+from tokencarve.engine import EngineConfig
+from tokencarve.settings import claim_defaults, pinned, upgrade_claim
 
 from . import calibration
 from .books import Progress, UnitTracker
 from .caption import BlockAttempts, CaptionActor
+from .faults import SystemicFailure, systemic_failure
 from .job import CaptionJob
 from .output import Output, SettingsMismatch
 from .prepare import prepare_units
@@ -43,18 +46,44 @@ from .sources import plan_units
 from .summary import summarize
 from .write import write_parts
 
-__all__ = ["CaptionJob", "SettingsMismatch", "run", "read_output"]
+__all__ = ["CaptionJob", "SettingsMismatch", "SystemicFailure", "run", "read_output", "pin_revision", "preflight"]
 
 
 def read_output(output: str, columns: list[str] | None = None) -> pa.Table:
     return Output(output).read(columns)
 
 
+def pin_revision(job: CaptionJob, output: Output) -> CaptionJob:
+    """The job with a hub model pinned to one revision, which every load (the driver's checks, the
+    calibration task, every actor and prepare task) passes as `revision=`: the one the output's claim
+    records, else the hub's current commit (the cache's, offline); tokencarve.settings.pinned."""
+    return replace(job, engine=pinned(job.engine, output.settings()))
+
+
+def preflight(config: EngineConfig) -> None:
+    """Every refusal the engine would make of `config` (generation settings, family, method, budget),
+    made on the driver from the checkpoint's config and processor (no weights), before the output is
+    claimed or an actor started: ValueError with the engine's own message. Once per setting per process
+    (the job's main and run() both ask)."""
+    key = repr(config)  # a config's fields need not all be hashable
+    if key not in _preflighted:
+        tokencarve_engine.preflight(config)
+        _preflighted.add(key)
+
+
+_preflighted: set[str] = set()
+
+
 def run(job: CaptionJob) -> dict:
     """Run the job on the connected Ray cluster; returns (and writes) the summary of the whole output.
-    An adaptive budget without tau takes the one its output records, or is calibrated on the corpus'
-    first rows (pipeline.calibration) before the output is claimed: the claim holds the tau."""
+    A hub model is pinned to one revision, and the engine's refusals are made, before anything else
+    (`pin_revision`, `preflight`). An adaptive budget without tau takes the one its output records, or
+    is calibrated on the corpus' first rows (pipeline.calibration) before the output is claimed: the
+    claim holds the tau. Raises SystemicFailure when an actor's rows keep failing generation, after
+    leaving their units unfinished (a rerun captions them again)."""
     output = Output(job.output)
+    job = pin_revision(job, output)
+    preflight(job.engine)
     job = calibration.calibrated(calibration.recorded_tau(job, output))
     output.claim(job.settings(), claim_defaults(), upgrade_claim)
     started = time.perf_counter()
@@ -73,6 +102,12 @@ def run(job: CaptionJob) -> dict:
                     for row in batch.to_pylist():
                         tracker.report(PartReport.from_row(row))
                 tracker.close()
+        except Exception as error:
+            stop = _reported_stop(attempts) or systemic_failure(error)
+            if stop is None:
+                raise
+            _stop(tracker, output, stop)
+            raise stop from None
         finally:
             ray.kill(attempts)
         stats = ds.stats()
@@ -81,6 +116,27 @@ def run(job: CaptionJob) -> dict:
     )
     output.write_summary(summary | {"ray_data_stats": stats})
     return summary | {"ray_data_stats": stats}
+
+
+def _reported_stop(attempts) -> SystemicFailure | None:
+    """The systemic failure an actor reported before raising it (Ray Data gives the driver an actor's
+    exception as text), or None; None too when the ledger cannot be asked (the error it was asked for is
+    then raised as it is)."""
+    try:
+        return ray.get(attempts.stopped.remote(), timeout=60)
+    except Exception:
+        return None
+
+
+def _stop(tracker: UnitTracker, output: Output, stop: SystemicFailure) -> None:
+    """A systemic failure: no unit is recorded from here on, and the units of the rows that failed are
+    taken back where a record was written before the actor stopped (those the actor names, and the last
+    ones this run finished with failed rows: an actor's window starts empty after a restart), so that a
+    rerun re-checks them and captions their failed rows again (pipeline.prepare); the units in flight
+    have no record anyway."""
+    tracker.abandon()
+    for unit in sorted(set(stop.units) | set(tracker.recent_failures)):
+        output.reopen_unit(unit)
 
 
 def _block_attempts():

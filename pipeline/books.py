@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -25,15 +26,21 @@ EXAMPLES = 5  # units left unfinished listed by name
 class _InFlight:
     parts: set[str] = field(default_factory=set)  # parts written this run (a retried write reports one twice)
     rows: int = 0
+    failed: int = 0  # of them, error rows from the caption stage (generation or worker failures)
     end: UnitEnd | None = None  # the prepare stage's closing record, once it has arrived
 
 
 class UnitTracker:
-    """The driver's view of the units this run is working on (never more than are in flight)."""
+    """The driver's view of the units this run is working on (never more than are in flight), and the
+    last units it finished that hold rows the caption stage failed (bounded: a systemic-failure stop
+    takes them back, `recent_failures`)."""
 
     def __init__(self, job: CaptionJob, output: Output):
         self.job, self.output = job, output
         self.in_flight: dict[str, _InFlight] = {}
+        # every failed row in the actors' failure windows is in one of these, also across an actor's
+        # restart (which empties its window): at most failure_window rows per actor
+        self.recent_failures: deque[str] = deque(maxlen=job.failure_window * max(1, job.max_actors))
         self.finishing = ThreadPoolExecutor(4)  # unit records are written off the reporting loop
         self.pending: list[Future] = []
         self.rows, self.failed, self.units_finished = 0, 0, 0
@@ -43,6 +50,7 @@ class UnitTracker:
         if report.part is not None and report.part not in unit.parts:
             unit.parts.add(report.part)
             unit.rows += report.rows
+            unit.failed += report.failed
             self.rows += report.rows
             self.failed += report.failed
         if report.end is not None and unit.end is None:
@@ -53,8 +61,15 @@ class UnitTracker:
         if unit.end is not None and unit.rows >= unit.end.to_caption:
             del self.in_flight[report.unit]
             self.units_finished += 1
+            if unit.failed:
+                self.recent_failures.append(report.unit)
             self.pending.append(self.finishing.submit(finish_unit, self.output, unit.end, self.job))
             self.pending = [f for f in self.pending if not (f.done() and f.result() is None)]  # raises on error
+
+    def abandon(self) -> None:
+        """The run stops short (pipeline.batch.run: a systemic failure): wait for the unit records being
+        written, so that none is written after this returns; the units in flight are left for a rerun."""
+        self.finishing.shutdown(wait=True)
 
     def close(self) -> None:
         self.finishing.shutdown(wait=True)

@@ -3,10 +3,16 @@ block. The failure policy (docs/CLUSTER.md, "When captioning fails"):
 
 - a row-level failure never fails the job: a failing batch is retried row by row, and a row whose
   generation raises on its own becomes a `generation_failed` error row, whatever the block size;
-- a worker-level fault (out of memory, a lost device: pipeline.faults.is_worker_fault, or the actor's
-  process dying) ends the actor's process; Ray restarts the actor and retries the block. `BlockAttempts`
-  counts the attempts at each block in flight, so that a block that keeps failing is not retried forever:
-  past `CaptionJob.block_attempts` its rows become `worker_failed` error rows, which the summary counts.
+- a worker-level fault (out of memory, a lost device, a torch.compile error: pipeline.faults.is_worker_fault,
+  or the actor's process dying) ends the actor's process; Ray restarts the actor and retries the block.
+  `BlockAttempts` counts the attempts at each block in flight, so that a block that keeps failing is not
+  retried forever: past `CaptionJob.block_attempts` its rows become `worker_failed` error rows, which the
+  summary counts;
+- a systemic failure stops the job: when more than `CaptionJob.failure_share` of the last
+  `CaptionJob.failure_window` rows an actor captioned failed generation (pipeline.faults.FailureWindow),
+  the block that crosses the line raises SystemicFailure instead of passing its rows on, after telling
+  `BlockAttempts` (Ray Data hands the driver the actor's exception as text only); the driver leaves the
+  units of the failed rows unfinished (pipeline.batch.run) and the job exits 4.
 """
 
 from __future__ import annotations
@@ -22,11 +28,12 @@ import ray
 from PIL import Image
 
 from monitoring.metrics import MetricsRecorder
-from tokencarve.engine import Caption, CaptionEngine
+from tokencarve.engine import Caption, CaptionEngine, row_seed
 from tokencarve.images import RowError
 
-from .faults import inject, is_worker_fault, parse_faults
+from .faults import FailureWindow, SystemicFailure, inject, is_worker_fault, parse_faults
 from .job import CaptionJob
+from .output import GENERATION_FAILED
 from .records import UnitEnd, captioned_schema, output_row
 
 Result = Caption | RowError
@@ -36,11 +43,13 @@ DIED = "the actor's process died while captioning it"
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class BlockAttempts:
     """The attempts at each block in flight and its last fault, outside the actors (which a fault kills).
-    Holds only blocks in flight: a block's entry goes when it is done."""
+    Holds only blocks in flight: a block's entry goes when it is done. Also the systemic failure that
+    stopped the run, if one did (one per actor at most)."""
 
     def __init__(self):
         self.attempts: dict[str, int] = {}
         self.faults: dict[str, str] = {}
+        self.stops: list[SystemicFailure] = []
 
     def start(self, block: str) -> tuple[int, str | None]:
         """Count an attempt at `block`; returns (this attempt's number, how the attempt before it ended).
@@ -57,9 +66,19 @@ class BlockAttempts:
         self.attempts.pop(block, None)
         self.faults.pop(block, None)
 
+    def stop(self, failure: SystemicFailure) -> None:
+        self.stops.append(failure)
+
+    def stopped(self) -> SystemicFailure | None:
+        """The first systemic failure reported, naming the units of every actor's failed rows."""
+        if not self.stops:
+            return None
+        first, units = self.stops[0], sorted({u for stop in self.stops for u in stop.units})
+        return SystemicFailure(first.failed, first.seen, first.window, first.share, first.first_error, tuple(units))
+
 
 def generation_failed(error: Exception) -> RowError:
-    return RowError("generation_failed", f"{type(error).__name__}: {error}")
+    return RowError(GENERATION_FAILED, f"{type(error).__name__}: {error}")
 
 
 def block_key(rows: pa.Table) -> str:
@@ -76,8 +95,10 @@ class CaptionActor:
     def __init__(self, job: CaptionJob, attempts=None):
         self.job, self.attempts = job, attempts  # attempts: a BlockAttempts handle (None: a single attempt)
         self.faults = parse_faults(job.faults)
+        self.window = FailureWindow(job.failure_window, job.failure_share)
         self.engine = CaptionEngine(job.engine)
         self.metrics = MetricsRecorder(self.engine.model_name, job.engine.method, job.engine.keep)
+        self._decoder_metrics()
 
     def __call__(self, block: pa.Table) -> pa.Table:
         todo = block.filter(pc.is_null(block.column("unit_end")))
@@ -86,7 +107,15 @@ class CaptionActor:
         for row, result in zip(rows, self._caption_block(todo, rows) if rows else []):
             if isinstance(result, RowError):
                 self.metrics.failed(result.code)
+            failed = isinstance(result, RowError) and result.code == GENERATION_FAILED
+            self.window.add(row["unit"], result.message if failed else None)
             out.append(output_row(row, self.job, result) | {"unit": row["unit"], "unit_end": None})
+        try:
+            self.window.check()  # a systemic failure: raised before this block's rows are passed on
+        except SystemicFailure as stop:
+            if self.attempts is not None:  # the driver reads it there
+                ray.get(self.attempts.stop.remote(stop))
+            raise
         for text in block.filter(pc.is_valid(block.column("unit_end"))).column("unit_end").to_pylist():
             end = UnitEnd.from_json(text)
             for code, count in end.refused.items():
@@ -135,9 +164,15 @@ class CaptionActor:
 
     def _generate(self, images, prompts, ids, attempt) -> list[Caption]:
         inject(self.faults, ids, attempt)  # the test hook; nothing unless TOKENCARVE_INJECT_FAULTS names a row
-        captions = self.engine.caption(images, prompts)
+        # each row's sampling seed from its id: a rerun or a retried block draws the same caption
+        captions = self.engine.caption(images, prompts, seeds=[row_seed(self.job.engine.seed, i) for i in ids])
         self.metrics.batch(captions, self.engine.last_timing)
+        self._decoder_metrics()
         return captions
+
+    def _decoder_metrics(self) -> None:
+        if self.engine.decoder is not None:  # the static path's pool: warm-up, shapes, eager fallbacks, bytes
+            self.metrics.decoder(self.engine.decoder.stats)
 
     def _gave_up(self, attempts: int, last_fault: str | None) -> RowError:
         return RowError("worker_failed", f"the block failed on {attempts} attempt(s); last: {last_fault or DIED}")

@@ -84,6 +84,9 @@ class SettingsMismatch(ValueError):
     columns, ...), or was written in another layout."""
 
 
+# a row whose generation raised: final in a finished unit, captioned again when its unit is resumed
+GENERATION_FAILED = "generation_failed"
+
 HEADLINE = ("model", "method", "keep", "carry")  # what a refusal names first; every difference follows
 
 
@@ -208,8 +211,9 @@ class Output:
         (a resumed run with another budget would mix two runs in one output and one summary), and of
         one layout (FORMAT_VERSION). `defaults`: what a setting the held claim lacks stands for (one
         added to the engine since the output was claimed: tokencarve.settings.claim_defaults).
-        `upgrade`: held claim -> the same claim in today's form, where a setting's recorded form
-        changed (tokencarve.settings.upgrade_claim: the model fingerprint)."""
+        `upgrade`: (held claim, this run's settings) -> the held claim in today's form, where a setting's
+        recorded form changed or what it left unknown can now be told (tokencarve.settings.upgrade_claim:
+        the model fingerprint, a hub id's revision, runtime-only settings older claims recorded)."""
         settings = json.loads(json.dumps(settings, default=str))  # as _job.json will hold it
         held = self.settings()
         if held is None:
@@ -223,7 +227,7 @@ class Output:
             return
         recorded = dict(held)
         _check_format(self.location, recorded.pop("format_version", None))
-        held = upgrade(recorded) if upgrade is not None else recorded
+        held = upgrade(recorded, settings) if upgrade is not None else recorded
         upgraded = held != recorded
         held = held | {k: v for k, v in (defaults or {}).items() if k not in held and k in settings}
         if held != settings:
@@ -232,7 +236,7 @@ class Output:
                 f"{_headline(settings)} ({_differences(held, settings)}). "
                 "Write to a new --output (or remove that one) rather than mix settings in one output"
             )
-        if upgraded:  # an older form that matched: record today's, so the next run compares it
+        if upgraded:  # an older or less complete form that matched: record today's, so the next run compares it
             self._write_json(JOB_FILE, {"format_version": FORMAT_VERSION, **settings})
 
     def _has_rows(self) -> bool:
@@ -289,6 +293,11 @@ class Output:
             if status != record["status"]:
                 self._delete(f"{UNITS_DIR}/{record['unit']}.{status}.json")
         self._write_json(f"{UNITS_DIR}/{record['unit']}.{record['status']}.json", record)
+
+    def reopen_unit(self, unit: str) -> None:
+        """Take back a unit's done record: a rerun re-checks the unit (a job stopped by a systemic
+        failure reopens the units of the rows that failed, so that the rerun captions them again)."""
+        self._delete(f"{UNITS_DIR}/{unit}.done.json")
 
     def unit_statuses(self) -> Iterator[tuple[str, str]]:
         """(unit, status) of every recorded unit, from the listing alone."""

@@ -17,7 +17,7 @@ from tokencarve.engine import EngineConfig, ModelInputs
 from tokencarve.images import RowError, decode_image
 
 from .job import CaptionJob
-from .output import Output
+from .output import GENERATION_FAILED, Output
 from .records import UnitEnd, output_row, prepared_schema
 from .sources import ShardError, Unit, carried_name, read_unit, uri
 from .write import write_rows
@@ -41,8 +41,12 @@ def prepare_units(units: pa.Table, job: CaptionJob) -> Iterator[pa.Table]:
 def prepare_unit(unit: Unit, job: CaptionJob) -> Iterator[pa.Table]:
     output, inputs, schema = Output(job.output), _model_inputs(job.engine), prepared_schema(job.carry)
     # A resumed unit: rows earlier runs wrote are skipped (never this run's: a retried task must emit
-    # exactly what its first attempt did, so that its blocks and parts come out the same).
-    written = output.unit_rows(unit.key, ["source_row"], before_run=job.run_id)
+    # exactly what its first attempt did, so that its blocks and parts come out the same), but for rows
+    # whose generation failed: an unfinished unit's are captioned again (a job stopped by a systemic
+    # failure leaves such units for the rerun), and the unit's merge keeps the new row (merge_unit).
+    written = output.unit_rows(unit.key, ["source_row", "error_code"], before_run=job.run_id)
+    if written is not None:
+        written = written.filter(pc.fill_null(pc.not_equal(written.column("error_code"), GENERATION_FAILED), True))
     done = np.sort(written.column("source_row").to_numpy()) if written is not None else np.empty(0, np.int64)
     rows, emitted, ids, block, refused = 0, 0, [], [], []
     refused_by_code: dict[str, int] = {}

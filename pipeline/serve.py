@@ -55,6 +55,8 @@ class CaptionServer:
         log_api_keys(self.api_keys)
         self.engine = CaptionEngine(s.engine_config())
         self.metrics = MetricsRecorder(self.engine.model_name, s.method, s.keep)
+        if self.engine.decoder is not None:  # warmed up in the engine's constructor, before the replica is ready
+            self.metrics.decoder(self.engine.decoder.stats)
         self.model_thread = ThreadPoolExecutor(max_workers=1)  # one generate() at a time per replica
         self.caption_batch.set_max_batch_size(s.max_batch_size)
         self.caption_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
@@ -104,25 +106,32 @@ class CaptionServer:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def caption_batch(self, works: list[Work]) -> list[tuple]:
-        """Requests that arrived together; those with the same settings share one generate()."""
+        """Requests that arrived together; those with the same budget and method share one engine call
+        (on the static path each row ends at its own max_new_tokens and frees its slot)."""
         groups: dict[tuple, list[int]] = {}
         for i, w in enumerate(works):
-            groups.setdefault(w.batch_key, []).append(i)
+            groups.setdefault(w.batch_key[:2] if self.engine.decoder else w.batch_key, []).append(i)
         results: list = [None] * len(works)
         loop = asyncio.get_running_loop()
-        for (keep, method, max_new_tokens), members in groups.items():
+        for (keep, method, *_), members in groups.items():
             captions, timing = await loop.run_in_executor(
-                self.model_thread, self._generate, [works[i] for i in members], keep, method, max_new_tokens
+                self.model_thread, self._generate, [works[i] for i in members], keep, method
             )
             self.metrics.batch(captions, timing, method=method, keep=keep)
+            if self.engine.decoder is not None:
+                self.metrics.decoder(self.engine.decoder.stats)
             for i, caption in zip(members, captions):
                 results[i] = (caption, len(members))
         return results
 
-    def _generate(self, works: list[Work], keep: int, method: str, max_new_tokens: int):
-        """On the model thread: one generate() and its timing, read before the next call can start."""
+    def _generate(self, works: list[Work], keep: int, method: str):
+        """On the model thread: one engine call and its timing, read before the next call can start."""
         captions = self.engine.caption(
-            [w.image for w in works], [w.prompt for w in works], max_new_tokens=max_new_tokens, keep=keep, method=method
+            [w.image for w in works],
+            [w.prompt for w in works],
+            max_new_tokens=[w.max_new_tokens for w in works],
+            keep=keep,
+            method=method,
         )
         return captions, self.engine.last_timing
 

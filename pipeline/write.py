@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .job import CaptionJob
-from .output import Output, output_schema
+from .output import GENERATION_FAILED, Output, output_schema
 from .records import REPORT, PartReport, UnitEnd
 
 
@@ -38,8 +38,13 @@ def merge_unit(output: Output, unit: str, run: str) -> pa.Table:
     merge is a duplicate the next finish of the unit removes (before its record is written)."""
     old = output.unit_parts(unit)
     table = output.unit_rows(unit, None)
-    _, first = np.unique(table.column("source_row").to_numpy(), return_index=True)
-    merged = table.take(first)
+    rows = table.column("source_row").to_numpy()
+    # A row whose generation failed and was captioned again (a resumed unit: pipeline.prepare) is there
+    # twice: the retry's row is kept. Otherwise the copies are alike and the first is kept.
+    failed = pc.fill_null(pc.equal(table.column("error_code"), GENERATION_FAILED), False)
+    order = np.lexsort((failed.to_numpy(zero_copy_only=False), rows))  # stable: by row, then failed last
+    _, first = np.unique(rows[order], return_index=True)
+    merged = table.take(order[first])
     name = output.write_part(unit, merged, run)
     for path in old:
         if not path.endswith("/" + name):

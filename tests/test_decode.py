@@ -1,9 +1,10 @@
-"""The static decode path (tokencarve.decode) gives generate()'s greedy tokens, row for row.
+"""The static decode path (tokencarve.decode) gives generate()'s greedy tokens, row for row, in a bounded pool.
 
 Every family we support, stock and carved, mixed prompt lengths (left padding), rows finishing at
 different steps, refill (more rows than slots: each row's tokens equal its own single-row
-generation), a pool that grows mid-run; the compiled step compiles whole and once, and the pool's
-buffers keep their addresses across batches."""
+generation), a long row that lays the pool out again within its budget; the compiled step compiles
+its read buckets whole, at start and never after, keeps the pool's buffers, and falls back to eager
+where a shape cannot compile."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import torch
 from PIL import Image
 
 from tokencarve import CarveConfig
-from tokencarve.decode import StaticDecoder
-from tokencarve.engine import CaptionEngine, EngineConfig
+from tokencarve.decode import Layout, StaticDecoder
+from tokencarve.engine import GENERATION_FIELDS, CaptionEngine, EngineConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 HARD = str(ROOT / "models" / "carve-tiny-hard")
@@ -41,9 +42,13 @@ def pictures(sizes):
 
 
 def engines(path: str, **static):
-    """A generate() engine and a static one on the same loaded model (eager step unless told)."""
-    reference = CaptionEngine(EngineConfig(model=path, decode="generate", max_new_tokens=12))
-    config = EngineConfig(model=path, decode="static", max_new_tokens=12, **{"compile_decode": "no", **static})
+    """A generate() engine and a static one on the same loaded model (eager step unless told); the
+    generation settings, max_new_tokens and keep among `static` go to both."""
+    shared = {"max_new_tokens": 12} | {
+        name: static.pop(name) for name in list(static) if name in (*GENERATION_FIELDS, "max_new_tokens", "keep")
+    }
+    reference = CaptionEngine(EngineConfig(model=path, decode="generate", **shared))
+    config = EngineConfig(model=path, decode="static", **{"compile_decode": "no", **shared, **static})
     return reference, CaptionEngine(config, model=reference.model, processor=reference.processor)
 
 
@@ -79,11 +84,13 @@ def family_dirs(tmp_path_factory):
 
 @pytest.mark.parametrize("family", ["next", "onevision"])
 @pytest.mark.parametrize("keep", [None, 0.3])
-def test_the_decoder_gives_generates_tokens_on_the_model_alone(family_dirs, family, keep):
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_the_decoder_gives_generates_tokens_on_the_model_alone(family_dirs, family, keep, penalty):
     """Below the engine, on the model and the family's own image processor (OneVision's full processor
-    needs torchvision): several images per prompt, text-only rows, left padding, refill through 2 slots."""
+    needs torchvision): several images per prompt, text-only rows, left padding, refill through 2 slots,
+    with and without a repetition penalty."""
     import tokencarve
-    from tokencarve.decode import eos_ids, prefill
+    from tokencarve.decode import Features, GenerationSettings, eos_ids, prefill
 
     from .tiny_family import Prompt, load, make_batch
 
@@ -93,16 +100,20 @@ def test_the_decoder_gives_generates_tokens_on_the_model_alone(family_dirs, fami
     prompts.append(Prompt(3, [(50, 80)], 1, seed=3))
     batch = make_batch(model, path, family, prompts)
     with torch.inference_mode():
-        sequences = model.generate(**batch.inputs, max_new_tokens=10, do_sample=False)
+        sequences = model.generate(**batch.inputs, max_new_tokens=10, do_sample=False, repetition_penalty=penalty)
     expected = sequences[:, batch.inputs["input_ids"].shape[1] :].tolist()
     eos = eos_ids(model.generation_config)
-    decoder = StaticDecoder(model, model.tokencarve.language_model, eos, compile=False)
+    settings = GenerationSettings(repetition_penalty=penalty)
+    decoder = StaticDecoder(
+        model, model.tokencarve.language_model, eos, slots=2, kv_cache_bytes=1 << 26, compile=False,
+        features=Features.of([settings]),
+    )  # fmt: skip
     with torch.inference_mode():
         decoded = decoder.run(
             len(prompts),
-            2,
             10,
             lambda rows: prefill(model, make_batch(model, path, family, [prompts[i] for i in rows]).inputs),
+            settings,
         )
     for row, result in zip(expected, decoded):
         cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
@@ -167,58 +178,103 @@ def test_figures_and_timing_on_the_static_path(hard):
         assert mine.kv_bytes_held < mine.kv_bytes_uncompressed and mine.latency_s > 0
 
 
-def test_one_new_token_and_a_pool_that_grows_mid_run(hard, monkeypatch):
+def test_one_new_token_and_a_long_row_that_lays_the_pool_out_again(hard):
+    """A row longer than the pool's capacity waits for the pool to drain; the pool is released, then laid
+    out again with half the slots and twice the capacity (within the same budget), and as before at the
+    next call; tokens stay generate()'s throughout and the pool never holds more than its budget."""
+    import weakref
+
     reference, static = hard
     images, prompts = sample_rows(8)
     same_tokens(reference.caption(images, prompts, max_new_tokens=1), static.caption(images, prompts, max_new_tokens=1))
-    # capacities in steps of 8: a longer prompt arriving while rows decode makes the pool grow under them
-    monkeypatch.setattr(StaticDecoder, "CAPACITY_STEP", 8)
-    static.decoder.pool = None
-    long = "What colour is the large object in the top left corner of the picture, next to the small one?"
-    prompts = [None, "How many?", None, "How many?", long, long]  # the long ones arrive on refill
-    expected = reference.caption(images[:6], prompts, max_new_tokens=48)
-    capacities = []
-    grow = StaticDecoder._fit
+    # a budget whose 4 slots hold 128 entries each: a 120-token answer does not fit beside its prompt
+    budget = static.decoder.shape.pool_bytes(Layout(4, 128), static.decoder.features)
+    tight = CaptionEngine(
+        replace(static.config, kv_cache_memory=budget), model=static.model, processor=static.processor
+    )
+    assert (tight.decoder.pool.slots, tight.decoder.pool.capacity) == (4, 128)
+    released = weakref.ref(tight.decoder.pool.cache.keys[0])
+    prompts = [None, "How many?", None, "How many?", None, None]
+    caps = [8, 8, 8, 8, 120, 8]  # the long one arrives on refill, while the others decode
+    expected = [reference.caption([i], [p], max_new_tokens=c)[0] for i, p, c in zip(images, prompts, caps)]
+    decoder = tight.decoder
+    got = [None] * len(caps)
+    for cap in sorted(set(caps)):  # one call per cap; the long row's call relays the pool out
+        rows = [i for i, c in enumerate(caps) if c == cap]
+        for row, caption in zip(
+            rows, tight.caption([images[i] for i in rows], [prompts[i] for i in rows], max_new_tokens=cap)
+        ):
+            got[row] = caption
+        if cap == 120:
+            assert (decoder.pool.slots, decoder.pool.capacity) == (2, 256) and released() is None
+    same_tokens(expected, got)
+    assert decoder.stats.relayouts == 1 and decoder.stats.peak_pool_bytes <= budget
+    tight.caption(images[:2], prompts[:2], max_new_tokens=8)
+    assert (decoder.pool.slots, decoder.pool.capacity) == (4, 128)  # the first layout again, for rows that fit
 
-    def watched(self, slots, needed):
-        grow(self, slots, needed)
-        capacities.append(self.pool.capacity)
 
-    monkeypatch.setattr(StaticDecoder, "_fit", watched)
-    same_tokens(expected, static.caption(images[:6], prompts, max_new_tokens=48))
-    assert len(set(capacities)) > 1
-
-
-def test_checkpoints_whose_greedy_is_not_argmax_are_refused(family_dirs):
+def test_settings_the_step_cannot_apply_are_refused_naming_them(family_dirs):
     reference, _ = engines(family_dirs["llava"])
-    reference.model.generation_config.repetition_penalty = 1.2
+    reference.model.generation_config.no_repeat_ngram_size = 3
     try:
-        with pytest.raises(ValueError, match="repetition_penalty.*--decode generate"):
+        with pytest.raises(ValueError, match="no_repeat_ngram_size=3.*--decode generate"):
             CaptionEngine(
                 EngineConfig(model=family_dirs["llava"], decode="static"),
                 model=reference.model,
                 processor=reference.processor,
             )
     finally:
-        reference.model.generation_config.repetition_penalty = 1.0
+        reference.model.generation_config.no_repeat_ngram_size = None
+
+
+def compiled_engines(path: str, capacity: int, **settings):
+    """generate() and a compiled static engine (4 slots, a budget of `capacity` entries per slot), from
+    a fresh compile cache."""
+    torch._dynamo.reset()
+    reference = CaptionEngine(EngineConfig(model=path, decode="generate"))
+    probe = CaptionEngine(
+        EngineConfig(model=path, decode_slots=4, compile_decode="no", kv_cache_memory=1 << 30),
+        model=reference.model,
+        processor=reference.processor,
+    )
+    budget = probe.decoder.shape.pool_bytes(Layout(4, capacity), probe.decoder.features)
+    config = EngineConfig(model=path, decode_slots=4, compile_decode="yes", kv_cache_memory=budget, **settings)
+    return reference, CaptionEngine(config, model=reference.model, processor=reference.processor)
 
 
 @pytest.mark.slow
-def test_the_compiled_step_compiles_whole_once_and_keeps_its_buffers(family_dirs):
-    """fullgraph=True (a graph break raises), then no recompilation over batches of one pool shape."""
-    reference, static = engines(family_dirs["llava"], decode_slots=4, compile_decode="yes")
-    images = pictures([(40, 40)] * 8)
-    batches = [(images[:4], PROMPTS), (images[4:], PROMPTS[::-1]), (images[2:6], [None] * 4)]
-    first = static.caption(*batches[0], keep=16)
-    same_tokens(reference.caption(*batches[0], keep=16), first)
-    pool = static.decoder.pool
-    assert pool._compiled is not None
-    addresses = [t.data_ptr() for t in pool.buffers()]
+def test_the_compiled_step_compiles_its_buckets_at_start_and_nothing_after(family_dirs):
+    """Batches of 1 to 16 rows with mixed max_new_tokens (a Serve replica's, a job's ragged blocks): every
+    shape is compiled at start (one per read bucket of the pool), whole (fullgraph), none after; no row
+    fails, tokens are generate()'s, and the pool keeps its buffers."""
+    from tokencarve.decode import buckets_up_to
+
+    reference, static = compiled_engines(family_dirs["llava"], 256)
+    decoder = static.decoder
+    assert decoder.stats.shapes_compiled == len(buckets_up_to(256)) == 3 and decoder.stats.warmup_seconds > 0
+    pool, addresses = decoder.pool, [t.data_ptr() for t in decoder.pool.buffers()]
+    images = pictures([(40 + 8 * i, 40) for i in range(16)])
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for images_, prompts in batches[1:]:
-            same_tokens(reference.caption(images_, prompts, keep=16), static.caption(images_, prompts, keep=16))
-            assert static.decoder.pool is pool
-    assert [t.data_ptr() for t in pool.buffers()] == addresses
+        for rows in range(1, 17):
+            cap = (4, 24, 60, 120)[rows % 4]
+            expected = reference.caption(images[:rows], (PROMPTS * 4)[:rows], max_new_tokens=cap, keep=16)
+            same_tokens(expected, static.caption(images[:rows], (PROMPTS * 4)[:rows], max_new_tokens=cap, keep=16))
+    assert decoder.pool is pool and [t.data_ptr() for t in pool.buffers()] == addresses
+    assert decoder.stats.shapes_compiled == 3 and decoder.stats.eager_fallbacks == 0
+
+
+@pytest.mark.slow
+def test_a_shape_that_cannot_compile_runs_eagerly_with_a_warning(family_dirs, monkeypatch):
+    """A recompile limit hit (here: a long row's new layout once the allowance is spent) is no row's
+    failure: that shape runs eagerly, warned and counted, and the tokens are still generate()'s."""
+    reference, static = compiled_engines(family_dirs["llava"], 128)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", static.decoder.stats.shapes_compiled)
+    images = pictures([(60, 40), (40, 60)])
+    expected = reference.caption(images, PROMPTS[:2], max_new_tokens=150, keep=16)
+    with pytest.warns(RuntimeWarning, match="runs eagerly"):
+        got = static.caption(images, PROMPTS[:2], max_new_tokens=150, keep=16)
+    same_tokens(expected, got)
+    assert static.decoder.stats.eager_fallbacks >= 1 and static.decoder.stats.relayouts == 1
 
 
 def test_refill_prefills_a_few_rows_at_a_time(hard, monkeypatch):

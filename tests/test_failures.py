@@ -1,12 +1,15 @@
 """The failure policy (docs/CLUSTER.md, "When captioning fails"), with faults injected through the job's
 test hook (TOKENCARVE_INJECT_FAULTS) on a real local Ray: a row that makes generation raise is an error
 row whatever its block's size; a worker fault restarts the actor and retries the block, a bounded number
-of times, then the block's rows are error rows. Every source row exactly once, exit status 0."""
+of times, then the block's rows are error rows. Every source row exactly once, exit status 0. Rows that
+keep failing generation stop the job (exit status 4) with their units unfinished, and a rerun captions
+them."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from pipeline.batch import read_output
 from pipeline.caption import CaptionActor
 from pipeline.faults import FAULTS_ENV
 from pipeline.job import CaptionJob
+from pipeline.output import Output
 from pipeline.prepare import prepare_unit
 from pipeline.sources import plan_units
 from pipeline.synthetic import small_png
@@ -112,3 +116,33 @@ def test_worker_faults_restart_the_actor_and_a_block_that_keeps_failing_becomes_
     )
     assert summary["rows_ok"] == len(ids) - len(gave_up) and summary["units_done"] == 2
     assert "worker_failed error rows" in done.stderr
+
+
+def test_a_systemic_failure_stops_the_job_and_a_rerun_captions_every_row(ray_cluster, tiny_model_dir, tmp_path):
+    """Every row failing generation (a broken setting, say): the job stops with exit status 4, the count
+    and the first error, instead of writing a corpus of error rows recorded done; no unit holding such
+    rows is recorded done, and the same command without the fault captions every row, once, the failed
+    rows written before the stop included."""
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    ids = shard(corpus, "e", 3) + shard(corpus, "f", 6) + shard(corpus, "g", 5)
+    # a stop at more than 4 failed rows of an actor's last 8; parts written per 4 rows, so that failed rows
+    # reach storage while the actor restarts after f's first block kills it (which also empties its window:
+    # the driver takes back e's record, if it wrote one, all the same)
+    options = ("--failure-window", "8", "--max-failure-share", "0.5", "--rows-per-file", "4")
+    done, summary = run_job(corpus, out, tiny_model_dir, ray_cluster, "kill@f-0#1,raise@*", *options)
+    assert done.returncode == 4, done.stderr[-3000:]
+    assert summary is None  # no summary of a stopped run
+    stopped = re.search(r"error: the job stopped: (\d+) of the last (\d+) rows an actor captioned failed", done.stderr)
+    assert stopped and 4 < int(stopped[1]) <= int(stopped[2]) <= 8, done.stderr[-3000:]
+    assert "The first of them: RuntimeError: generation failed (injected for row" in done.stderr
+    assert [status for _, status in Output(str(out)).unit_statuses() if status == "done"] == []
+    written = read_output(str(out))  # what reached storage before the stop: failed rows, in unfinished units
+    assert written.num_rows >= 3 and set(written.column("error_code").to_pylist()) == {"generation_failed"}
+
+    done, summary = run_job(corpus, out, tiny_model_dir, ray_cluster, "", *options)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = results(out)
+    assert sorted(rows) == sorted(ids)  # one row per input row: the failed ones replaced, none twice
+    assert all(r["error_code"] is None and r["caption"] for r in rows.values())
+    assert summary["rows_ok"] == summary["rows_total"] == len(ids) and summary["errors_by_reason"] == {}
+    assert summary["units_done"] == 3 and summary["units_failed"] == 0

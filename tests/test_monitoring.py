@@ -180,7 +180,7 @@ def test_every_metric_is_exported_with_sane_values(traffic):
     names = set(httpx.get(f"{traffic}/api/v1/label/__name__/values", timeout=10).json()["data"])
     for spec in METRICS.values():
         exported = spec.exported()
-        assert (exported if spec.kind == "counter" else f"{exported}_bucket") in names, exported
+        assert (f"{exported}_bucket" if spec.kind == "histogram" else exported) in names, exported
     total = lambda name: value(traffic, f"sum(ray_tokencarve_{name}_total{OURS})")  # noqa: E731
     assert total("images_processed") == 7  # 6 batch rows + 1 Serve request
     assert total("images_failed") == 2  # the broken row + the bad request
@@ -192,6 +192,12 @@ def test_every_metric_is_exported_with_sane_values(traffic):
     assert total("model_seconds") > 0
     assert value(traffic, f"sum(ray_tokencarve_batch_size_count{OURS})") >= 3
     assert value(traffic, f"sum(ray_tokencarve_carve_seconds_sum{OURS})") > 0
+    # every engine's decode pool: allocated within its budget, nothing fell back to eager
+    pools = query(traffic, f"ray_tokencarve_decode_pool_bytes{OURS}")
+    budgets = query(traffic, f"ray_tokencarve_decode_pool_budget_bytes{OURS}")
+    assert pools and all(0 < float(p["value"][1]) for p in pools) and budgets
+    assert max(float(p["value"][1]) for p in pools) <= min(float(b["value"][1]) for b in budgets)
+    assert value(traffic, f"sum(ray_tokencarve_decode_eager_fallbacks{OURS})") == 0
 
 
 @pytest.mark.slow

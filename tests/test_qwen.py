@@ -239,7 +239,14 @@ def test_static_decode_continues_from_rope_deltas(family, carved, keep):
     model, batch = family["sdpa"], family["batch"]
     carved(keep=keep)
     expected, _ = generate(model, batch, 10)
-    decoder = StaticDecoder(model, model.tokencarve.language_model, eos_ids(model.generation_config), compile=False)
+    decoder = StaticDecoder(
+        model,
+        model.tokencarve.language_model,
+        eos_ids(model.generation_config),
+        slots=2,
+        kv_cache_bytes=1 << 26,
+        compile=False,
+    )
     seen = []
 
     def prefill_rows(rows):  # consecutive rows, padded together as the engine pads a chunk
@@ -247,7 +254,7 @@ def test_static_decode_continues_from_rope_deltas(family, carved, keep):
         seen.extend(filled.positions.tolist())
         return filled
 
-    decoded = decoder.run(len(ROWS), 2, 10, prefill_rows)  # two slots for four rows: they refill
+    decoded = decoder.run(len(ROWS), 10, prefill_rows)  # two slots for four rows: they refill
     assert [d.tokens for d in decoded] == expected.tolist()
     assert seen == [run_reference(family, row, 10**6).next_position for row in range(len(ROWS))]
     lengths = family["batch"]["attention_mask"].sum(1).tolist()

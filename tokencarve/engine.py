@@ -9,7 +9,11 @@ how the model is loaded or patched. No Ray here: the engine runs anywhere the mo
 from __future__ import annotations
 
 import functools
+import json
+import logging
+import os
 import time
+import zlib
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -20,7 +24,7 @@ from tokencarve import CarveConfig, load_llava
 from tokencarve.adapter import CARVE_POSITIONS, CarveStats
 from tokencarve.budgets import Adaptive
 from tokencarve.budgets import parse_budget as parse_budget  # the one parser of a written budget, re-exported
-from tokencarve.decode import Prefill, StaticDecoder, check_greedy, eos_ids
+from tokencarve.decode import Features, GenerationSettings, Prefill, StaticDecoder, check_layers, eos_ids
 from tokencarve.decode import prefill as prefill_rows
 from tokencarve.families import family_for_config, image_placeholder, max_image_tokens
 from tokencarve.loading import chat_prompt, load_processor
@@ -43,6 +47,16 @@ DEFAULT_METHOD = "volume-spatial"
 
 DECODE_PATHS = ("static", "generate")
 COMPILE_CHOICES = ("auto", "yes", "no")
+# The static path's defaults per device: rows decoded at once, and the KV-cache pool's share of the
+# memory free after the weights (a GPU's is the engine's to fill, as vLLM's gpu_memory_utilization; a
+# CPU's is shared with the host's other work). The job hands an engine more rows per call than slots
+# (pipeline.job.CaptionJob.batch_size), so finished rows' slots refill.
+DEFAULT_SLOTS = {"cuda": 64, "cpu": 16}
+DEFAULT_KV_SHARE = {"cuda": 0.9, "cpu": 0.25}
+# Generation settings a run may set over the checkpoint's generation config (None: the checkpoint's)
+GENERATION_FIELDS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "min_new_tokens", "stop")
+
+log = logging.getLogger(__name__)
 
 
 def _setting(default, help: str, **extra):
@@ -56,6 +70,7 @@ class EngineConfig:
     Serve's settings and the evaluation harness take them from (each field's metadata has its help)."""
 
     model: str = field(metadata={"help": "a local folder or a hub id"})
+    revision: str | None = _setting(None, "hub revision (commit) to load; the job pins the one it resolved")
     keep: int | float | Adaptive = _setting(
         64,
         "visual tokens per image (64), a fraction of each image's tokens (0.1), or adaptive (auto:64: 64 on "
@@ -89,7 +104,7 @@ class EngineConfig:
         "auto: pad to square (any-resolution: shrink to the largest grid); processor: as is",
         choices=IMAGE_POLICIES,
     )
-    seed: int = _setting(0, "the random method's seed")
+    seed: int = _setting(0, "the random method's seed, and sampling's (each row's: this and the row's id)")
     # native-resolution families (Qwen-VL): bounds on an image's area after the processor's resize, so on
     # its token count (area / (patch x merge)^2: 28 px squares for Qwen2/2.5-VL); None: the checkpoint's
     min_pixels: int | None = _setting(None, "native-resolution models: an image's least area in pixels")
@@ -104,8 +119,26 @@ class EngineConfig:
     decode: str = _setting(
         "static", "decode path: static (fixed-shape step, refilled slots) or generate", choices=DECODE_PATHS
     )
-    # rows decoded at once on the static path; None: the batch handed to caption()
-    decode_slots: int | None = _setting(None, "rows decoded at once on the static path (default: the batch size)")
+    # rows decoded at once on the static path (the pool's slots); None: DEFAULT_SLOTS for the device
+    decode_slots: int | None = _setting(
+        None, "rows decoded at once on the static path (default: 64 on a GPU, 16 on a CPU)"
+    )
+    # the static path's pool is allocated once, within this; a fraction is of the memory free once the
+    # weights are loaded (tokencarve.decode.layout splits it into slots x capacity)
+    kv_cache_memory: float | None = _setting(
+        None,
+        "the static path's KV-cache pool: bytes (> 1) or a share of the memory free after the weights "
+        "(<= 1; default 0.9 on a GPU, 0.25 on a CPU)",
+    )
+    # generation settings over the checkpoint's generation config (None: the checkpoint's, as generate()
+    # reads it); both decode paths honour them
+    do_sample: bool | None = _setting(None, "sample instead of greedy (default: the checkpoint's)")
+    temperature: float | None = _setting(None, "sampling temperature (default: the checkpoint's)")
+    top_k: int | None = _setting(None, "sampling: keep the k most likely tokens, 0: all (default: the checkpoint's)")
+    top_p: float | None = _setting(None, "sampling: nucleus mass (default: the checkpoint's)")
+    repetition_penalty: float | None = _setting(None, "repetition penalty, 1: none (default: the checkpoint's)")
+    min_new_tokens: int | None = _setting(None, "no eos before this many tokens (default: the checkpoint's)")
+    stop: str | None = _setting(None, 'a stop string, or a JSON list of them (\'["\\n", "."]\'); default: none')
     # "auto": compiled on a GPU (CUDA graphs: where decode is launch-bound) and run eagerly on a CPU, where
     # one inductor compile per pool shape costs ~40 s cold for a gain of ~1.3x per step (docs/BENCHMARKS.md)
     compile_decode: str = _setting(
@@ -131,6 +164,9 @@ class EngineConfig:
             raise ValueError(f"compile_decode must be one of {COMPILE_CHOICES}, got {self.compile_decode!r}")
         if self.decode_slots is not None and self.decode_slots < 1:
             raise ValueError("decode_slots must be >= 1")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError("kv_cache_memory must be > 0: bytes, or a share (<= 1) of the free memory")
+        GenerationSettings().override(**self.generation_overrides())  # checks the values
         for bound in (self.min_pixels, self.max_pixels):
             if bound is not None and bound < 1:
                 raise ValueError("min_pixels / max_pixels must be >= 1")
@@ -141,6 +177,14 @@ class EngineConfig:
         if self.method != "none":
             # validates keep / layer / positions early
             CarveConfig(keep=self.keep, layer=self.layer, method=self.method, positions=self.positions)
+
+    def generation_overrides(self) -> dict:
+        """The generation settings this config sets (the rest are the checkpoint's)."""
+        overrides = {name: getattr(self, name) for name in GENERATION_FIELDS if name != "stop"}
+        if self.stop is not None:
+            stop = json.loads(self.stop) if self.stop.startswith("[") else [self.stop]
+            overrides["stop_strings"] = tuple(stop)
+        return overrides
 
     @property
     def model_name(self) -> str:
@@ -200,8 +244,10 @@ class ModelInputs:
     def load(cls, config: EngineConfig) -> ModelInputs:
         from transformers import AutoConfig
 
-        processor = load_processor(config.model, min_pixels=config.min_pixels, max_pixels=config.max_pixels)
-        return cls(config, processor, AutoConfig.from_pretrained(config.model))
+        processor = load_processor(
+            config.model, min_pixels=config.min_pixels, max_pixels=config.max_pixels, revision=config.revision
+        )
+        return cls(config, processor, AutoConfig.from_pretrained(config.model, revision=config.revision))
 
     def image(self, image: Image.Image) -> Image.Image | RowError:
         if self.policy == "processor":
@@ -339,7 +385,12 @@ class CaptionEngine:
         self.config = config
         if model is None:
             model, processor = load_llava(
-                config.model, config.device, config.dtype, min_pixels=config.min_pixels, max_pixels=config.max_pixels
+                config.model,
+                config.device,
+                config.dtype,
+                revision=config.revision,
+                min_pixels=config.min_pixels,
+                max_pixels=config.max_pixels,
             )
         processor.tokenizer.padding_side = "left"  # batched generate() continues every row from its last token
         self.model, self.processor = model, processor
@@ -349,16 +400,30 @@ class CaptionEngine:
         self.inputs = ModelInputs(config, self.processor, self.model.config)
         self.model_name = config.model_name
         self._timer = _ForwardTimer(self.model)
+        overrides = config.generation_overrides()
+        # generate() reads the checkpoint's generation config itself; these go on top of it
+        self._generate_kwargs = {
+            k: list(v) if k == "stop_strings" else v for k, v in overrides.items() if v is not None
+        }
+        self.generation = None  # the static path's: the checkpoint's generation settings, overrides on top
         self.decoder = None  # the static path's decode loop (tokencarve.decode); None: generate()
         if config.decode == "static":
-            check_greedy(self.model.generation_config)
+            self.generation = GenerationSettings.resolve(self.model.generation_config, **overrides)
+            device = self.model.device.type
             self.decoder = StaticDecoder(
                 self.model,
                 self.model.tokencarve.language_model,
                 eos_ids(self.model.generation_config),
-                compile=config.compile_decode == "yes"
-                or config.compile_decode == "auto"
-                and self.model.device.type == "cuda",
+                slots=config.decode_slots or DEFAULT_SLOTS.get(device, DEFAULT_SLOTS["cpu"]),
+                kv_cache_bytes=kv_cache_bytes(config.kv_cache_memory, self.model.device),
+                compile=config.compile_decode == "yes" or config.compile_decode == "auto" and device == "cuda",
+                features=Features.of([self.generation]),
+            )
+            # before any row: the pool's one allocation and every compiled shape (actors and replicas
+            # are built before they take work, so this is their warm-up)
+            self.decoder.warm_up()
+            log.info(
+                "CaptionEngine %s: static decode warm in %.1f s", self.model_name, self.decoder.stats.warmup_seconds
             )
         self.last_timing: BatchTiming | None = None
 
@@ -367,18 +432,24 @@ class CaptionEngine:
         self,
         images: list[Image.Image],
         prompts: list[str | None],
-        max_new_tokens: int | None = None,
+        max_new_tokens: int | list[int] | None = None,
         keep: int | float | None = None,
         method: str | None = None,
+        seeds: list[int] | None = None,
     ) -> list[Caption]:
         """Caption (or answer) one batch; images are RGB (any size: `inputs.image` makes them what the
         model sees), prompts may be None and must fit (`inputs.prompt_error`). `keep` / `method`
-        override the budget for this batch only."""
+        override the budget for this batch only; `max_new_tokens`, one for all rows or each row's own.
+        `seeds`: each row's sampling seed (`row_seed`; default the config's seed): on the static path a
+        row's caption depends on its seed, not on its batch."""
         setting = replace(self.config, keep=keep or self.config.keep, method=method or self.config.method)
         max_new_tokens = max_new_tokens or self.config.max_new_tokens
+        seeds = seeds if seeds is not None else [self.config.seed] * len(images)
         with self.model.tokencarve.using(setting.carve_config):
             if self.decoder is not None:
-                return self._decode_static(images, prompts, max_new_tokens)
+                return self._decode_static(images, prompts, max_new_tokens, seeds)
+            if isinstance(max_new_tokens, list):  # generate() runs a batch to one length: a call per length
+                return self._generate_by_length(images, prompts, max_new_tokens)
             return self._generate(images, prompts, max_new_tokens)
 
     @torch.inference_mode()
@@ -425,11 +496,24 @@ class CaptionEngine:
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
 
+    def _generate_by_length(self, images, prompts, caps: list[int]) -> list[Caption]:
+        captions: list[Caption | None] = [None] * len(images)
+        for cap in dict.fromkeys(caps):
+            rows = [i for i, c in enumerate(caps) if c == cap]
+            for row, caption in zip(rows, self._generate([images[i] for i in rows], [prompts[i] for i in rows], cap)):
+                captions[row] = caption
+        return captions
+
     def _generate(self, images, prompts, max_new_tokens) -> list[Caption]:
         inputs = self._model_inputs(images, prompts)
         self._timer.durations = []
         started = time.perf_counter()
-        sequences = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        kwargs = self._generate_kwargs
+        if kwargs.get("do_sample", self.model.generation_config.do_sample):
+            torch.manual_seed(self.config.seed)  # generate() draws from torch's generator: reproducible per batch
+        sequences = self.model.generate(
+            **inputs, max_new_tokens=max_new_tokens, tokenizer=self.processor.tokenizer, **kwargs
+        )
         latency = time.perf_counter() - started
         stats = self.model.tokencarve.last_stats  # the prefill's figures, KV bytes as of the last step
         forwards = self._timer.durations
@@ -451,12 +535,9 @@ class CaptionEngine:
             for i, text in enumerate(texts)
         ]
 
-    def _decode_static(self, images, prompts, max_new_tokens) -> list[Caption]:
+    def _decode_static(self, images, prompts, max_new_tokens, seeds) -> list[Caption]:
         """Prefill in chunks as slots free up, decode in the compiled fixed-shape pool (tokencarve.decode)."""
         rows = len(images)
-        slots = self.config.decode_slots or rows
-        if rows < slots:  # a short batch (a block's tail, a quiet Serve): a power of two, few pool shapes
-            slots = min(slots, 1 << (rows - 1).bit_length())
         chunks: list[_Chunk] = []
 
         def prefill(chunk_rows: list[int]) -> Prefill:
@@ -469,10 +550,15 @@ class CaptionEngine:
             chunks.append(_Chunk(chunk_rows, stats, cache_bytes_per_token(filled.cache), chunk_started, seconds))
             return filled
 
-        decoded = self.decoder.run(rows, slots, max_new_tokens, prefill)
+        stop = (
+            StopStrings(self.processor.tokenizer, self.generation.stop_strings)
+            if self.generation.stop_strings
+            else None
+        )
+        decoded = self.decoder.run(rows, max_new_tokens, prefill, self.generation, seeds, stop)
         self.last_timing = BatchTiming(
             sum(chunk.seconds for chunk in chunks),
-            self.decoder.seconds,
+            self.decoder.stats.seconds,
             sum(chunk.stats.carve_seconds for chunk in chunks),
         )
         eos = eos_ids(self.model.generation_config)
@@ -495,6 +581,75 @@ class CaptionEngine:
                     latency_s=decoded[row].finished_at - chunk.started,
                 )
         return captions
+
+
+class StopStrings:
+    """Where a row's tokens first spell a stop string (generate()'s StopStringCriteria: the row ends
+    with the token that completes it, which stays in the output)."""
+
+    def __init__(self, tokenizer, strings: tuple[str, ...]):
+        self.tokenizer, self.strings = tokenizer, strings
+
+    def __call__(self, row: int, tokens: list[int]) -> int | None:
+        if not self._found(tokens):
+            return None
+        return next(end for end in range(1, len(tokens) + 1) if self._found(tokens[:end]))
+
+    def _found(self, tokens: list[int]) -> bool:
+        text = self.tokenizer.decode(tokens)
+        return any(stop in text for stop in self.strings)
+
+
+def row_seed(seed: int, row_id: str) -> int:
+    """A row's sampling seed: the run's seed and the row's id (crc32), so a rerun draws the same caption."""
+    return zlib.crc32(f"{seed}:{row_id}".encode())
+
+
+def kv_cache_bytes(setting: float | None, device: torch.device) -> int:
+    """The static path's pool budget in bytes: `setting` bytes (> 1), or that share (default
+    DEFAULT_KV_SHARE) of the memory free now, after the weights."""
+    share = DEFAULT_KV_SHARE.get(device.type, DEFAULT_KV_SHARE["cpu"]) if setting is None else setting
+    if share > 1:
+        return int(share)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = available_memory()
+    return int(share * free)
+
+
+def available_memory() -> int:
+    """Host memory available to a new allocation: Linux's MemAvailable (free plus reclaimable cache),
+    else the free pages."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def preflight(config: EngineConfig) -> None:
+    """Every refusal the engine would make, made from the checkpoint's files alone (its config, its
+    generation config; the model built on the meta device, no weights): the family, the cut and the
+    method (`tokencarve.apply`), the decoder layers and generation settings of the static path. A job
+    calls this on its driver before it claims an output; the messages are the engine's own."""
+    from transformers import AutoConfig, GenerationConfig
+
+    model_config = AutoConfig.from_pretrained(config.model, revision=config.revision)
+    family = family_for_config(model_config)
+    with torch.device("meta"):
+        model = family.model_class._from_config(model_config)
+    tokencarve.apply(model, config.carve_config)
+    try:
+        generation = GenerationConfig.from_pretrained(config.model, revision=config.revision)
+    except OSError:  # none shipped: generate() uses the model config's
+        generation = GenerationConfig.from_model_config(model_config)
+    if config.decode == "static":
+        GenerationSettings.resolve(generation, **config.generation_overrides())
+        check_layers(list(model.tokencarve.language_model.layers))
 
 
 @dataclass

@@ -36,23 +36,27 @@ def chat_prompt(processor, question: str) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def load_llava(path: str, device: str = "auto", dtype: str = "auto", **image_size):
+def load_llava(path: str, device: str = "auto", dtype: str = "auto", revision: str | None = None, **image_size):
     """(model in eval mode on `device`, processor padding on the left) from a local folder or hub id:
-    a checkpoint of any family in tokencarve.families (the class read from its config); `image_size`:
-    see `load_processor`."""
+    a checkpoint of any family in tokencarve.families (the class read from its config); `revision`: a
+    hub id's revision (a commit: the job pins one, tokencarve.settings.resolve_revision), passed to
+    every file it reads; `image_size`: see `load_processor`."""
     from transformers import AutoConfig
 
     from .families import family_for_config
 
     device = resolve_device(device)
-    family = family_for_config(AutoConfig.from_pretrained(path))
-    model = family.model_class.from_pretrained(path, dtype=resolve_dtype(dtype, device))
-    return model.to(device).eval(), load_processor(path, **image_size)
+    family = family_for_config(AutoConfig.from_pretrained(path, revision=revision))
+    model = family.model_class.from_pretrained(path, revision=revision, dtype=resolve_dtype(dtype, device))
+    return model.to(device).eval(), load_processor(path, revision=revision, **image_size)
 
 
-def load_processor(path: str, min_pixels: int | None = None, max_pixels: int | None = None):
+def load_processor(
+    path: str, min_pixels: int | None = None, max_pixels: int | None = None, revision: str | None = None
+):
     """The checkpoint's own processor, padding on the left. min_pixels / max_pixels (native-resolution
-    families: the Qwen-VL image processors' bounds on an image's resized area; None: the checkpoint's).
+    families: the Qwen-VL image processors' bounds on an image's resized area; None: the checkpoint's);
+    `revision`: a hub id's revision (see `load_llava`).
 
     The Qwen-VL processors need torchvision for their video half; where it is not installed, the
     image-and-text path is built from the same files (tokencarve.processing.ImageTextProcessor)."""
@@ -62,11 +66,11 @@ def load_processor(path: str, min_pixels: int | None = None, max_pixels: int | N
     from .families import family_for_config
     from .processing import ImageTextProcessor
 
-    family = family_for_config(AutoConfig.from_pretrained(path))
+    family = family_for_config(AutoConfig.from_pretrained(path, revision=revision))
     if family.native_resolution and not is_torchvision_available():
-        processor = ImageTextProcessor.from_pretrained(path)
+        processor = ImageTextProcessor.from_pretrained(path, revision=revision)
     else:
-        processor = AutoProcessor.from_pretrained(path)
+        processor = AutoProcessor.from_pretrained(path, revision=revision)
     if min_pixels is not None or max_pixels is not None:
         if not family.native_resolution:
             raise ValueError(f"min_pixels / max_pixels apply to native-resolution families, not {family.name}")

@@ -40,13 +40,16 @@ class ImageTextProcessor:
         self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
 
     @classmethod
-    def from_pretrained(cls, path: str) -> ImageTextProcessor:
+    def from_pretrained(cls, path: str, revision: str | None = None) -> ImageTextProcessor:
         from transformers import AutoImageProcessor, AutoTokenizer
         from transformers.utils import cached_file
 
-        template_file = cached_file(path, "chat_template.jinja", _raise_exceptions_for_missing_entries=False)
+        template_file = cached_file(
+            path, "chat_template.jinja", revision=revision, _raise_exceptions_for_missing_entries=False
+        )
         template = open(template_file, encoding="utf-8").read() if template_file else None
-        return cls(AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path), template)
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+        return cls(tokenizer, AutoImageProcessor.from_pretrained(path, revision=revision), template)
 
     def __call__(self, images=None, text=None, return_tensors="pt", padding=False, **kwargs) -> BatchFeature:
         texts = [text] if isinstance(text, str) else list(text)

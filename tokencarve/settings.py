@@ -25,8 +25,13 @@ from pathlib import Path
 from .budgets import Adaptive, budget_label
 from .engine import EngineConfig, parse_budget
 
-# Fields that change how a run goes but not what it writes: left out of an output's claim.
-RUNTIME_ONLY = frozenset({"device", "decode_slots"})
+# Fields that change how a run goes but not what it writes: left out of an output's claim, and dropped
+# from a held one before it is compared (outputs claimed while some of them were claimed resume
+# whatever they are set to now). A name that is not, or not yet, an EngineConfig field is harmless.
+RUNTIME_ONLY = frozenset({"device", "decode", "decode_slots", "compile_decode", "calibration_rows", "kv_cache_memory"})
+# Fields claimed as the model's identity (model, model_revision, model_fingerprint), not as themselves.
+IDENTITY = frozenset({"model", "revision"})
+COMMIT = re.compile(r"[0-9a-f]{40}")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 FINGERPRINT_PREFIX = "sha256-content:"  # a fingerprint of the weights' contents; "sha256:" held their sizes
 # weight file -> digest, so a checkpoint is read once per machine (content_digest)
@@ -85,8 +90,8 @@ def claim_settings(config: EngineConfig) -> dict:
     resolves to, its revision, a fingerprint of its config and weight files), the method, the budget
     (None for the stock model) and every other field but the runtime-only ones."""
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(EngineConfig)}
-    others = {k: v for k, v in values.items() if k not in RUNTIME_ONLY | {"model", "method", "keep"}}
-    identity = model_identity(config.model)
+    others = {k: v for k, v in values.items() if k not in RUNTIME_ONLY | IDENTITY | {"method", "keep"}}
+    identity = model_identity(config.model, getattr(config, "revision", None))
     keep = budget_label(config.budget)  # an adaptive budget in its written form, tau included
     return {"model": identity["model"], "method": config.method, "keep": keep, **others} | {
         "model_revision": identity["revision"],
@@ -101,22 +106,64 @@ def claim_defaults() -> dict:
     engine = {
         f.name: f.default
         for f in dataclasses.fields(EngineConfig)
-        if f.default is not dataclasses.MISSING and f.name not in RUNTIME_ONLY | {"model", "method", "keep"}
+        if f.default is not dataclasses.MISSING and f.name not in RUNTIME_ONLY | IDENTITY | {"method", "keep"}
     }
     return json.loads(json.dumps(engine, default=str))
 
 
-def model_identity(model: str) -> dict:
-    """A local folder: its resolved path and fingerprint. A hub id: the id, and the revision and
-    fingerprint of its snapshot in the local Hugging Face cache (None for both when it is not cached:
-    nothing is downloaded to tell)."""
+def model_identity(model: str, revision: str | None = None) -> dict:
+    """A local folder: its resolved path and fingerprint (a revision means nothing there). A hub id:
+    the id, the revision (`revision`, the job's pinned commit, else the one the local Hugging Face
+    cache has for main) and the fingerprint of that revision's snapshot when the cache holds all of it
+    (else None: nothing is downloaded to tell; the commit names the contents all the same)."""
     folder = Path(model).expanduser()
     if folder.is_dir():
         return {"model": str(folder.resolve()), "revision": None, "fingerprint": fingerprint(folder)}
-    snapshot = _cached_snapshot(model)
+    snapshot = _cached_snapshot(model, revision)
     if snapshot is None:
-        return {"model": model, "revision": None, "fingerprint": None}
-    return {"model": model, "revision": snapshot.name, "fingerprint": fingerprint(snapshot)}
+        return {"model": model, "revision": revision, "fingerprint": None}
+    return {
+        "model": model,
+        "revision": snapshot.name,
+        "fingerprint": fingerprint(snapshot) if _complete(snapshot) else None,
+    }
+
+
+def resolve_revision(model: str, revision: str | None = None) -> str | None:
+    """The commit a hub id's `revision` (a branch, tag or commit; None: main) names now, which the job
+    pins so that every load (driver and actors, this run and a resumed one) reads the same files: the
+    hub's answer when it can be asked (as from_pretrained would load online), else the local cache's
+    (as it would load offline). None for a local folder, and for a hub id neither reachable nor cached
+    (loads then take what main is when each reads it)."""
+    if Path(model).expanduser().is_dir():
+        return None
+    if revision is not None and COMMIT.fullmatch(revision):
+        return revision
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            from huggingface_hub import HfApi
+
+            sha = HfApi().model_info(model, revision=revision, timeout=30).sha
+            if sha:
+                return sha
+        except Exception:  # unreachable, no such repo, no access: the cache decides
+            pass
+    snapshot = _cached_snapshot(model, revision)
+    return snapshot.name if snapshot is not None else None
+
+
+def pinned(config: EngineConfig, held: dict | None = None) -> EngineConfig:
+    """`config` with the revision every load of its hub id takes: the one `held` (the output's claim)
+    records for the same model, so a resumed run loads what the output was started with, else
+    `resolve_revision`'s. A local folder, or a config already pinned to a commit, is returned as it is."""
+    if Path(config.model).expanduser().is_dir() or (config.revision and COMMIT.fullmatch(config.revision)):
+        return config
+    if config.revision is None and held and held.get("model") == config.model and held.get("model_revision"):
+        return dataclasses.replace(config, revision=held["model_revision"])
+    resolved = resolve_revision(config.model, config.revision)
+    return dataclasses.replace(config, revision=resolved) if resolved else config
 
 
 def fingerprint(folder: Path) -> str:
@@ -135,16 +182,32 @@ def fingerprint_sizes_only(folder: Path) -> str:
     return "sha256:" + _digest_json(described)
 
 
-def upgrade_claim(held: dict) -> dict:
-    """An output's claim in today's form, where that can be told: a sizes-only fingerprint that still
-    describes the model folder is replaced by the folder's content fingerprint (the old claim cannot
-    say more about the weights it was written with), anything else is left as it is and compared."""
+def upgrade_claim(held: dict, settings: dict | None = None) -> dict:
+    """An output's claim in today's form, where that can be told (`settings`: this run's claim):
+
+    - runtime-only settings (RUNTIME_ONLY) an older claim recorded are dropped: they never decide a resume;
+    - a sizes-only fingerprint that still describes the model folder is replaced by the folder's content
+      fingerprint (the old claim cannot say more about the weights it was written with);
+    - a hub id claimed with neither revision nor fingerprint (a driver that had not cached it, offline)
+      takes this run's: what was unknown is completed, not refused;
+    - a hub id claimed at the same revision as this run, with a fingerprint known on one side only (the
+      snapshot cached on one driver and not the other), takes this run's: the commit names the files.
+
+    Anything else is left as it is and compared."""
+    held = {k: v for k, v in held.items() if k not in RUNTIME_ONLY}
     recorded = held.get("model_fingerprint")
-    if not isinstance(recorded, str) or recorded.startswith(FINGERPRINT_PREFIX):
-        return held
-    folder = _model_folder(str(held.get("model")), held.get("model_revision"))
-    if folder is not None and fingerprint_sizes_only(folder) == recorded:
-        return held | {"model_fingerprint": fingerprint(folder)}
+    if isinstance(recorded, str) and not recorded.startswith(FINGERPRINT_PREFIX):
+        folder = _model_folder(str(held.get("model")), held.get("model_revision"))
+        if folder is not None and fingerprint_sizes_only(folder) == recorded:
+            held = held | {"model_fingerprint": fingerprint(folder)}
+    if settings is None or held.get("model") != settings.get("model") or Path(str(held.get("model"))).is_absolute():
+        return held  # a local folder's claim (a resolved path), or another model: compared as it is
+    identity = {k: settings.get(k) for k in ("model_revision", "model_fingerprint")}
+    revision, fingerprints = held.get("model_revision"), (held.get("model_fingerprint"), identity["model_fingerprint"])
+    if revision is None and fingerprints[0] is None:
+        return held | identity
+    if revision is not None and revision == identity["model_revision"] and None in fingerprints:
+        return held | identity
     return held
 
 
@@ -195,11 +258,23 @@ def _model_folder(model: str, revision: str | None) -> Path | None:
     folder = Path(model).expanduser()
     if folder.is_dir():
         return folder
-    snapshot = _cached_snapshot(model)
-    if snapshot is None or revision is None:
-        return snapshot
-    pinned = snapshot.parent / revision
-    return pinned if pinned.is_dir() else None
+    return _cached_snapshot(model, revision)
+
+
+def _complete(snapshot: Path) -> bool:
+    """Whether a cached hub snapshot holds the whole checkpoint (a driver that only read its config, or
+    a download cut short, holds part of it): its config, and every weight file its index names, or
+    one weight file where it has no index."""
+    if not (snapshot / "config.json").is_file():
+        return False
+    indexes = [p for p in snapshot.iterdir() if p.name.endswith(".index.json")]
+    if not indexes:
+        return bool(_weight_files(snapshot))
+    try:
+        names = {n for p in indexes for n in json.loads(p.read_text()).get("weight_map", {}).values()}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(names) and all((snapshot / name).is_file() for name in names)
 
 
 def _read_digest_cache() -> dict:
@@ -222,11 +297,13 @@ def _write_digest_cache(cache: dict) -> None:
         pass
 
 
-def _cached_snapshot(repo_id: str) -> Path | None:
+def _cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
+    """The snapshot folder the local Hugging Face cache holds for `revision` (a commit, or a branch or
+    tag it has a ref for; None: main), or None when it has none with a config.json."""
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        found = try_to_load_from_cache(repo_id, "config.json")
+        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
     except Exception:  # not a valid repo id (a missing local path, say): nothing to resolve
         return None
     return Path(found).parent if isinstance(found, str) else None
