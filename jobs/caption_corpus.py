@@ -74,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--batch-size",
         type=int,
         default=None,
-        help="rows per engine call (a block); default: 4 x the decode slots (64 on a CPU, 256 on a GPU), "
+        help="rows per engine call (a block); default: 8 x the decode slots (128 on a CPU, 512 on a GPU), "
         "so that finished rows' slots refill",
     )
     p.add_argument("--min-actors", type=int, default=1)

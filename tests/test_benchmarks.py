@@ -102,3 +102,15 @@ def test_adaptive_coverage_counts_picks_until_every_object_is_touched(tmp_path):
             assert covered == pytest.approx(sum(n <= row["mean"] for n in judged) / len(judged), abs=1e-3)
         else:  # counts are multiples of 8 in [16, 192], their mean near the asked one on 6 judged images
             assert 16 <= row["count mean"] <= 192 and 0 <= covered <= 1
+
+
+def test_bench_engine_scale_tiny_runs_every_default_and_every_row_to_its_length(tmp_path):
+    """The GPU script's first step (the engine's default path at scale), at tiny scale on the CPU: the
+    defaults' pool within its budget, every row exactly its drawn length, nothing fell back to eager."""
+    bench = load_bench("bench_engine_scale")
+    out = tmp_path / "scale.json"
+    figures = bench.main(["--scale", "tiny", "--rows", "40", "--keep", "64", "--json", str(out)])
+    assert json.loads(out.read_text())["figures"] == json.loads(json.dumps(figures))
+    assert figures["every row its length"] is True and figures["eager fallbacks"] == 0
+    assert figures["rows per call"] == 8 * figures["slots"] == 128 and figures["captions/s"] > 0
+    assert 0 < figures["pool GiB"] <= figures["budget GiB"]

@@ -180,7 +180,7 @@ def test_the_penalty_and_min_new_tokens_change_logits_as_generates_processors_do
     logits[:, 3] = 100  # eos would win
     penalised = RepetitionPenaltyLogitsProcessor(2.5)(history, logits.clone())
     penalised[2:4, 3] = float("-inf")  # rows 2 and 3 have generated fewer than min_new tokens
-    got = choose_tokens(logits, rows, torch.full((6,), 2), eos, seen, Features(penalty=True))
+    got = choose_tokens(logits, rows, torch.full((6,), 2), eos, seen, Features(penalty=True, min_new=True))
     assert got.tolist() == penalised.argmax(-1).tolist()
 
 

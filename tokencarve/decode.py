@@ -50,7 +50,7 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import astuple, dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -184,15 +184,23 @@ class Features:
 
     penalty: bool = False  # repetition penalty (a [slots, vocab] record of the tokens each row has seen)
     sampling: bool = False  # temperature / top-k / top-p sampling
+    min_new: bool = False  # eos suppressed below min_new_tokens
 
     @classmethod
     def of(cls, settings: list[GenerationSettings]) -> Features:
         return cls(
-            penalty=any(s.repetition_penalty != 1.0 for s in settings), sampling=any(s.samples for s in settings)
+            penalty=any(s.repetition_penalty != 1.0 for s in settings),
+            sampling=any(s.samples for s in settings),
+            min_new=any(s.min_new_tokens > 0 for s in settings),
         )
 
+    @property
+    def plain(self) -> bool:
+        """Argmax of the logits as they are: no per-row pick settings to read."""
+        return not (self.penalty or self.sampling or self.min_new)
+
     def __or__(self, other: Features) -> Features:
-        return Features(self.penalty or other.penalty, self.sampling or other.sampling)
+        return Features(*(a or b for a, b in zip(astuple(self), astuple(other))))
 
 
 # -- the pick ---------------------------------------------------------------------------------------------
@@ -241,11 +249,14 @@ def choose_tokens(
     would pick it: repetition penalty over `seen` [R, V], eos suppressed while `count` (tokens generated
     so far) < min_new, then argmax, or for sampling rows temperature, top-k, top-p and a Gumbel-max
     draw keyed by (seed, count). Branch-free: every row runs the same ops (compiled once)."""
+    if features.plain:
+        return logits.argmax(-1)
     logits = logits.float()
     if features.penalty:
         penalty = rows.penalty[:, None]
         logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
-    logits = logits.masked_fill(eos_mask[None, :] & (count < rows.min_new)[:, None], float("-inf"))
+    if features.min_new:
+        logits = logits.masked_fill(eos_mask[None, :] & (count < rows.min_new)[:, None], float("-inf"))
     greedy = logits.argmax(-1)
     if not features.sampling:
         return greedy
@@ -268,8 +279,7 @@ def choose_tokens(
 # -- prefill ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("tokencarve::single_query_attention", mutates_args=())
-def single_query_attention(
+def _single_query_attention(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scaling: float
 ) -> torch.Tensor:
     """softmax(q k^T * scaling) v for one query position per slot, as two batched matrix products.
@@ -284,6 +294,11 @@ def single_query_attention(
     scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     return torch.matmul(weights, values)
+
+
+single_query_attention = torch.library.custom_op("tokencarve::single_query_attention", mutates_args=())(
+    _single_query_attention
+)
 
 
 @single_query_attention.register_fake
@@ -546,7 +561,11 @@ class DecodePool:
         for layer_index, layer in enumerate(self.layers):
             hidden = self._layer(layer, layer_index, hidden, position_embeddings, mask, rows, read)
         logits = self.lm_head(self.norm(hidden[:, -1]))
-        pick = RowChoice(**{name: getattr(self.pick, name)[span] for name in _PICK_FIELDS})
+        pick = (
+            None
+            if self.features.plain
+            else RowChoice(**{name: getattr(self.pick, name)[span] for name in _PICK_FIELDS})
+        )
         count = self.count[span]
         seen = self.seen[span] if self.features.penalty else None
         chosen = choose_tokens(logits, pick, count, self.eos_mask, seen, self.features)
@@ -584,7 +603,9 @@ class DecodePool:
         query, key = self.rotate(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
         keys, values = self.cache.update(key, value, index, rows, read)  # [rows, kv_heads, read, head_dim]
         query = query.reshape(rows, keys.shape[1], -1, head_dim)  # query head h reads kv head h // groups
-        out = single_query_attention(query, keys, values, mask, attention.scaling)
+        # compiled: the registered op (inductor keeps it whole); eager: its body, without the op's dispatch
+        attend = single_query_attention if torch.compiler.is_compiling() else _single_query_attention
+        out = attend(query, keys, values, mask, attention.scaling)
         return attention.o_proj(out.reshape(rows, 1, -1))
 
     def admit(
@@ -755,7 +776,7 @@ class StaticDecoder:
         self.budget, self.first = kv_cache_bytes, layout(self.shape, slots, kv_cache_bytes, features)
         self.stats = DecodeStats(budget_bytes=kv_cache_bytes)
         self.pool: DecodePool | None = None
-        self._compiled = {}  # (slots, capacity, read) -> the compiled step, or None: runs eagerly
+        self._compiled: dict[tuple, bool | None] = {}  # (slots, capacity, read) -> True: compiled; None: eager
         if compile:
             allowance = shape_count(self.shape, slots, kv_cache_bytes, features)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, allowance)
