@@ -123,8 +123,7 @@ def random_llava15(scale: str, seed: int):
     output rows of every id that is not a filler word w<i> are zeroed: a random logit row's maximum is
     > 0, so greedy decoding never picks one, and each generated token is one word of the caption
     (skip_special_tokens drops nothing, punctuation joins nothing)."""
-    from transformers import LlavaForConditionalGeneration, LlavaProcessor
-    from transformers.models.clip import CLIPImageProcessorPil
+    from transformers import LlavaForConditionalGeneration
 
     config = llava15_config("tiny")
     # as tokencarve.testing's tiny models: logits with clear margins, so greedy choices are decided by the
@@ -136,20 +135,28 @@ def random_llava15(scale: str, seed: int):
             setattr(part, name, value)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
+    return model, filler_word_processor(model)
+
+
+def filler_word_processor(model):
+    """A LLaVA-1.5 processor over tokencarve.testing's word-level tokenizer for a random `model`, whose
+    output rows of every id that is not a filler word w<i> it zeroes (so each generated token is a word)."""
+    from transformers import LlavaProcessor
+    from transformers.models.clip import CLIPImageProcessorPil
+
     specials = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<image>": LLAVA15_IMAGE_TOKEN}
-    tokenizer = _word_tokenizer(config.text_config.vocab_size, specials)
+    tokenizer = _word_tokenizer(model.config.text_config.vocab_size, specials)
     never = [index for word, index in tokenizer.get_vocab().items() if not FILLER.fullmatch(word)]
     with torch.no_grad():
         model.get_output_embeddings().weight[never] = 0
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
-    processor = LlavaProcessor(
+    return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=14,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
-    return model, processor
 
 
 def workload(name: str, args) -> Workload:

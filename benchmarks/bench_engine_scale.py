@@ -27,36 +27,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_decode import FILLER, scene_images  # noqa: E402
+from bench_decode import filler_word_processor, scene_images  # noqa: E402
 from common import caption_lengths, describe_lengths, environment, header, markdown_table, write_results  # noqa: E402
 from gpu_models import ARCHITECTURES  # noqa: E402
 
 from pipeline.job import ROWS_PER_SLOT  # noqa: E402
 from tokencarve.decode import shape_count  # noqa: E402
 from tokencarve.engine import CaptionEngine, EngineConfig, parse_budget  # noqa: E402
-from tokencarve.testing import LLAVA15_IMAGE_TOKEN, _word_tokenizer  # noqa: E402
 
 
 def build(scale: str, device: str, dtype: torch.dtype):
     """LLaVA-1.5 at `scale`, random weights, and a processor whose every generated token is one word."""
-    from transformers import LlavaProcessor
-    from transformers.models.clip import CLIPImageProcessorPil
-
     model = ARCHITECTURES["llava-1.5"].build(scale, device, dtype)
-    specials = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<image>": LLAVA15_IMAGE_TOKEN}
-    tokenizer = _word_tokenizer(model.config.text_config.vocab_size, specials)
-    never = [index for word, index in tokenizer.get_vocab().items() if not FILLER.fullmatch(word)]
-    with torch.no_grad():  # greedy never picks a special or punctuation id: one word per token
-        model.get_output_embeddings().weight[never] = 0
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )
-    return model, processor
+    return model, filler_word_processor(model)
 
 
 def peak_memory(device: str) -> int:

@@ -19,6 +19,7 @@ BackpressureConfig).
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import asdict
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -64,7 +65,12 @@ class CaptionServer:
     @api.get("/healthz")
     async def healthz(self) -> dict:
         s = self.settings
-        return {"status": "ok", "model": self.engine.model_name, "method": s.method, "keep": budget_label(s.keep)}
+        health = {"status": "ok", "model": self.engine.model_name, "method": s.method, "keep": budget_label(s.keep)}
+        decoder = self.engine.decoder
+        if decoder is not None:  # the static path's pool: its layout, compiled shapes, eager fallbacks, bytes
+            pool = decoder.pool
+            health["decode"] = {"slots": pool.slots, "capacity": pool.capacity, **asdict(decoder.stats)}
+        return health
 
     # Every /v1/* route starts with `self._guard(request)` (a test walks the routes to check it).
 

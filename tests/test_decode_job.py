@@ -76,3 +76,57 @@ def test_a_qwen_checkpoint_with_qwens_shipped_generation_settings_runs_the_job_s
     assert {k: r["caption"] for k, r in by_source(tmp_path / "generate").items()} == {
         k: r["caption"] for k, r in rows.items()
     }
+
+
+def test_a_compiled_serve_replica_compiles_its_buckets_once_over_batches_of_1_to_16(ray_cluster):
+    """Waves of 1 to 16 concurrent requests with mixed max_new_tokens into one replica whose step is
+    compiled: every shape was compiled before the replica took work, none after, nothing ran eagerly,
+    no request failed, and every answer is generate()'s (the stock model: no carve to differ by batch)."""
+    import base64
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from PIL import Image
+    from ray import serve
+
+    from pipeline.serve import build_app
+    from tokencarve.engine import CaptionEngine, EngineConfig
+
+    from .conftest import free_port
+
+    model = str(ROOT / "models" / "carve-tiny-hard")
+    settings = {"model": model, "method": "none", "max_new_tokens": 40, "max_batch_size": 16}
+    settings |= {"max_ongoing_requests": 32, "batch_wait_timeout_s": 0.2, "max_replicas": 1}
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # 4 slots x 1024 entries: a stock row (576 visual tokens, its prompt, 40 new) fits one slot
+    app = build_app(settings | {"compile_decode": "yes", "decode_slots": 4, "kv_cache_memory": 4e7})
+    serve.run(app, name="compiled", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        warm = httpx.get(f"{url}/healthz", timeout=60).json()["decode"]
+        assert warm["shapes_compiled"] == 5 and warm["capacity"] == 1024 and warm["warmup_seconds"] > 0
+        table = pq.read_table(ROOT / "data" / "sample" / "shard-00000.parquet").slice(0, 16)
+        images = [Image.open(io.BytesIO(data)).convert("RGB") for data in table.column("image").to_pylist()]
+        encoded = [base64.b64encode(data).decode() for data in table.column("image").to_pylist()]
+        prompts = table.column("prompt").to_pylist()
+        caps = [(4, 16, 40)[i % 3] for i in range(16)]
+        reference = CaptionEngine(EngineConfig(model=model, method="none", decode="generate"))
+        expected = [reference.caption([images[i]], [prompts[i]], max_new_tokens=caps[i])[0].caption for i in range(16)]
+
+        def ask(i: int) -> str:
+            body = {"image": encoded[i], "prompt": prompts[i], "max_new_tokens": caps[i]}
+            reply = httpx.post(f"{url}/v1/caption", json=body, timeout=300)
+            assert reply.status_code == 200, reply.text
+            return reply.json()["text"]
+
+        with ThreadPoolExecutor(16) as pool:
+            for wave in (1, 2, 3, 5, 8, 13, 16):
+                assert list(pool.map(ask, range(wave))) == expected[:wave]
+        after = httpx.get(f"{url}/healthz", timeout=60).json()["decode"]
+        assert after["shapes_compiled"] == 5 and after["eager_fallbacks"] == 0 and after["relayouts"] == 0
+        assert after["peak_pool_bytes"] <= after["budget_bytes"]
+    finally:
+        serve.delete("compiled")
+        serve.shutdown()
