@@ -107,6 +107,7 @@ def sampling_engine(**settings) -> CaptionEngine:
     return CaptionEngine(config)
 
 
+@pytest.mark.slow  # ~50 s: 40 hot-sampled captions, four ways
 def test_sampling_is_reproducible_per_row_seed_and_invariant_to_the_batch():
     engine = sampling_engine(temperature=4.0, top_k=50, top_p=0.99)  # hot: the test model is very sure
     images, prompts = sample_rows(10)
