@@ -61,10 +61,15 @@ def test_penalty_and_min_new_tokens_on_natural_captions():
             assert min(c.generated_tokens for c in expected) >= 6
 
 
-def test_stop_strings_end_a_row_with_the_token_that_completes_one():
+@pytest.mark.parametrize("sync_every", [1, 8])  # a CPU's look after every step, a GPU's after eight
+def test_stop_strings_end_a_row_with_the_token_that_completes_one(sync_every, monkeypatch):
     """generate()'s StopStringCriteria cannot index a word-level vocabulary (the test models'), so the
     reference is its definition: the row's greedy tokens up to the first one whose text completes a stop
-    string, which stays in the caption."""
+    string, which stays in the caption; also where the host looks only every eight steps (the row has
+    run past its stop string by then, or even ended)."""
+    from tokencarve.decode import StaticDecoder
+
+    monkeypatch.setattr(StaticDecoder, "SYNC_EVERY", {"cpu": sync_every})
     images, prompts = sample_rows(12)
     stops = [" star", "yellow"]
     reference, static = engines(HARD, decode_slots=4, max_new_tokens=32)

@@ -663,11 +663,17 @@ class DecodePool:
         """Which slots' rows are done (one host synchronisation)."""
         return self.done.tolist()
 
-    def output(self, slot: int) -> list[int]:
-        return self.tokens[slot, : int(self.count[slot])].tolist()
+    def outputs(self, slots: list[int]) -> list[list[int]]:
+        """The tokens generated so far in each of `slots`, in one transfer (not one per slot)."""
+        if not slots:
+            return []
+        index = torch.tensor(slots, device=self.slot_index.device)
+        counts = self.count[index].tolist()
+        rows = self.tokens[index, : max(counts)].tolist()
+        return [row[:count] for row, count in zip(rows, counts)]
 
     def stop(self, slot: int, tokens: int) -> None:
-        """End a slot's row after its first `tokens` tokens (a stop string ended there)."""
+        """End a slot's row (a stop string ended it after `tokens` tokens): it frees the slot."""
         self.count[slot] = tokens
         self.done[slot] = True
 
@@ -885,15 +891,20 @@ class StaticDecoder:
         looked = time.perf_counter()
         done = self.pool.finished()
         self.stats.seconds += time.perf_counter() - looked
+        live = [slot for slot, row in enumerate(books.holder) if row >= 0]
+        # the rows to read: those done, and with stop strings every live one (one transfer for all)
+        read = [slot for slot in live if done[slot] or stop is not None]
         finished = []
-        for slot, row in enumerate(books.holder):
-            if row < 0:
-                continue
-            cut = stop(row, self.pool.output(slot)) if stop is not None and not done[slot] else None
+        for slot, tokens in zip(read, self.pool.outputs(read)):
+            row = books.holder[slot]
+            # a stop string can end a row that eos or its limit ended later within the same look
+            cut = stop(row, tokens) if stop is not None else None
             if cut is not None:
-                self.pool.stop(slot, cut)
+                tokens = tokens[:cut]
+                if not done[slot]:
+                    self.pool.stop(slot, cut)
             if done[slot] or cut is not None:
-                finished.append((row, self.pool.output(slot)))
+                finished.append((row, tokens))
                 books.free_slot(slot)
         return finished
 
