@@ -795,11 +795,8 @@ class StaticDecoder:
 
     @property
     def slots(self) -> int:
+        """The slots of the first layout (the pool's, but while a long row's layout is in place)."""
         return self.first.slots
-
-    @property
-    def capacity(self) -> int:
-        return self.first.capacity
 
     @torch.inference_mode()
     def warm_up(self) -> float:
