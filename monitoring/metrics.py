@@ -195,8 +195,12 @@ class MetricsRecorder:
         m["tokencarve_decode_seconds"].observe(timing.decode_seconds, tags)
         m["tokencarve_carve_seconds"].observe(timing.carve_seconds, tags)
 
-    def decoder(self, stats) -> None:
-        """The static decode path's pool (a tokencarve.decode.DecodeStats): after warm-up and each batch."""
+    def decoder(self, decoder) -> None:
+        """An engine's static decode pool (its `decoder`, a tokencarve.decode.StaticDecoder; None, the
+        generate() path, has none): after warm-up and each batch."""
+        if decoder is None:
+            return
+        stats = decoder.stats
         for name, value in [
             ("tokencarve_decode_warmup_seconds", stats.warmup_seconds),
             ("tokencarve_decode_shapes_compiled", stats.shapes_compiled),

@@ -98,7 +98,7 @@ class CaptionActor:
         self.window = FailureWindow(job.failure_window, job.failure_share)
         self.engine = CaptionEngine(job.engine)
         self.metrics = MetricsRecorder(self.engine.model_name, job.engine.method, job.engine.keep)
-        self._decoder_metrics()
+        self.metrics.decoder(self.engine.decoder)  # the pool as warm-up left it
 
     def __call__(self, block: pa.Table) -> pa.Table:
         todo = block.filter(pc.is_null(block.column("unit_end")))
@@ -167,12 +167,8 @@ class CaptionActor:
         # each row's sampling seed from its id: a rerun or a retried block draws the same caption
         captions = self.engine.caption(images, prompts, seeds=[row_seed(self.job.engine.seed, i) for i in ids])
         self.metrics.batch(captions, self.engine.last_timing)
-        self._decoder_metrics()
+        self.metrics.decoder(self.engine.decoder)
         return captions
-
-    def _decoder_metrics(self) -> None:
-        if self.engine.decoder is not None:  # the static path's pool: warm-up, shapes, eager fallbacks, bytes
-            self.metrics.decoder(self.engine.decoder.stats)
 
     def _gave_up(self, attempts: int, last_fault: str | None) -> RowError:
         return RowError("worker_failed", f"the block failed on {attempts} attempt(s); last: {last_fault or DIED}")

@@ -14,8 +14,8 @@ from .faults import FAULTS_ENV, parse_faults
 RESERVED_CARRY = {"file", "row"}  # source_file / source_row are the job's own columns
 # Rows handed to an engine per call for each of its decode slots: a call's last rows still leave slots
 # idle while they finish, so the more rows per slot the less of that tail, at the cost of larger blocks
-# in the object store (docs/BENCHMARKS.md, "The job's defaults": on this CPU, 16 slots with 4 rows per
-# slot gave 1.15x the old default's rows/s, 8 rows per slot 1.21x)
+# in the object store (docs/BENCHMARKS.md, "The job's defaults": on this CPU, 16 slots with 8 rows per
+# slot gave 1.18x the old default's rows/s, 4 rows per slot 1.15x)
 ROWS_PER_SLOT = 8
 
 

@@ -56,8 +56,7 @@ class CaptionServer:
         log_api_keys(self.api_keys)
         self.engine = CaptionEngine(s.engine_config())
         self.metrics = MetricsRecorder(self.engine.model_name, s.method, s.keep)
-        if self.engine.decoder is not None:  # warmed up in the engine's constructor, before the replica is ready
-            self.metrics.decoder(self.engine.decoder.stats)
+        self.metrics.decoder(self.engine.decoder)  # warmed up in the engine's constructor, before the replica is ready
         self.model_thread = ThreadPoolExecutor(max_workers=1)  # one generate() at a time per replica
         self.caption_batch.set_max_batch_size(s.max_batch_size)
         self.caption_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
@@ -124,8 +123,7 @@ class CaptionServer:
                 self.model_thread, self._generate, [works[i] for i in members], keep, method
             )
             self.metrics.batch(captions, timing, method=method, keep=keep)
-            if self.engine.decoder is not None:
-                self.metrics.decoder(self.engine.decoder.stats)
+            self.metrics.decoder(self.engine.decoder)
             for i, caption in zip(members, captions):
                 results[i] = (caption, len(members))
         return results

@@ -137,7 +137,6 @@ class GenerationSettings:
                 "the static decode path cannot apply this checkpoint's generation settings "
                 f"{', '.join(unsupported)}; use decode='generate' (--decode generate)"
             )
-        stop = value("stop_strings") or ()
         settings = cls(
             do_sample=bool(value("do_sample")),
             temperature=float(value("temperature")),
@@ -145,16 +144,14 @@ class GenerationSettings:
             top_p=float(value("top_p")),
             repetition_penalty=float(value("repetition_penalty")),
             min_new_tokens=int(value("min_new_tokens") or 0),
-            stop_strings=(stop,) if isinstance(stop, str) else tuple(stop),
+            stop_strings=_strings(value("stop_strings")),
         )
         return settings.override(**overrides)
 
     def override(self, **overrides) -> GenerationSettings:
         """These settings with the non-None `overrides` (a job's or a request's options) put in."""
-        given = {k: v for k, v in overrides.items() if v is not None}
-        if isinstance(given.get("stop_strings"), str):
-            given["stop_strings"] = (given["stop_strings"],)
-        settings = replace(self, **{k: tuple(v) if k == "stop_strings" else v for k, v in given.items()})
+        given = {k: _strings(v) if k == "stop_strings" else v for k, v in overrides.items() if v is not None}
+        settings = replace(self, **given)
         settings.check()
         return settings
 
@@ -176,6 +173,11 @@ class GenerationSettings:
 
 
 GREEDY = GenerationSettings()
+
+
+def _strings(value) -> tuple[str, ...]:
+    """Stop strings as a generation config or an option gives them (one string, a list, None) as a tuple."""
+    return (value,) if isinstance(value, str) else tuple(value or ())
 
 
 @dataclass(frozen=True)
